@@ -1,0 +1,25 @@
+"""Exception types hpcsgd raises for problems a user can fix.
+
+Anything derived from :class:`HpcsgdError` is reported as one clean line on stderr and a
+non-zero exit; any other exception is a bug and aborts the whole MPI job with a traceback.
+"""
+
+
+class HpcsgdError(Exception):
+    """A problem with the user's input or environment, with a message that names it."""
+
+
+class ConfigError(HpcsgdError, ValueError):
+    """A config key or command-line flag is unknown, of the wrong type or out of range."""
+
+
+class ShardError(HpcsgdError):
+    """A shard directory is missing, corrupted or inconsistent with the job."""
+
+
+class CheckpointError(HpcsgdError):
+    """A checkpoint cannot be written or does not fit the run it is resumed into."""
+
+
+class TrainingError(HpcsgdError):
+    """Training cannot go on (for example a NaN loss with nan_policy = "stop")."""
