@@ -1,0 +1,177 @@
+"""`hpcsgd shard | train | report | bench` (also `python -m hpcsgd`).
+
+Exit codes: 0 done; 2 a problem with the input, reported on stderr (on every rank together
+for collective checks); 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
+`--resume`); 1 an unexpected error, after which the whole MPI job is aborted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import typing
+
+from . import __version__
+from .errors import HpcsgdError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+TRAIN_EPILOG = """\
+Every flag is also a TOML key in CONFIG (dashes become underscores); a flag overrides the file.
+Launch under MPI, one rank per GPU (or CPU process):
+  mpiexec -n 4 python -m mpi4py -m hpcsgd train run.toml --data shards --run-dir runs/a
+Exit codes: 0 done, 2 bad input (message on stderr), 3 stopped by SIGTERM/SIGUSR1 after a
+checkpoint (rerun with --resume), 1 unexpected error (the job is aborted).
+"""
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import FIELDS, HINTS, field_help
+
+    parser.add_argument("config", nargs="?", help="TOML file with any of the keys below")
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        hint = HINTS[name]
+        args = typing.get_args(hint)
+        kind = next((a for a in args if a is not type(None)), hint) if args else hint
+        kwargs: dict = {"default": argparse.SUPPRESS, "help": field_help(name), "dest": name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            kwargs.update(nargs="+", type=item, action="extend", metavar=name.upper())
+        else:
+            kwargs.update(type=kind, metavar=name.split("_")[-1].upper())
+        parser.add_argument(flag, **kwargs)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import EXIT_PREEMPTED, Preempted
+    from .config import FIELDS, build_config, load_toml
+    from .train import train
+
+    file_values = load_toml(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = build_config(file_values, overrides, source=args.config or "config")
+    try:
+        summary = train(cfg)
+    except Preempted as stop:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if summary is not None:
+        print(
+            f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
+            f"test accuracy {summary['test_accuracy']:.4f}, {summary['rounds']} rounds, "
+            f"{summary['wall_s']:.1f}s -> {cfg.run_dir}/summary.json",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .analysis import report
+
+    return report.run(args)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcsgd",
+        description="MPI-native data-parallel training: RI-SGD, RPS and their baselines.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpcsgd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,train,report,bench}")
+
+    from .data import shard_cli
+
+    p = sub.add_parser("shard", help="cut a data set into P HDF5 chunks", description=shard_cli.__doc__)
+    shard_cli.add_arguments(p)
+    p.set_defaults(func=shard_cli.run)
+
+    p = sub.add_parser(
+        "train",
+        help="train under MPI (one rank per GPU/CPU process)",
+        description="Train a model data-parallel over the MPI ranks of this job.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    try:
+        from .analysis import report
+
+        p = sub.add_parser("report", help="tables and plots from run directories", description=report.__doc__)
+        report.add_arguments(p)
+        p.set_defaults(func=run_report)
+    except ImportError:  # the analysis extra is optional
+        pass
+    try:
+        from . import bench
+
+        p = sub.add_parser("bench", help="benchmarks against raw MPI and PyTorch DDP", description=bench.__doc__)
+        bench.add_arguments(p)
+        p.set_defaults(func=run_bench)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HpcsgdError as exc:
+        return _report_error(exc)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug: say where, then take every rank down rather than hang them
+        rank, size = _world()
+        sys.stderr.write(f"hpcsgd: unexpected error on rank {rank}:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        if size > 1:
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(EXIT_ERROR)
+        return EXIT_ERROR
+
+
+def _world() -> tuple[int, int]:
+    """(rank, size) of COMM_WORLD if MPI is already initialised, else (0, 1)."""
+    if "mpi4py.MPI" not in sys.modules:
+        return 0, 1
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return 0, 1
+    return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+
+
+def _report_error(exc: HpcsgdError) -> int:
+    rank, size = _world()
+    if getattr(exc, "collective", False) or size == 1:
+        # Every rank raised the same error: one copy of the message, a clean exit everywhere.
+        if rank == 0:
+            print(f"hpcsgd: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    # Only this rank saw it (a NaN loss, say): the others are inside collectives, so abort.
+    print(f"hpcsgd: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(EXIT_USAGE)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

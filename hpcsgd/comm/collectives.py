@@ -1,0 +1,205 @@
+"""The communicator wrapper every strategy talks to: averaging, broadcast, counters.
+
+Strategies never call MPI themselves; they call this layer, so byte counts and injected
+faults see every message. Tensors go to MPI as zero-copy NumPy views on the CPU; CUDA tensors
+go directly when MPI is CUDA-aware, else through a pinned host buffer reused between calls.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+
+@dataclass
+class CommCounters:
+    """Cumulative per-rank traffic. Bytes are payload bytes this rank puts on the wire.
+
+    An Allreduce of n bytes is counted as ``2 (L-1)/L * n`` (the bandwidth-optimal
+    reduce-scatter + allgather volume), so it compares fairly with a two-phase block exchange.
+    """
+
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_saved: int = 0
+    messages_sent: int = 0
+    messages_dropped: int = 0
+
+    @property
+    def arrival(self) -> float | None:
+        """Fraction of this rank's off-diagonal block messages that arrived (None: none sent)."""
+        total = self.messages_sent + self.messages_dropped
+        return self.messages_sent / total if total else None
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "bytes_sent": self.bytes_sent,
+            "bytes_saved": self.bytes_saved,
+            "messages_sent": self.messages_sent,
+            "messages_dropped": self.messages_dropped,
+        }
+
+    def load(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def cuda_aware_from_env() -> bool:
+    """Whether the user declared MPI CUDA-aware (HPCSGD_CUDA_AWARE=1); never assumed."""
+    return os.environ.get("HPCSGD_CUDA_AWARE", "0").lower() in ("1", "true", "yes")
+
+
+class HostStaging:
+    """Pinned host buffers for CUDA tensors when MPI cannot read GPU memory."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def host(self, tensor: torch.Tensor, tag: str = "") -> torch.Tensor:
+        key = (tag, tensor.numel(), tensor.dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+            self._buffers[key] = buf
+        return buf
+
+
+class AverageRequest:
+    """A pending in-place average; owns its staging buffer; ``wait()``/``test()`` like MPI."""
+
+    def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int):
+        self._request = request
+        self._tensor = tensor
+        self._host = host
+        self._divisor = divisor
+        self._done = False
+
+    def test(self) -> bool:
+        if not self._done and self._request.Test():
+            self._finish()
+        return self._done
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            self._request.Wait()
+            self._finish()
+        return self._tensor
+
+    def _finish(self) -> None:
+        if self._host is not None:
+            self._tensor.copy_(self._host.view_as(self._tensor), non_blocking=False)
+        if self._divisor != 1:
+            self._tensor.div_(self._divisor)
+        self._done = True
+
+
+class Collectives:
+    """Collectives over the live ranks, with traffic counters.
+
+    Args:
+        comm: the communicator of the ranks currently training.
+        world_ranks: the original (COMM_WORLD) rank of each member of ``comm``, in order;
+            drop masks and fault schedules are indexed by these ids.
+        cuda_aware: pass CUDA tensors straight to MPI instead of staging through host memory.
+    """
+
+    def __init__(self, comm: MPI.Comm, world_ranks: list[int] | None = None, cuda_aware: bool | None = None):
+        self.comm = comm
+        self.world_ranks = np.asarray(world_ranks if world_ranks is not None else range(comm.size), dtype=np.int64)
+        if len(self.world_ranks) != comm.size:
+            raise ValueError("world_ranks must name one original rank per member of comm")
+        self.cuda_aware = cuda_aware_from_env() if cuda_aware is None else cuda_aware
+        self.counters = CommCounters()
+        self._staging = HostStaging()
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_rank(self) -> int:
+        return int(self.world_ranks[self.comm.rank])
+
+    # -- buffers -----------------------------------------------------------------------
+    def mpi_view(self, tensor: torch.Tensor, tag: str = "") -> tuple[object, torch.Tensor | None]:
+        """A buffer MPI can use for ``tensor`` and, when staged, the host tensor behind it."""
+        if not tensor.is_contiguous():
+            raise ValueError("collectives need contiguous tensors (use the flat buffer)")
+        if tensor.device.type == "cpu":
+            return tensor.numpy(), None
+        if self.cuda_aware:
+            torch.cuda.current_stream().synchronize()  # MPI reads memory the stream may still write
+            return tensor, None
+        host = self._staging.host(tensor, tag)
+        host.copy_(tensor.reshape(-1))
+        return host.numpy(), host
+
+    # -- averaging ---------------------------------------------------------------------
+    def iallreduce_mean(self, tensor: torch.Tensor, tag: str = "avg") -> AverageRequest:
+        """Start averaging ``tensor`` in place over the live ranks; finish with ``wait()``."""
+        buf, host = self.mpi_view(tensor, tag)
+        request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self._count_allreduce(tensor)
+        return AverageRequest(request, tensor, host, self.size)
+
+    def allreduce_mean(self, tensor: torch.Tensor, tag: str = "avg") -> torch.Tensor:
+        """Average ``tensor`` in place over the live ranks (one Allreduce)."""
+        return self.iallreduce_mean(tensor, tag).wait()
+
+    def _count_allreduce(self, tensor: torch.Tensor) -> None:
+        size = self.size
+        self.counters.rounds += 1
+        if size > 1:
+            self.counters.bytes_sent += int(2 * (size - 1) * tensor.numel() * tensor.element_size() // size)
+
+    # -- other collectives -------------------------------------------------------------
+    def bcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with root's copy (identical initialisation)."""
+        buf, host = self.mpi_view(tensor, "bcast")
+        self.comm.Bcast(buf, root=root)
+        if host is not None:
+            tensor.copy_(host.view_as(tensor))
+        return tensor
+
+    def sum_float64(self, values: np.ndarray) -> np.ndarray:
+        """Allreduce-sum of a float64 array (diagnostics: consensus distance, eval counts)."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(values)
+        self.comm.Allreduce(values, out, op=MPI.SUM)
+        return out
+
+    def mean_and_consensus(self, flat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The mean model over live ranks and the consensus distance, by one Allreduce.
+
+        Consensus distance ``(1/L) sum_i ||x_i - mean||^2`` equals
+        ``(1/L) sum_i ||x_i||^2 - ||mean||^2``; summing in float64 keeps the cancellation
+        harmless for the magnitudes models have.
+        """
+        x = flat.detach().to("cpu", torch.float64).numpy()
+        packed = np.empty(x.size + 1, dtype=np.float64)
+        packed[:-1] = x
+        packed[-1] = float(np.dot(x, x))
+        total = self.sum_float64(packed)
+        mean = total[:-1] / self.size
+        distance = max(0.0, float(total[-1] / self.size - np.dot(mean, mean)))
+        return torch.from_numpy(mean).to(flat.device, flat.dtype), distance
+
+    def split_live(self, alive: bool) -> "Collectives | None":
+        """Collective over the current ranks: a new layer over those still alive (None if not)."""
+        color = 0 if alive else MPI.UNDEFINED
+        new_comm = self.comm.Split(color, key=self.comm.rank)
+        flags = np.array(self.comm.allgather(alive), dtype=bool)
+        if not alive:
+            return None
+        live = Collectives(new_comm, list(self.world_ranks[flags]), self.cuda_aware)
+        live.counters = self.counters
+        return live

@@ -1,0 +1,46 @@
+"""Which device and how many threads each rank uses.
+
+The local rank comes from ``Split_type(COMM_TYPE_SHARED)``, so the binding works under any
+launcher (mpirun, srun, mpiexec.hydra) without reading launcher-specific variables.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from mpi4py import MPI
+
+from ..errors import ConfigError
+
+
+def local_rank_and_size(comm: MPI.Comm) -> tuple[int, int]:
+    """This rank's index among the ranks on its node, and how many share the node."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    try:
+        return node.rank, node.size
+    finally:
+        node.Free()
+
+
+def select_device(comm: MPI.Comm, choice: str = "auto") -> torch.device:
+    """One GPU per rank (local_rank % device_count) when there is one, else the CPU."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be one of auto, cpu, cuda, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but torch sees no CUDA device on this node")
+    local_rank, _ = local_rank_and_size(comm)
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def default_threads(local_size: int) -> int:
+    """Intra-op threads per rank: OMP_NUM_THREADS if set, else the node's cores shared out."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local_size))

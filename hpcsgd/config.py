@@ -1,0 +1,275 @@
+"""Training configuration: a frozen dataclass read from TOML, overridden by flags.
+
+Every command-line flag of ``hpcsgd train`` is also a TOML key (dashes become underscores);
+a flag given on the command line wins over the file. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key and the allowed range. Checks
+that need the world size (``q <= P``) run in :func:`validate_for_world`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+ALGORITHMS = ("sync", "local", "rps", "lossy-allreduce")
+MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
+LR_SCHEDULES = ("constant", "step", "cosine")
+NAN_POLICIES = ("stop", "skip")
+PROGRESS = ("auto", "bar", "lines", "none")
+DEVICES = ("auto", "cpu", "cuda")
+_FAIL = re.compile(r"^(\d+)@(\d+)$")
+_STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Field comments are the `--help` texts."""
+
+    data: str = ""  # shard directory written by `hpcsgd shard`
+    run_dir: str = ""  # where config, metrics, summary and checkpoints go
+    algorithm: str = "local"  # sync | local | rps | lossy-allreduce
+    q: int = 1  # redundancy: chunks each rank holds (1..P)
+    tau: int = 1  # averaging period in steps (local, rps)
+    drop_rate: float = 0.0  # probability a block message is dropped, [0, 1)
+    drop_rate_phase1: float | None = None  # override of drop_rate for RPS phase 1 (scatter)
+    drop_rate_phase2: float | None = None  # override of drop_rate for RPS phase 2 (gather)
+    link_drop: list[str] = field(default_factory=list)  # rules 'to:R=x', 'from:R=x', 'S->D=x'
+    link_drop_file: str = ""  # P x P drop-rate matrix (.npy or .csv), rows = sender
+    model: str = "mlp"  # mlp | lenet | resnet20 | resnet56 | resnet110
+    mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP hidden widths
+    epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
+    steps: int = 0  # total steps; overrides epochs when > 0
+    batch_size: int = 32  # samples drawn per held chunk per step (local batch = q * b)
+    lr: float = 0.1  # base learning rate
+    momentum: float = 0.0  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 0.0  # L2 penalty
+    lr_schedule: str = "constant"  # constant | step | cosine
+    lr_milestones: list[float] = field(default_factory=list)  # epochs where step decays
+    lr_gamma: float = 0.1  # step decay factor
+    warmup_epochs: float = 0.0  # linear warm-up from lr/10
+    average_optimizer_state: bool = False  # local/rps: also average momentum buffers
+    seed: int = 0  # seed of init, data order and drop masks
+    fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
+    straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
+    log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
+    eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    resume: bool = False  # continue from the newest good checkpoint in run_dir
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads per rank (0: cores / ranks per node)
+    progress: str = "auto"  # auto | bar | lines | none (auto: bar on a terminal)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (read back by :func:`load_toml`)."""
+        lines = ["# resolved hpcsgd train config"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def faults(self) -> dict[int, int]:
+        """world rank -> step at which it fails."""
+        return {int(m[1]): int(m[2]) for m in map(_FAIL.match, self.fail)}
+
+    @property
+    def stragglers(self) -> list[tuple[int, int, int, float]]:
+        """(rank, first step, last step, seconds) of each straggler rule."""
+        out = []
+        for rule in self.straggle:
+            m = _STRAGGLER.match(rule)
+            first = int(m[2])
+            out.append((int(m[1]), first, int(m[3]) if m[3] else first, float(m[4])))
+        return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_help(name: str) -> str:
+    """The comment after a field in TrainConfig's source: the flag's help text."""
+    return _HELP.get(name, "")
+
+
+def _read_help() -> dict[str, str]:
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            helps[m[1]] = m[2]
+    return helps
+
+
+_HELP = _read_help()
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a config file; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def build_config(file_values: dict | None = None, overrides: dict | None = None, source: str = "config") -> TrainConfig:
+    """Merge file values and flag overrides (flags win), check types and ranges."""
+    merged: dict = {}
+    for origin, values in ((source, file_values or {}), ("command line", overrides or {})):
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in FIELDS:
+                close = difflib.get_close_matches(key, FIELDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r} in {origin}{hint}")
+            if isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} in {origin} must be a value, not a table")
+            merged[key] = _coerce(key, value, origin)
+    cfg = TrainConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(key: str, value, origin: str):
+    """Check ``value`` against the field's type; ints are accepted where floats are."""
+    hint = HINTS[key]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if value is None and optional:
+        return None
+    origin_type = typing.get_origin(hint)
+    if origin_type is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single flag value stands for a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} ({origin}) must be a list of {item.__name__}, got {value!r}")
+        return [_scalar(key, v, item, origin) for v in value]
+    return _scalar(key, value, hint, origin)
+
+
+def _scalar(key: str, value, kind: type, origin: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} ({origin}) must be finite, got {value}")
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"config key {key!r} ({origin}) must be of type {kind.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _at_least(name: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that need no knowledge of the world or the data."""
+    if not cfg.data:
+        raise ConfigError("data (the shard directory, --data) is required")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir (--run-dir) is required")
+    _choice("algorithm", cfg.algorithm, ALGORITHMS)
+    _choice("model", cfg.model, MODELS)
+    _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    _choice("nan_policy", cfg.nan_policy, NAN_POLICIES)
+    _choice("progress", cfg.progress, PROGRESS)
+    _choice("device", cfg.device, DEVICES)
+    _at_least("q", cfg.q, 1)
+    _at_least("tau", cfg.tau, 1)
+    _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("steps", cfg.steps, 0)
+    _at_least("log_every", cfg.log_every, 0)
+    _at_least("checkpoint_every", cfg.checkpoint_every, 0)
+    _at_least("threads", cfg.threads, 0)
+    _at_least("seed", cfg.seed, 0)
+    _at_least("momentum", cfg.momentum, 0.0)
+    _at_least("weight_decay", cfg.weight_decay, 0.0)
+    _at_least("warmup_epochs", cfg.warmup_epochs, 0.0)
+    _at_least("eval_every", cfg.eval_every, 0.0)
+    if cfg.steps == 0 and not cfg.epochs > 0:
+        raise ConfigError(f"epochs must be > 0 (or set steps), got {cfg.epochs}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.momentum >= 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0 < cfg.lr_gamma <= 1:
+        raise ConfigError(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    if any(w < 1 for w in cfg.mlp_hidden):
+        raise ConfigError(f"mlp_hidden widths must be >= 1, got {cfg.mlp_hidden}")
+    for name in ("drop_rate", "drop_rate_phase1", "drop_rate_phase2"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1) (an arrival rate above 0), got {value}")
+    for rule in cfg.fail:
+        if not _FAIL.match(rule):
+            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP, e.g. 3@500")
+    if len(cfg.faults) != len(cfg.fail):
+        raise ConfigError(f"fail names a rank twice: {cfg.fail}")
+    for rule in cfg.straggle:
+        m = _STRAGGLER.match(rule)
+        if not m or (m[3] and int(m[3]) < int(m[2])):
+            raise ConfigError(f"straggle entry {rule!r} must look like RANK@STEP[-END]:SECONDS, e.g. 1@10-20:0.5")
+
+
+def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
+    """Checks that need the number of ranks P."""
+    if not 1 <= cfg.q <= world_size:
+        raise ConfigError(f"q must be in 1..P={world_size}, got {cfg.q}")
+    for rank, step in cfg.faults.items():
+        if rank >= world_size:
+            raise ConfigError(f"fail entry {rank}@{step} names rank {rank}, but ranks are 0..{world_size - 1}")
+    if len(cfg.faults) >= world_size:
+        raise ConfigError(f"fail would stop all {world_size} ranks; at least one must survive")
+    for rank, first, _, _ in cfg.stragglers:
+        if rank >= world_size:
+            raise ConfigError(f"straggle entry for rank {rank}: ranks are 0..{world_size - 1}")

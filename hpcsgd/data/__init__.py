@@ -1,0 +1,38 @@
+"""The data layer: importers, HDF5 shards, redundant chunk assignment, stratified sampling.
+
+Pure numpy and h5py: no torch, no MPI, so every piece can be tested on one process.
+"""
+
+from hpcsgd.data.assignment import chunk_holders, chunks_for_rank, coverage
+from hpcsgd.data.partition import parse_partition, partition_indices
+from hpcsgd.data.sampler import StratifiedSampler, gather_batch, steps_per_epoch
+from hpcsgd.data.shards import (
+    FORMAT_VERSION,
+    ShardIndex,
+    load_chunk,
+    load_test,
+    read_index,
+    write_shards,
+)
+from hpcsgd.data.sources import SOURCES, Dataset, load_source, validate_arrays
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SOURCES",
+    "Dataset",
+    "ShardIndex",
+    "StratifiedSampler",
+    "chunk_holders",
+    "chunks_for_rank",
+    "coverage",
+    "gather_batch",
+    "load_chunk",
+    "load_source",
+    "load_test",
+    "parse_partition",
+    "partition_indices",
+    "read_index",
+    "steps_per_epoch",
+    "validate_arrays",
+    "write_shards",
+]

@@ -1,0 +1,377 @@
+"""Importers: turn a data set a user already has into in-memory numpy arrays.
+
+Every source returns a :class:`Dataset` of float32 features shaped ``(N, *input_shape)`` and
+int64 labels in ``0..num_classes-1``, validated by :func:`validate_arrays`. Nothing here
+downloads: ``digits`` ships with scikit-learn, ``synthetic`` is generated, and the others read
+files from ``path``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hpcsgd.errors import ConfigError, ShardError
+
+SOURCES = ("digits", "npz", "cifar10", "cifar100", "mnist", "synthetic")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled train/test split held in memory."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise :class:`ShardError` unless ``x``/``y`` are a non-empty, finite, labelled set.
+
+    Args:
+        x: features, shape ``(N, ...)``.
+        y: integer labels, shape ``(N,)``.
+        num_classes: labels must lie in ``0..num_classes-1``.
+        where: what the arrays are (a file, a chunk), for the message.
+    """
+    if x.ndim < 1 or y.ndim != 1:
+        raise ShardError(
+            f"{where}: labels must be 1-D and features at least 1-D, "
+            f"got shapes {x.shape} and {y.shape}"
+        )
+    if len(x) != len(y):
+        raise ShardError(f"{where}: {len(x)} feature rows but {len(y)} labels")
+    if len(y) == 0:
+        raise ShardError(f"{where}: no samples (empty arrays)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ShardError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.dtype.itemsize <= 4:
+            # A float64 sum of finite float32 values cannot overflow, and NaN/Inf propagate
+            # through it: a finiteness check without a temporary array the size of x.
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is expected here
+                finite = bool(np.isfinite(x.sum(dtype=np.float64)))
+        else:
+            finite = bool(np.isfinite(x).all())
+        if not finite:
+            raise ShardError(f"NaN or Inf in features of {where}")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ShardError(
+            f"{where}: label {int(y[i])} at sample {i} is out of range 0..{num_classes - 1} "
+            f"(num_classes={num_classes})"
+        )
+
+
+def load_source(name: str, path: str | None = None, seed: int = 0, **options) -> Dataset:
+    """Load data set ``name`` (one of :data:`SOURCES`).
+
+    Args:
+        name: the source, e.g. ``"digits"`` or ``"cifar10"``.
+        path: file or directory for ``npz``, ``cifar10``, ``cifar100`` and ``mnist``.
+        seed: only ``synthetic`` depends on it; real data sets have fixed splits.
+        **options: source-specific options (``synthetic``: n_train, n_test, num_classes,
+            features or input_shape, noise; ``npz``: num_classes).
+    """
+    loader = _LOADERS.get(name)
+    if loader is None:
+        raise ConfigError(f"unknown data source {name!r}: allowed are {', '.join(SOURCES)}")
+    if name in _NEEDS_PATH and path is None:
+        raise ConfigError(f"source {name!r} needs a path (--path): {_NEEDS_PATH[name]}")
+    allowed = _OPTIONS[name]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"source {name!r} takes options {', '.join(allowed) or '(none)'}, "
+            f"got unknown {', '.join(unknown)}"
+        )
+    if name not in _NEEDS_PATH and path is not None:
+        warnings.warn(f"source {name!r} reads no files: --path {path} is ignored", stacklevel=2)
+    ds = loader(path=None if path is None else Path(path), seed=seed, **options)
+    validate_arrays(ds.x_train, ds.y_train, ds.num_classes, f"{name} training set")
+    validate_arrays(ds.x_test, ds.y_test, ds.num_classes, f"{name} test set")
+    return ds
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def _load_digits(path: Path | None, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    # The split ignores `seed` on purpose: test accuracy must stay comparable across runs
+    # that only reshuffle the shards.
+    rng = np.random.default_rng(0)
+    test_parts = []
+    for k in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == k))
+        test_parts.append(idx[: round(0.2 * len(idx))])
+    test = np.zeros(len(y), dtype=bool)
+    test[np.concatenate(test_parts)] = True
+    return Dataset("digits", x[~test], y[~test], x[test], y[test], 10, (1, 8, 8))
+
+
+# --- npz ----------------------------------------------------------------------------------
+
+
+def _load_npz(path: Path, seed: int, num_classes: int | None = None) -> Dataset:
+    if not path.is_file():
+        raise ConfigError(f"npz source: no file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ShardError(f"npz source: cannot read {path} as a .npz archive: {e}") from e
+    need = ("x_train", "y_train", "x_test", "y_test")
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise ShardError(
+            f"npz source {path}: missing array(s) {', '.join(missing)} "
+            f"(needs {', '.join(need)}; found {', '.join(sorted(arrays)) or 'none'})"
+        )
+    ys = {k: _as_labels(arrays[k], f"{k} in {path}") for k in ("y_train", "y_test")}
+    if num_classes is None and "num_classes" in arrays:
+        num_classes = int(np.asarray(arrays["num_classes"]).reshape(()))
+    if num_classes is None:
+        num_classes = int(max(ys["y_train"].max(initial=0), ys["y_test"].max(initial=0))) + 1
+    if num_classes < 1:
+        raise ConfigError(f"npz source {path}: num_classes must be >= 1, got {num_classes}")
+    x_train = np.ascontiguousarray(arrays["x_train"], dtype=np.float32)
+    x_test = np.ascontiguousarray(arrays["x_test"], dtype=np.float32)
+    if x_train.ndim < 2 or x_train.shape[1:] != x_test.shape[1:]:
+        raise ShardError(
+            f"npz source {path}: x_train and x_test must be (N, ...) with the same sample "
+            f"shape, got {x_train.shape} and {x_test.shape}"
+        )
+    return Dataset(
+        "npz", x_train, ys["y_train"], x_test, ys["y_test"], num_classes,
+        tuple(int(s) for s in x_train.shape[1:]),
+    )
+
+
+def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Labels as int64; floats are accepted only when they hold whole numbers."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    raise ShardError(f"{where}: labels must be whole numbers, got dtype {y.dtype}")
+
+
+# --- CIFAR --------------------------------------------------------------------------------
+
+
+def _cifar_dir(path: Path, subdir: str, marker: str) -> Path:
+    """Accept the batches directory itself or the directory that contains it."""
+    for d in (path, path / subdir):
+        if (d / marker).is_file():
+            return d
+    raise ConfigError(
+        f"no CIFAR batches at {path}: expected {path}/{marker} or {path}/{subdir}/{marker} "
+        f"(the python version of the data set, already downloaded)"
+    )
+
+
+def _read_cifar_batch(file: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    if not file.is_file():
+        raise ShardError(f"CIFAR batch file {file} is missing")
+    try:
+        with open(file, "rb") as f:
+            # The official distribution is pickled; only read files the user trusts.
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise ShardError(
+            f"cannot read CIFAR batch {file} (needs keys b'data' and {label_key!r}): {e}"
+        ) from e
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ShardError(
+            f"CIFAR batch {file}: data must be (N, 3072) with N labels, "
+            f"got {data.shape} and {labels.shape}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 -> [0, 1] float32, then per-channel standardize with training statistics."""
+    x_train = x_train.astype(np.float32) / 255.0
+    x_test = x_test.astype(np.float32) / 255.0
+    mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[:, None, None]
+    std = x_train.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)[:, None, None]
+    std = np.where(std > 0, std, np.float32(1.0))  # a constant channel stays at zero
+    x_train -= mean
+    x_train /= std
+    x_test -= mean
+    x_test /= std
+    return x_train, x_test
+
+
+def _load_cifar10(path: Path, seed: int) -> Dataset:
+    d = _cifar_dir(path, "cifar-10-batches-py", "data_batch_1")
+    parts = [_read_cifar_batch(d / f"data_batch_{i}", b"labels") for i in range(1, 6)]
+    x_test, y_test = _read_cifar_batch(d / "test_batch", b"labels")
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    x_train, x_test = _standardize(x_train, x_test)
+    return Dataset("cifar10", x_train, y_train, x_test, y_test, 10, (3, 32, 32))
+
+
+def _load_cifar100(path: Path, seed: int) -> Dataset:
+    d = _cifar_dir(path, "cifar-100-python", "train")
+    x_train, y_train = _read_cifar_batch(d / "train", b"fine_labels")
+    x_test, y_test = _read_cifar_batch(d / "test", b"fine_labels")
+    x_train, x_test = _standardize(x_train, x_test)
+    return Dataset("cifar100", x_train, y_train, x_test, y_test, 100, (3, 32, 32))
+
+
+# --- MNIST (IDX files) --------------------------------------------------------------------
+
+_IDX_IMAGES = 0x00000803  # unsigned bytes, 3 dimensions (N, rows, cols)
+_IDX_LABELS = 0x00000801  # unsigned bytes, 1 dimension (N,)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    # Some mirrors write "train-images.idx3-ubyte"; accept both spellings, gzipped or not.
+    alt = stem.replace("-idx", ".idx")
+    for d in (root, root / "MNIST" / "raw", root / "raw"):
+        for name in (stem, stem + ".gz", alt, alt + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    raise ConfigError(f"mnist source: no {stem}[.gz] in {root}")
+
+
+def _read_idx(file: Path, magic: int) -> np.ndarray:
+    """Parse one IDX file of unsigned bytes, checking its magic number and length."""
+    opener: Callable = gzip.open if file.suffix == ".gz" else open
+    try:
+        with opener(file, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ShardError(f"cannot read IDX file {file}: {e}") from e
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ShardError(f"IDX file {file} is truncated: {len(raw)} bytes, header needs {header}")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ShardError(
+            f"{file} is not an IDX file of the expected kind: magic number 0x{found:08x}, "
+            f"expected 0x{magic:08x}"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = math.prod(dims)
+    if len(raw) - header != size:
+        raise ShardError(
+            f"IDX file {file} holds {len(raw) - header} data bytes, its header {dims} "
+            f"promises {size}: the file is truncated or corrupted"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_mnist(path: Path, seed: int) -> Dataset:
+    if not path.is_dir():
+        raise ConfigError(f"mnist source: {path} is not a directory of IDX files")
+
+    def split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        x = _read_idx(_find_idx(path, f"{prefix}-images-idx3-ubyte"), _IDX_IMAGES)
+        y = _read_idx(_find_idx(path, f"{prefix}-labels-idx1-ubyte"), _IDX_LABELS)
+        if len(x) != len(y):
+            raise ShardError(f"mnist {prefix}: {len(x)} images but {len(y)} labels in {path}")
+        x = (x.astype(np.float32) / 255.0)[:, None, :, :]
+        return x, y.astype(np.int64)
+
+    x_train, y_train = split("train")
+    x_test, y_test = split("t10k")
+    shape = tuple(int(s) for s in x_train.shape[1:])
+    if x_test.shape[1:] != shape:
+        raise ShardError(f"mnist: train images are {shape}, test images {x_test.shape[1:]}")
+    return Dataset("mnist", x_train, y_train, x_test, y_test, 10, shape)
+
+
+# --- synthetic ----------------------------------------------------------------------------
+
+
+def _load_synthetic(
+    path: Path | None,
+    seed: int,
+    n_train: int = 2048,
+    n_test: int = 512,
+    num_classes: int = 10,
+    features: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    noise: float = 1.0,
+) -> Dataset:
+    """Gaussian classes around random means: learnable, but not perfectly separable."""
+    for key, v in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"synthetic source: {key} must be an integer >= 1, got {v!r}")
+    if input_shape is None:
+        input_shape = (32 if features is None else features,)
+    input_shape = tuple(int(s) for s in input_shape)
+    if any(s < 1 for s in input_shape) or not input_shape:
+        raise ConfigError(
+            f"synthetic source: input_shape must be positive sizes, got {input_shape}"
+        )
+    d = math.prod(input_shape)
+    if features is not None and features != d:
+        raise ConfigError(
+            f"synthetic source: features={features} disagrees with input_shape={input_shape}"
+        )
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0):
+        raise ConfigError(f"synthetic source: noise must be > 0, got {noise!r}")
+    rng = np.random.default_rng(seed)
+    # Mean spread 0.5 per coordinate: with 32 features and unit noise, classes overlap a
+    # little, so accuracy curves have somewhere to go.
+    means = rng.normal(0.0, 0.5, size=(num_classes, d))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)  # balanced classes
+        x = means[y] + rng.normal(0.0, noise, size=(n, d))
+        return x.astype(np.float32).reshape((n, *input_shape)), y
+
+    x_train, y_train = draw(int(n_train))
+    x_test, y_test = draw(int(n_test))
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, int(num_classes), input_shape)
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": _load_digits,
+    "npz": _load_npz,
+    "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "mnist": _load_mnist,
+    "synthetic": _load_synthetic,
+}
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "npz": ("num_classes",),
+    "cifar10": (),
+    "cifar100": (),
+    "mnist": (),
+    "synthetic": ("n_train", "n_test", "num_classes", "features", "input_shape", "noise"),
+}
+_NEEDS_PATH = {
+    "npz": "a .npz file with arrays x_train, y_train, x_test, y_test",
+    "cifar10": "the cifar-10-batches-py directory or its parent",
+    "cifar100": "the cifar-100-python directory or its parent",
+    "mnist": "a directory with the four MNIST IDX files (optionally .gz)",
+}

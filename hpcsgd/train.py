@@ -1,0 +1,519 @@
+"""The training loop: shards -> sampler -> model step -> strategy -> metrics.
+
+One call of :func:`train` runs on every rank of a communicator. Decisions every rank must
+share (steps, log and eval points, failures) derive from the config and the shard index, so
+ranks never wait on each other except inside the strategy's collectives and the periodic
+diagnostics. Problems a user can fix are raised collectively (see ``comm.agree``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from . import checkpoint as ckpt
+from .algorithms import make_strategy
+from .comm import Collectives, FlatParams, LinkRates
+from .comm.agree import agree
+from .comm.device import default_threads, local_rank_and_size, select_device
+from .config import TrainConfig, validate_for_world
+from .data import (
+    StratifiedSampler,
+    chunk_holders,
+    chunks_for_rank,
+    coverage,
+    gather_batch,
+    load_chunk,
+    load_test,
+    read_index,
+)
+from .errors import ConfigError, HpcsgdError, ShardError, TrainingError
+from .metrics import MetricsWriter, atomic_write_text, dumps
+from .models import build_model
+from .progress import Progress
+
+EVAL_BATCH = 1024
+
+
+@dataclass
+class Timers:
+    """Cumulative seconds per phase of a step (the report's time breakdown)."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    data_s: float = 0.0
+    straggle_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) for k, v in vars(self).items()}
+
+
+@dataclass
+class Schedule:
+    """Step counts shared by every rank, derived from the shard index and the config."""
+
+    steps_per_epoch: int
+    total_steps: int
+    log_every: int
+    eval_every: int  # 0: only at the end
+    checkpoint_every: int  # 0: only at the end
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, train_size: int, parts: int) -> "Schedule":
+        # One epoch is one pass over a rank's own chunk, the same for every q (ALGORITHMS.md);
+        # it is computed from the mean chunk size so that every rank runs the same steps.
+        spe = max(1, math.ceil(train_size / parts / cfg.batch_size))
+        total = cfg.steps if cfg.steps > 0 else max(1, round(cfg.epochs * spe))
+        log_every = cfg.log_every or max(1, spe // 10)
+        eval_every = round(cfg.eval_every * spe) if cfg.eval_every > 0 else 0
+        return cls(spe, total, log_every, max(eval_every, 0), cfg.checkpoint_every)
+
+    def lr_at(self, cfg: TrainConfig, step: int) -> float:
+        """Learning rate of ``step``: warm-up, then constant, step decay or cosine."""
+        epoch = step / self.steps_per_epoch
+        warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        if warmup_steps > 0 and step < warmup_steps:
+            return cfg.lr * (0.1 + 0.9 * step / warmup_steps)
+        if cfg.lr_schedule == "step":
+            return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+        if cfg.lr_schedule == "cosine":
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        return cfg.lr
+
+
+@dataclass
+class RankData:
+    """The chunks this rank holds, as tensors on its device, plus the test split."""
+
+    chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    numpy_chunks: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
+    """Run one training job on every rank of ``comm``; returns the summary on rank 0."""
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    return Trainer(cfg, comm).run()
+
+
+class Trainer:
+    """Holds one rank's state for a run; :meth:`run` is the whole job."""
+
+    def __init__(self, cfg: TrainConfig, comm: MPI.Comm):
+        self.cfg = cfg
+        self.world = comm
+        self.P = comm.size
+        self.rank = comm.rank
+        self.run_dir = Path(cfg.run_dir)
+        self.timers = Timers()
+        self.alive = True
+
+    # -- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, world = self.cfg, self.world
+        agree(world, lambda: validate_for_world(cfg, self.P), "config")
+        self.index = agree(world, lambda: self._read_index(), "shards")
+        self.device = agree(world, lambda: select_device(world, cfg.device), "device")
+        _, local_size = local_rank_and_size(world)
+        torch.set_num_threads(cfg.threads or default_threads(local_size))
+        self.rates = agree(world, self._link_rates, "link drop rates")
+        self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
+        self.my_chunks = chunks_for_rank(self.P, cfg.q, self.rank)
+        self.data = agree(world, self._load_data, "shards")
+        self.resume_state = agree(world, self._find_resume, "resume")
+        agree(world, self._prepare_run_dir, "run directory")
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(
+            cfg.model, tuple(self.index.input_shape), self.index.num_classes, tuple(cfg.mlp_hidden)
+        ).to(self.device)
+        self.flat = FlatParams(self.model)
+        self.coll = Collectives(world)
+        self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+        self.strategy = make_strategy(
+            cfg.algorithm,
+            self.coll,
+            self.flat,
+            self.optimizer,
+            tau=cfg.tau,
+            rates=self.rates,
+            seed=cfg.seed,
+            average_optimizer_state=cfg.average_optimizer_state,
+        )
+        sizes = {c: self.index.chunk_sizes[c] for c in self.my_chunks}
+        self.sampler = StratifiedSampler(sizes, cfg.batch_size, cfg.seed, self.rank)
+        self.start_step = 0
+        self.live_world = list(range(self.P))  # ranks failed before a resume point leave at once
+        if self.resume_state is not None:
+            self.start_step = self.resume_state["step"]
+            if self._alive_at(self.rank, self.start_step):
+                agree(world, lambda: ckpt.restore(self, self.resume_state), "resume")
+            else:
+                agree(world, lambda: None, "resume")
+        self.metrics = MetricsWriter(self.run_dir, self.rank, self.start_step if self.resume_state else None)
+        self.stop = ckpt.StopSignal()
+        self.progress = Progress(
+            cfg.progress, self.schedule.total_steps, self.start_step, enabled=self.rank == 0
+        )
+
+    def _read_index(self):
+        index = read_index(self.cfg.data)
+        if index.parts != self.P:
+            raise ShardError(
+                f"shard directory {self.cfg.data} has P={index.parts} chunks but the job has "
+                f"{self.P} ranks: launch {index.parts} ranks, or re-shard with "
+                f"`hpcsgd shard --parts {self.P} ...`"
+            )
+        return index
+
+    def _link_rates(self) -> LinkRates:
+        matrix = None
+        if self.cfg.link_drop_file:
+            matrix = _read_matrix(self.cfg.link_drop_file)
+        return LinkRates.build(
+            self.P,
+            self.cfg.drop_rate,
+            self.cfg.drop_rate_phase1,
+            self.cfg.drop_rate_phase2,
+            self.cfg.link_drop,
+            matrix,
+        )
+
+    def _load_data(self) -> RankData:
+        """Read only the chunks this rank holds (plus the test split), checked."""
+        numpy_chunks = {c: load_chunk(self.index, c) for c in self.my_chunks}
+        x_test, y_test = load_test(self.index)
+        dev = self.device
+        chunks = {
+            c: (torch.from_numpy(np.ascontiguousarray(x)).to(dev), torch.from_numpy(y).to(dev))
+            for c, (x, y) in numpy_chunks.items()
+        }
+        return RankData(chunks, torch.from_numpy(x_test).to(dev), torch.from_numpy(y_test).to(dev), numpy_chunks)
+
+    def _find_resume(self):
+        if not self.cfg.resume:
+            return None
+        return ckpt.find_latest(self.run_dir, self.cfg, self.P)
+
+    def _prepare_run_dir(self) -> None:
+        try:
+            if self.rank == 0:
+                (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+                atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
+        self.world.Barrier()  # the directories exist before any rank opens its file
+        try:
+            probe = self.run_dir / "metrics" / f".probe-{self.rank}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
+
+    # -- faults --------------------------------------------------------------------------
+    def _alive_at(self, world_rank: int, step: int) -> bool:
+        fail_step = self.cfg.faults.get(world_rank)
+        return fail_step is None or step < fail_step
+
+    def _apply_failures(self, step: int) -> None:
+        """At ``step``, ranks scheduled to fail leave; survivors continue on a new comm."""
+        failing = [r for r, s in self.cfg.faults.items() if s <= step and r in self.live_world]
+        if not failing:
+            return
+        self.stop.drain()  # a pending flag exchange must finish on the old communicator
+        new_coll = self.coll.split_live(self.rank not in failing)
+        self.live_world = [r for r in self.live_world if r not in failing]
+        if new_coll is None:
+            self.alive = False
+            return
+        self.coll = new_coll
+        self.strategy.set_collectives(new_coll)
+        if self.rank == min(self.live_world):
+            print(
+                f"hpcsgd: rank(s) {', '.join(map(str, failing))} failed at step {step}; "
+                f"{len(self.live_world)} live ranks, coverage {self.coverage():.0%}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def coverage(self) -> float:
+        return coverage(self.P, self.cfg.q, self.live_world)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        self.setup()
+        self.t_start = time.perf_counter() - (self.resume_state or {}).get("wall_s", 0.0)
+        self.loss_window: list[float] = getattr(self, "resume_loss_window", [])
+        sched = self.schedule
+        for step in range(self.start_step, sched.total_steps):
+            self._apply_failures(step)
+            if not self.alive:
+                self.metrics.close()
+                return None
+            self.train_step(step)
+            done = step + 1
+            is_eval = sched.eval_every > 0 and done % sched.eval_every == 0
+            if done % sched.log_every == 0 or is_eval or done == sched.total_steps:
+                self.log(step, evaluate=is_eval)
+            if sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.total_steps:
+                ckpt.save(self, done)
+            if self.stop.requested(self.coll):
+                self.stop.drain()
+                ckpt.save(self, done)
+                self.progress.close()
+                self.metrics.close()
+                raise ckpt.Preempted(done)
+        self.stop.drain()
+        self.progress.close()
+        ckpt.save(self, sched.total_steps)
+        summary = self.finish()
+        self.metrics.close()
+        return summary
+
+    def train_step(self, step: int) -> None:
+        cfg, timers = self.cfg, self.timers
+        for rank, first, last, seconds in cfg.stragglers:
+            if rank == self.rank and first <= step <= last:
+                t = time.perf_counter()
+                time.sleep(seconds)
+                timers.straggle_s += time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        x, y = self._next_batch()
+        t1 = time.perf_counter()
+        lr = self.schedule.lr_at(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        self.flat.zero_grad()
+        self.model.train()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            if cfg.nan_policy == "stop":
+                raise TrainingError(
+                    f"non-finite training loss ({loss_value}) at step {step} on rank {self.rank}; "
+                    f"lower the learning rate, or set nan_policy = 'skip'"
+                )
+            self.flat.zero_grad()  # skip: this rank contributes no update this step
+        t2 = time.perf_counter()
+        self.strategy.reduce_gradients(step)
+        t3 = time.perf_counter()
+        if math.isfinite(loss_value):
+            self.optimizer.step()
+            self.loss_window.append(loss_value)
+        t4 = time.perf_counter()
+        self.strategy.after_step(step)
+        t5 = time.perf_counter()
+        timers.data_s += t1 - t0
+        timers.compute_s += (t2 - t1) + (t4 - t3)
+        timers.comm_s += (t3 - t2) + (t5 - t4)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.sampler.next_batch()
+        # Index on the device: a chunk lives there already, so only indices cross PCIe.
+        xs, ys = [], []
+        for c, idx in batch:
+            x_c, y_c = self.data.chunks[c]
+            index = torch.from_numpy(idx).to(x_c.device)
+            xs.append(x_c.index_select(0, index))
+            ys.append(y_c.index_select(0, index))
+        return torch.cat(xs), torch.cat(ys)
+
+    # -- metrics -------------------------------------------------------------------------
+    def log(self, step: int, evaluate: bool) -> None:
+        """One metrics line on every live rank (consensus distance is collective)."""
+        done = step + 1
+        mean, distance = self.coll.mean_and_consensus(self.flat.flat)
+        record = {
+            "step": done,
+            "epoch": round(done / self.schedule.steps_per_epoch, 6),
+            "loss": float(np.mean(self.loss_window)) if self.loss_window else None,
+            "lr": self.lr,
+            "wall_s": round(time.perf_counter() - self.t_start, 6),
+            **self.timers.as_dict(),
+            **self.coll.counters.as_dict(),
+            "arrival": self.coll.counters.arrival,
+            "live_ranks": len(self.live_world),
+            "coverage": self.coverage(),
+            "consensus_distance": distance,
+        }
+        self.loss_window = []
+        if evaluate:
+            own = self.evaluate(self.data.x_test, self.data.y_test)
+            record["test_loss"], record["test_accuracy"] = own["loss"], own["accuracy"]
+            avg = self.evaluate_averaged(mean, train=False)
+            record["avg_test_loss"], record["avg_test_accuracy"] = avg["loss"], avg["accuracy"]
+        self.metrics.write(record)
+        self.progress.update(done, record)
+
+    @torch.no_grad()
+    def _eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """[loss sum, correct, count, correct per class..., count per class...] of the model."""
+        k = self.index.num_classes
+        sums = np.zeros(3 + 2 * k)
+        self.model.eval()
+        for start in range(0, len(y), EVAL_BATCH):
+            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+            out = self.model(xb)
+            sums[0] += float(F.cross_entropy(out, yb, reduction="sum"))
+            hit = out.argmax(1) == yb
+            sums[1] += float(hit.sum())
+            sums[2] += len(yb)
+            sums[3 : 3 + k] += torch.bincount(yb[hit], minlength=k).cpu().numpy()
+            sums[3 + k :] += torch.bincount(yb, minlength=k).cpu().numpy()
+        return sums
+
+    def _as_metrics(self, sums: np.ndarray) -> dict:
+        k = self.index.num_classes
+        count = max(sums[2], 1)
+        per_class = np.divide(sums[3 : 3 + k], sums[3 + k :], out=np.full(k, np.nan), where=sums[3 + k :] > 0)
+        return {
+            "loss": float(sums[0] / count),
+            "accuracy": float(sums[1] / count),
+            "per_class_accuracy": [None if np.isnan(v) else round(float(v), 6) for v in per_class],
+        }
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """This rank's own model on (x, y), locally."""
+        return self._as_metrics(self._eval_sums(x, y))
+
+    def _eval_share(self) -> tuple[int, int]:
+        live = self.live_world
+        return live.index(self.rank), len(live)
+
+    def evaluate_averaged(self, mean: torch.Tensor, train: bool) -> dict:
+        """The averaged model on the test split (or the full training set), split over ranks."""
+        own = self.flat.flat.clone()
+        self.flat.flat.copy_(mean)
+        try:
+            share, n = self._eval_share()
+            if train:
+                sums = np.zeros(3 + 2 * self.index.num_classes)
+                for c in range(share, self.P, n):
+                    x, y = self._chunk_tensors(c)
+                    sums += self._eval_sums(x, y)
+            else:
+                sums = self._eval_sums(self.data.x_test[share::n], self.data.y_test[share::n])
+        finally:
+            self.flat.flat.copy_(own)
+        return self._as_metrics(self.coll.sum_float64(sums))
+
+    def _chunk_tensors(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if c in self.data.chunks:
+            return self.data.chunks[c]
+        x, y = load_chunk(self.index, c)  # evaluation only: training never reads it
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def evaluate_own_on_train(self) -> dict:
+        """This rank's own model on the full training set, chunk by chunk."""
+        sums = np.zeros(3 + 2 * self.index.num_classes)
+        for c in range(self.P):
+            x, y = self._chunk_tensors(c)
+            sums += self._eval_sums(x, y)
+        return self._as_metrics(sums)
+
+    # -- the end -------------------------------------------------------------------------
+    def finish(self) -> dict | None:
+        """Final evaluation of the averaged and the per-rank models; summary.json on rank 0."""
+        cfg, coll = self.cfg, self.coll
+        mean, distance = coll.mean_and_consensus(self.flat.flat)
+        avg_train = self.evaluate_averaged(mean, train=True)
+        avg_test = self.evaluate_averaged(mean, train=False)
+        own_train = self.evaluate_own_on_train()
+        own_test = self.evaluate(self.data.x_test, self.data.y_test)
+        c = coll.counters
+        per_rank = np.array(
+            [
+                own_train["loss"],
+                own_test["accuracy"],
+                own_train["accuracy"],
+                own_test["loss"],
+                c.bytes_sent,
+                c.bytes_saved,
+                c.messages_sent,
+                c.messages_dropped,
+                self.timers.compute_s,
+                self.timers.comm_s,
+                self.timers.data_s,
+            ]
+        )
+        totals = coll.sum_float64(per_rank)
+        L = coll.size
+        wall = time.perf_counter() - self.t_start
+        if coll.rank != 0:
+            return None
+        messages = totals[6] + totals[7]
+        summary = {
+            "algorithm": cfg.algorithm,
+            "ranks": self.P,
+            "q": cfg.q,
+            "tau": cfg.tau if cfg.algorithm in ("local", "rps") else 1,
+            "drop_rate": cfg.drop_rate,
+            "steps": self.schedule.total_steps,
+            "epochs": round(self.schedule.total_steps / self.schedule.steps_per_epoch, 6),
+            "rounds": c.rounds,
+            "wall_s": round(wall, 3),
+            "bytes_sent": int(totals[4]),
+            "bytes_saved": int(totals[5]),
+            "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+            "live_ranks": L,
+            "live_rank_ids": list(self.live_world),
+            "coverage": self.coverage(),
+            "chunk_holders": {str(k): v for k, v in chunk_holders(self.P, cfg.q, self.live_world).items()},
+            "train_loss": avg_train["loss"],
+            "train_accuracy": avg_train["accuracy"],
+            "test_loss": avg_test["loss"],
+            "test_accuracy": avg_test["accuracy"],
+            "per_class_accuracy": avg_test["per_class_accuracy"],
+            "train_loss_rank_mean": totals[0] / L,
+            "test_accuracy_rank_mean": totals[1] / L,
+            "train_accuracy_rank_mean": totals[2] / L,
+            "test_loss_rank_mean": totals[3] / L,
+            "consensus_distance": distance,
+            "compute_s_mean": totals[8] / L,
+            "comm_s_mean": totals[9] / L,
+            "data_s_mean": totals[10] / L,
+            "model": cfg.model,
+            "partition": self.index.partition,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "steps_per_epoch": self.schedule.steps_per_epoch,
+        }
+        atomic_write_text(self.run_dir / "summary.json", dumps(summary) + "\n")
+        return summary
+
+
+def _read_matrix(path: str) -> np.ndarray:
+    """A P x P drop-rate matrix from .npy or text (comma or whitespace separated)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"link_drop_file {path} does not exist")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p)
+        return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+    except ValueError as exc:
+        raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
+
+
+__all__ = ["Schedule", "Trainer", "train", "HpcsgdError"]
