@@ -130,7 +130,7 @@ class Trainer:
         self.my_chunks = chunks_for_rank(self.P, cfg.q, self.rank)
         self.data = agree(world, self._load_data, "shards")
         self.resume_state = agree(world, self._find_resume, "resume")
-        agree(world, self._prepare_run_dir, "run directory")
+        self._prepare_run_dir()
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(
@@ -212,20 +212,31 @@ class Trainer:
         return ckpt.find_latest(self.run_dir, self.cfg, self.P)
 
     def _prepare_run_dir(self) -> None:
-        try:
+        """Rank 0 makes the directories; then every rank checks it can write there.
+
+        Two agreements, so that rank 0 failing to create the directory is reported by every
+        rank instead of leaving the others waiting for it.
+        """
+
+        def make() -> None:
             if self.rank == 0:
-                (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-                atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
-        except OSError as exc:
-            raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
-        self.world.Barrier()  # the directories exist before any rank opens its file
-        try:
-            probe = self.run_dir / "metrics" / f".probe-{self.rank}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
+                try:
+                    (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+                    (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+                    atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
+                except OSError as exc:
+                    raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
+
+        def probe() -> None:
+            try:
+                path = self.run_dir / "metrics" / f".probe-{self.rank}"
+                path.write_text("")
+                path.unlink()
+            except OSError as exc:
+                raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
+
+        agree(self.world, make, "run directory")
+        agree(self.world, probe, "run directory")
 
     # -- faults --------------------------------------------------------------------------
     def _alive_at(self, world_rank: int, step: int) -> bool:

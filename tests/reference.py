@@ -1,0 +1,96 @@
+"""Single-process reference implementations of ALGORITHMS.md: P simulated workers.
+
+Written from the specification, not from the package's strategies: plain loops over workers
+and blocks, so a bug in the vectorised MPI code cannot hide in a shared helper. Only the data
+(shards, sampler) and the drop-mask generator are reused, as the spec names them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpcsgd.comm import FlatParams, LinkRates, arrival_mask, block_offsets
+from hpcsgd.config import TrainConfig
+from hpcsgd.data import StratifiedSampler, chunks_for_rank, load_chunk, read_index
+from hpcsgd.models import build_model
+from hpcsgd.train import Schedule
+
+
+class Worker:
+    def __init__(self, model, cfg: TrainConfig, rank: int, P: int, index, chunks_data):
+        self.model = model
+        self.flat = FlatParams(model)
+        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        held = chunks_for_rank(P, cfg.q, rank)
+        self.sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in held}, cfg.batch_size, cfg.seed, rank)
+        self.data = chunks_data
+
+    def batch(self):
+        xs, ys = [], []
+        for c, idx in self.sampler.next_batch():
+            x, y = self.data[c]
+            xs.append(torch.from_numpy(x[idx]))
+            ys.append(torch.from_numpy(y[idx]))
+        return torch.cat(xs), torch.cat(ys)
+
+    def backward(self, x, y) -> float:
+        self.flat.zero_grad()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return float(loss)
+
+
+def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
+    """Run ``cfg`` for ``steps`` steps on P simulated workers; returns each worker's flat x_i."""
+    index = read_index(cfg.data)
+    data = {c: load_chunk(index, c) for c in range(P)}
+    torch.manual_seed(cfg.seed)
+    base = build_model(cfg.model, tuple(index.input_shape), index.num_classes, tuple(cfg.mlp_hidden))
+    workers = [Worker(copy.deepcopy(base), cfg, i, P, index, data) for i in range(P)]
+    schedule = Schedule.from_config(cfg, index.train_size, P)
+    rates = LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop)
+    for t in range(steps):
+        lr = schedule.lr_at(cfg, t)
+        for w in workers:
+            for g in w.opt.param_groups:
+                g["lr"] = lr
+            w.backward(*w.batch())
+        if cfg.algorithm == "sync":
+            mean = sum(w.flat.grad for w in workers) / P
+            for w in workers:
+                w.flat.grad.copy_(mean)
+        elif cfg.algorithm == "lossy-allreduce":
+            blockwise_average([w.flat.grad for w in workers], cfg.seed, t, rates)
+        for w in workers:
+            w.opt.step()
+        if (t + 1) % cfg.tau == 0:
+            if cfg.algorithm == "local":
+                mean = sum(w.flat.flat for w in workers) / P
+                for w in workers:
+                    w.flat.flat.copy_(mean)
+            elif cfg.algorithm == "rps":
+                blockwise_average([w.flat.flat for w in workers], cfg.seed, t, rates)
+    return [w.flat.flat.detach().clone() for w in workers]
+
+
+def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: LinkRates) -> None:
+    """RPS's exchange, literally: steps 1-5 of ALGORITHMS.md with loops over blocks and ranks."""
+    P = len(vectors)
+    d = vectors[0].numel()
+    offsets = block_offsets(d, P)
+    a1 = arrival_mask(seed, step, 1, rates.phase1)
+    a2 = arrival_mask(seed, step, 2, rates.phase2)
+    v = [x.clone() for x in vectors]
+    for j in range(P):
+        lo, hi = offsets[j], offsets[j + 1]
+        arrived = [i for i in range(P) if i == j or a1[i, j]]
+        w_j = sum(v[i][lo:hi] for i in arrived) / len(arrived)
+        for i in range(P):
+            if i == j or a2[j, i]:
+                vectors[i][lo:hi] = w_j
+            else:
+                vectors[i][lo:hi] = v[i][lo:hi]

@@ -1,0 +1,330 @@
+"""Offline analysis on synthetic run directories: loading, tables, figures, the CLI (serial)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcsgd.analysis import load_run, load_runs
+from hpcsgd.analysis import report
+from hpcsgd.analysis.plots import make_figures
+from hpcsgd.analysis.runs import FINISHED, UNFINISHED, differing_keys
+from hpcsgd.analysis.tables import build_table, default_target
+from hpcsgd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SPE = 4  # steps per epoch of every synthetic run
+TAU = 2
+
+BASE_CONFIG = {
+    "data": "/shards",
+    "run_dir": "",
+    "algorithm": "rps",
+    "q": 1,
+    "tau": TAU,
+    "drop_rate": 0.0,
+    "model": "mlp",
+    "mlp_hidden": [16],
+    "epochs": 3.0,
+    "batch_size": 8,
+    "lr": 0.1,
+    "seed": 0,
+    "fail": [],
+    "progress": "none",
+    "threads": 1,
+}
+
+
+def record(rank: int, step: int, acc: list[float], grad_diversity: float | None) -> dict:
+    """Rank ``rank``'s line for ``step``: closed forms, so tests can recompute any mean."""
+    rounds = step // TAU
+    rec = {
+        "step": step,
+        "epoch": round(step / SPE, 6),
+        "loss": 2.0 - 0.1 * step + 0.01 * rank,
+        "lr": 0.1,
+        "wall_s": 0.5 * step + 0.01 * rank,
+        "compute_s": 0.2 * step,
+        "comm_s": 0.1 * step,
+        "data_s": 0.05 * step,
+        "straggle_s": 0.0,
+        "rounds": rounds,
+        "bytes_sent": 1000 * rounds,
+        "bytes_saved": 100 * rounds,
+        "messages_sent": 9 * rounds,
+        "messages_dropped": rounds,
+        "arrival": 0.9 if rounds else None,
+        "live_ranks": 4,
+        "coverage": 1.0,
+        "consensus_distance": 0.01 * (step % TAU) + 0.001 * (rank + 1),
+    }
+    if step % SPE == 0:
+        a = acc[step // SPE - 1]
+        own = a - 0.05 + 0.01 * rank
+        rec.update(test_loss=1.0 - own, test_accuracy=own, avg_test_loss=1.0 - a, avg_test_accuracy=a)
+    if grad_diversity is not None:
+        rec["grad_diversity"] = grad_diversity
+    return rec
+
+
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    ranks: int = 4,
+    steps: int = 12,
+    acc=(0.5, 0.8, 0.9),
+    summary: bool = True,
+    stop: dict[int, int] | None = None,
+    grad_diversity: float | None = None,
+    **config,
+) -> Path:
+    """Write a run directory; ``stop`` maps a rank to the last step it logged (a failed rank)."""
+    run_dir = root / name
+    (run_dir / "metrics").mkdir(parents=True)
+    cfg = {**BASE_CONFIG, "run_dir": str(run_dir), **config}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
+    (run_dir / "config.toml").write_text("\n".join(lines) + "\n")
+    stop = stop or {}
+    for r in range(ranks):
+        last = stop.get(r, steps)
+        with open(run_dir / "metrics" / f"rank-{r}.jsonl", "w") as fh:
+            for s in range(1, last + 1):
+                fh.write(json.dumps(record(r, s, list(acc), grad_diversity)) + "\n")
+    if summary:
+        rounds = steps // TAU
+        summ = {
+            "algorithm": cfg["algorithm"], "ranks": ranks, "q": cfg["q"], "tau": TAU,
+            "drop_rate": cfg["drop_rate"], "steps": steps, "epochs": steps / SPE, "rounds": rounds,
+            "wall_s": 0.5 * steps + 0.1,
+            "bytes_sent": 1000 * rounds * ranks, "bytes_saved": 100 * rounds * ranks,
+            "arrival_realised": 0.9, "live_ranks": ranks, "coverage": 1.0, "train_loss": 0.7,
+            "test_accuracy": acc[-1], "train_loss_rank_mean": 0.8, "test_accuracy_rank_mean": acc[-1] - 0.04,
+            "consensus_distance": 0.002, "per_class_accuracy": [0.9, 0.8],
+            "compute_s_mean": 0.2 * steps, "comm_s_mean": 0.1 * steps, "data_s_mean": 0.05 * steps,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summ) + "\n")
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A folder of four runs: finished, truncated last line, missing rank file, in progress."""
+    root = tmp_path / "sweep"
+    make_run(root, "a-finished", q=1, grad_diversity=1.5)
+    trunc = make_run(root, "b-truncated", q=2, acc=(0.4, 0.6, 0.7), grad_diversity=2.5)
+    with open(trunc / "metrics" / "rank-1.jsonl", "a") as fh:
+        fh.write('{"step": 13, "epoch": 3.25, "lo')  # a crash mid-write
+    missing = make_run(root, "c-missing-rank", q=4, acc=(0.2, 0.3, 0.45))
+    (missing / "metrics" / "rank-2.jsonl").unlink()
+    make_run(root, "d-running", q=2, drop_rate=0.1, steps=6, summary=False, stop={3: 3})
+    return root
+
+
+def last_losses(steps: int, ranks) -> float:
+    return float(np.mean([2.0 - 0.1 * steps + 0.01 * r for r in ranks]))
+
+
+# -- loading ---------------------------------------------------------------------------------
+def test_finished_run_loads_cleanly(sweep):
+    run = load_run(sweep / "a-finished")
+    assert run.status == FINISHED and run.warnings == []
+    assert run.ranks == [0, 1, 2, 3] and all(len(v) == 12 for v in run.records.values())
+    x, y = run.curve("loss")
+    assert np.allclose(x, np.arange(1, 13) / SPE)
+    assert np.allclose(y, [last_losses(s, range(4)) for s in range(1, 13)])
+    xs, acc = run.curve("avg_test_accuracy", x="rounds")
+    assert np.allclose(xs, [2, 4, 6]) and np.allclose(acc, [0.5, 0.8, 0.9])
+    x1, y1 = run.curve("loss", x="step", ranks=1)
+    assert np.allclose(y1, 2.0 - 0.1 * x1 + 0.01)
+
+
+def test_truncated_last_line_is_skipped_and_counted(sweep):
+    run = load_run(sweep / "b-truncated")
+    assert run.status == FINISHED
+    assert len(run.records[1]) == 12
+    assert len(run.warnings) == 1 and "truncated last line" in run.warnings[0] and "rank-1" in run.warnings[0]
+
+
+def test_missing_rank_file_warns_and_mean_uses_the_others(sweep):
+    run = load_run(sweep / "c-missing-rank")
+    assert run.ranks == [0, 1, 3]
+    assert any("rank(s) 2 of 4" in w for w in run.warnings)
+    assert run.final("loss") == pytest.approx(last_losses(12, [0, 1, 3]))
+
+
+def test_run_in_progress_with_a_failed_rank(sweep):
+    run = load_run(sweep / "d-running")
+    assert run.status == UNFINISHED and run.summary is None
+    assert any("no summary.json" in w for w in run.warnings)
+    _, y = run.curve("loss", x="step")
+    # Rank 3 stopped after step 3: later steps average the three ranks still writing.
+    assert y[2] == pytest.approx(last_losses(3, range(4)))
+    assert y[5] == pytest.approx(last_losses(6, range(3)))
+
+
+def test_empty_metrics_and_no_config_warn(tmp_path):
+    (tmp_path / "r" / "metrics").mkdir(parents=True)
+    run = load_run(tmp_path / "r")
+    assert run.records == {} and run.config == {}
+    assert any("no config.toml" in w for w in run.warnings)
+    assert any("no metrics records" in w for w in run.warnings)
+    assert run.curve("loss")[1].size == 0 and run.final("loss") is None
+
+
+def test_load_runs_expands_a_folder_and_labels_by_differing_keys(sweep):
+    runs = load_runs([sweep])
+    assert [r.name for r in runs] == ["a-finished", "b-truncated", "c-missing-rank", "d-running"]
+    # run_dir differs in every run and data/progress/threads are ignored: only q and drop_rate count.
+    assert differing_keys(runs) == ["q", "drop_rate"]
+    assert runs[0].label == "q=1, drop_rate=0" and runs[3].label == "q=2, drop_rate=0.1"
+    assert len(load_runs([sweep / "a-finished", sweep, sweep / "a-finished"])) == 4  # no duplicates
+
+
+def test_a_key_missing_from_a_config_is_unknown_not_different(sweep):
+    old = sweep / "e-old-trainer"
+    make_run(old.parent, old.name, q=1)
+    config = (old / "config.toml").read_text().splitlines()
+    (old / "config.toml").write_text("\n".join(l for l in config if not l.startswith("mlp_hidden")) + "\n")
+    runs = load_runs([sweep / "a-finished", old])
+    assert differing_keys(runs) == []
+    assert runs[0].label.endswith("(a-finished)") and runs[1].label.endswith("(e-old-trainer)")
+
+
+def test_single_run_label_names_the_algorithm(sweep):
+    (run,) = load_runs([sweep / "a-finished"])
+    assert run.label == "rps, q=1, tau=2, drop_rate=0"
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "empty"])
+def test_not_a_run_directory_is_a_config_error(tmp_path, what):
+    path = tmp_path / "x"
+    if what == "file":
+        path.write_text("hello")
+    elif what == "empty":
+        (path / "sub").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="x"):
+        load_runs([path])
+
+
+# -- tables ----------------------------------------------------------------------------------
+def test_table_rows_grouped_and_valued(sweep):
+    runs = load_runs([sweep])
+    table = build_table(runs, target=0.75)
+    assert table.keys == ["q", "drop_rate"]
+    assert [(row["q"], row["drop_rate"]) for row in table.rows] == [(1, 0.0), (2, 0.0), (2, 0.1), (4, 0.0)]
+    rows = {row["run"]: row for row in table.rows}
+
+    a = rows["a-finished"]
+    assert a["final_loss"] == pytest.approx(last_losses(12, range(4)))
+    assert a["best_loss"] == pytest.approx(last_losses(12, range(4)))
+    assert a["final_acc"] == pytest.approx(0.9) and a["best_acc"] == pytest.approx(0.9)
+    assert a["final_acc_ranks"] == pytest.approx(0.9 - 0.05 + 0.015)
+    # 0.75 is first reached at the second evaluation: step 8, epoch 2, 8 // TAU rounds.
+    assert a["epochs_to_target"] == pytest.approx(2.0)
+    assert a["rounds_to_target"] == pytest.approx(4)
+    assert a["wall_s_to_target"] == pytest.approx(4.0 + 0.015)
+    assert a["test_accuracy"] == 0.9 and a["bytes_sent"] == 24000 and a["status"] == FINISHED
+
+    assert rows["c-missing-rank"]["epochs_to_target"] is None  # never reaches 0.75
+    d = rows["d-running"]
+    assert d["status"] == UNFINISHED and d["train_loss"] is None and d["test_accuracy"] is None
+    assert d["final_acc"] == pytest.approx(0.5)  # its one evaluation, at step 4
+    # No summary: totals come from the records of the last step (ranks 0-2 at step 6).
+    assert d["bytes_sent"] == 3 * 3000 and d["arrival_realised"] == pytest.approx(0.9)
+    assert d["final_loss"] == pytest.approx(last_losses(6, range(3)))
+
+
+def test_default_target_is_a_fraction_of_the_best_final_accuracy(sweep):
+    runs = load_runs([sweep])
+    assert default_target(runs) == pytest.approx(0.9 * 0.9)
+    rows = {row["run"]: row for row in build_table(runs).rows}
+    assert rows["a-finished"]["rounds_to_target"] == pytest.approx(6)  # 0.9 >= 0.81 at step 12
+    assert rows["b-truncated"]["rounds_to_target"] is None
+
+
+# -- report ----------------------------------------------------------------------------------
+def test_report_writes_tables_figures_and_report(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = argparse.Namespace(runs=[str(sweep)], out=str(out), target=None, x="epoch")
+    assert report.run(args) == 0
+    captured = capsys.readouterr()
+    assert "| run | q | drop_rate |" in captured.out
+    assert "truncated last line" in captured.err and "rank(s) 2 of 4" in captured.err
+    assert "no summary.json" in captured.err
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(
+        [
+            "loss_vs_epoch.png", "loss_vs_wall_s.png", "loss_vs_rounds.png", "accuracy_vs_epoch.png",
+            "consensus_vs_epoch.png", "time_breakdown.png", "grad_diversity_vs_q.png",
+        ]
+    )
+    for png in out.glob("*.png"):
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert all(f"]({name})" in text for name in pngs)
+    assert (out / "table.md").read_text() in text
+
+    with open(out / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run"] for r in rows] == ["a-finished", "b-truncated", "d-running", "c-missing-rank"]
+    assert rows[2]["train_loss"] == "-" and rows[2]["status"] == UNFINISHED
+    assert float(rows[0]["final_loss"]) == pytest.approx(last_losses(12, range(4)))
+
+
+def test_figures_without_data_are_skipped_with_a_note(tmp_path):
+    run_dir = make_run(tmp_path, "noeval", acc=(0.5, 0.8, 0.9))
+    for f in (run_dir / "metrics").iterdir():  # drop the evaluation keys
+        recs = [json.loads(line) for line in f.read_text().splitlines()]
+        keep = ("test_accuracy", "avg_test_accuracy", "test_loss", "avg_test_loss")
+        f.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in keep}) + "\n" for r in recs))
+    figures = {f.name: f for f in make_figures(load_runs([run_dir]), tmp_path, x="rounds")}
+    skipped = figures["accuracy_vs_rounds"]
+    assert skipped.path is None and "test accuracy" in skipped.note
+    assert figures["grad_diversity_vs_q"].path is None
+    assert figures["loss_vs_rounds"].path.stat().st_size > 0
+
+
+def test_bad_target_is_a_config_error(sweep, tmp_path):
+    args = argparse.Namespace(runs=[str(sweep)], out=str(tmp_path / "o"), target=75.0, x="epoch")
+    with pytest.raises(ConfigError, match="--target"):
+        report.run(args)
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "hpcsgd", "report", *argv],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+
+
+def test_cli_report_exit_codes(sweep, tmp_path):
+    done = _cli(str(sweep / "a-finished"), str(sweep / "d-running"), "--out", str(tmp_path / "rep"))
+    assert done.returncode == 0, done.stderr
+    assert "| run |" in done.stdout and (tmp_path / "rep" / "report.md").is_file()
+
+    bad = tmp_path / "not-a-run"
+    bad.mkdir()
+    done = _cli(str(bad), "--out", str(tmp_path / "rep2"))
+    assert done.returncode == 2
+    assert "not a run directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_analysis_imports_neither_torch_nor_mpi4py():
+    code = (
+        "import sys, hpcsgd.analysis.report, hpcsgd.analysis.plots, hpcsgd.analysis.tables; "
+        "bad = [m for m in ('torch', 'mpi4py', 'matplotlib') if m in sys.modules]; "
+        "sys.exit(f'imported at import time: {bad}' if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr

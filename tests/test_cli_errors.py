@@ -1,0 +1,164 @@
+"""Bad input ends the whole 4-rank job with one clear message and a non-zero exit, fast."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcsgd.data import load_source, read_index, write_shards
+from hpcsgd.data.shards import checksum
+
+from launch import hpcsgd, mpi
+
+DEADLINE = 30  # seconds: a hang would be caught by subprocess's timeout well after this
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    out = root / "p4"
+    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "iid", out, seed=0)
+    return out
+
+
+def _train(shards, tmp_path, *extra, n=4):
+    return mpi(n, "train", "--data", shards, "--run-dir", tmp_path / "run", "--steps", 3, "--progress", "none", *extra, timeout=90)
+
+
+def _expect(result, message):
+    assert result.returncode != 0, result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.seconds < DEADLINE, f"took {result.seconds:.1f}s"
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_chunk(path, c, mutate):
+    """Change chunk c's arrays and re-sign it, as a foreign tool writing shards might."""
+    index = read_index(path)
+    chunk = index.chunk_path(c)
+    with h5py.File(chunk, "r+") as f:
+        x, y = f["x"][()], f["y"][()]
+        x, y = mutate(x, y)
+        del f["x"], f["y"]
+        f["x"], f["y"] = x, y
+        f.attrs["checksum"] = checksum(x, y)
+    with h5py.File(path / "index.h5", "r+") as f:
+        sums = list(index.chunk_checksums)
+        sums[c] = checksum(x, y)
+        f.attrs["chunk_checksums"] = sums
+
+
+def test_q_greater_than_p(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--q", 5), "q must be in 1..P=4, got 5")
+
+
+def test_tau_zero(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--tau", 0), "tau must be >= 1, got 0")
+
+
+def test_batch_zero(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--batch-size", 0), "batch_size must be >= 1, got 0")
+
+
+def test_drop_rate_one(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--algorithm", "rps", "--drop-rate", 1.0), "drop_rate must be in [0, 1)")
+
+
+def test_unknown_config_key(shards, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('algorithm = "local"\nlearning_rate = 0.1\n')
+    _expect(_train(shards, tmp_path, cfg), "unknown config key 'learning_rate'")
+
+
+def test_wrong_type_in_config(shards, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('q = "two"\n')
+    _expect(_train(shards, tmp_path, cfg), "config key 'q'")
+
+
+def test_missing_shard_dir(tmp_path):
+    _expect(_train(tmp_path / "nowhere", tmp_path), "run `hpcsgd shard` first")
+
+
+def test_missing_chunk_file(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+    (broken / "chunk-00002.h5").unlink()
+    result = _train(broken, tmp_path)
+    _expect(result, "chunk 2 file")
+    assert "missing" in result.stderr
+
+
+def test_corrupted_chunk(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+    with h5py.File(broken / "chunk-00001.h5", "r+") as f:
+        f["x"][0, 0] += 1.0
+    _expect(_train(broken, tmp_path), "fails its checksum")
+
+
+def test_truncated_chunk(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+    f = broken / "chunk-00003.h5"
+    f.write_bytes(f.read_bytes()[:1000])
+    _expect(_train(broken, tmp_path), "truncated or corrupted")
+
+
+def test_shard_parts_differ_from_world_size(shards, tmp_path):
+    result = _train(shards, tmp_path, n=2)
+    _expect(result, "has P=4 chunks but the job has 2 ranks")
+
+
+def test_label_out_of_range(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+
+    def bad_label(x, y):
+        y = y.copy()
+        y[0] = 9
+        return x, y
+
+    _rewrite_chunk(broken, 0, bad_label)
+    _expect(_train(broken, tmp_path), "label")
+
+
+def test_nan_features_in_shard(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+
+    def nan(x, y):
+        x = x.copy()
+        x[1, 0] = np.nan
+        return x, y
+
+    _rewrite_chunk(broken, 3, nan)
+    result = _train(broken, tmp_path)
+    _expect(result, "NaN or Inf in features")
+    assert "rank" in result.stderr  # names the rank that found it
+
+
+def test_nan_features_rejected_at_shard_time(tmp_path):
+    x = np.zeros((20, 3), np.float32)
+    x[4, 1] = np.nan
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:4] * 0, y_test=y[:4])
+    result = hpcsgd("shard", "--source", "npz", "--path", tmp_path / "d.npz", "--parts", 2, "--out", tmp_path / "s")
+    assert result.returncode == 2, result.stderr
+    assert "NaN or Inf" in result.stderr
+
+
+def test_unwritable_run_dir(shards, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = mpi(4, "train", "--data", shards, "--run-dir", blocker / "run", "--steps", 2, "--progress", "none", timeout=90)
+    _expect(result, "cannot write the run directory")
+
+
+def test_nan_loss_stops_whole_job_with_rank_and_step(shards, tmp_path):
+    result = _train(shards, tmp_path, "--lr", 1e30, "--steps", 20, "--algorithm", "local", "--tau", 100)
+    _expect(result, "non-finite training loss")
+    assert "at step" in result.stderr

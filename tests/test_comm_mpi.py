@@ -1,0 +1,138 @@
+"""The comm layer under MPI, against closed forms (run with -n 1 and -n 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpcsgd.comm import BlockExchange, Collectives, LinkRates, arrival_mask
+from hpcsgd.comm.agree import agree
+from hpcsgd.errors import ShardError
+
+from conftest import all_ranks
+from reference import blockwise_average
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+
+@pytest.fixture
+def coll():
+    from mpi4py import MPI
+
+    return Collectives(MPI.COMM_WORLD.Dup())
+
+
+def test_allreduce_mean_of_rank_ids(coll):
+    P, r = coll.size, coll.rank
+    x = torch.full((1001,), float(r))
+    coll.allreduce_mean(x)
+    assert all_ranks(torch.all(x == (P - 1) / 2))
+
+
+def test_iallreduce_request_test_and_wait(coll):
+    x = torch.arange(10, dtype=torch.float32) * (coll.rank + 1)
+    req = coll.iallreduce_mean(x)
+    while not req.test():
+        pass
+    same = req.wait() is x
+    expected = torch.arange(10, dtype=torch.float32) * (coll.size + 1) / 2
+    assert all_ranks(same and torch.allclose(x, expected))
+
+
+def test_bcast_overwrites_with_root(coll):
+    x = torch.full((5,), float(coll.rank + 7))
+    coll.bcast_(x)
+    assert all_ranks(torch.all(x == 7.0))
+
+
+def test_mean_and_consensus_closed_form(coll):
+    P, r, d = coll.size, coll.rank, 50
+    x = torch.full((d,), float(r))
+    mean, distance = coll.mean_and_consensus(x)
+    m = (P - 1) / 2
+    expected = d * sum((i - m) ** 2 for i in range(P)) / P
+    assert all_ranks(torch.allclose(mean, torch.full((d,), m)) and distance == pytest.approx(expected, rel=1e-9, abs=1e-9))
+
+
+@pytest.mark.parametrize("d", [1, 7, 1000, 4099])
+def test_exchange_lossless_is_exact_average(coll, d):
+    P, r = coll.size, coll.rank
+    x = torch.arange(d, dtype=torch.float32) + 1000.0 * r
+    ex = BlockExchange(coll, d, LinkRates.build(P), seed=1)
+    ex.average(x, step=0)
+    expected = torch.arange(d, dtype=torch.float32) + 1000.0 * (P - 1) / 2
+    assert all_ranks(torch.allclose(x, expected))
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.5, 0.9])
+def test_exchange_matches_reference_with_drops(coll, delta):
+    P, r, d = coll.size, coll.rank, 333
+    rng = np.random.default_rng(42)
+    vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
+    rates = LinkRates.build(P, delta)
+    ex = BlockExchange(coll, d, rates, seed=5)
+    for step in range(6):
+        mine = vectors[r].clone()
+        ex.average(mine, step)
+        blockwise_average(vectors, 5, step, rates)
+        assert all_ranks(torch.allclose(mine, vectors[r], atol=1e-6)), f"step {step}"
+
+
+def test_dropped_messages_save_bytes(coll):
+    P, d, steps = coll.size, 4000, 200
+    totals = {}
+    for delta in (0.0, 0.1):
+        local = Collectives(coll.comm)
+        ex = BlockExchange(local, d, LinkRates.build(P, delta), seed=3)
+        x = torch.zeros(d)
+        for step in range(steps):
+            ex.average(x, step)
+        totals[delta] = local.sum_float64(np.array([local.counters.bytes_sent, local.counters.bytes_saved]))
+    if P == 1:
+        assert totals[0.0][0] == 0 and totals[0.1][0] == 0  # nothing crosses a network of one
+        return
+    sent0, saved0 = totals[0.0]
+    sent1, saved1 = totals[0.1]
+    assert saved0 == 0
+    assert sent1 + saved1 == pytest.approx(sent0)  # every byte is either sent or saved
+    assert sent1 / sent0 == pytest.approx(0.9, abs=0.02)
+
+
+def test_masks_identical_on_every_rank(coll):
+    rates = LinkRates.build(coll.size, 0.3)
+    mask = arrival_mask(9, 17, 1, rates.phase1)
+    gathered = coll.comm.allgather(mask.tobytes())
+    assert all(g == gathered[0] for g in gathered)
+
+
+def test_agree_raises_on_every_rank_naming_the_rank(coll):
+    last = coll.size - 1
+
+    def check():
+        if coll.rank == last:
+            raise ShardError("chunk 3 fails its checksum")
+        return coll.rank
+
+    with pytest.raises(ShardError, match="chunk 3 fails its checksum") as info:
+        agree(coll.comm, check, "shards")
+    assert info.value.collective
+    if coll.size > 1:
+        assert f"rank {last}" in str(info.value)
+    assert agree(coll.comm, lambda: coll.rank) == coll.rank
+
+
+def test_split_live_continues_on_survivors(coll):
+    if coll.size < 2:
+        pytest.skip("needs two ranks to fail one")
+    dead = 1
+    live = coll.split_live(coll.rank != dead)
+    if coll.rank == dead:
+        assert live is None
+        return
+    assert live.size == coll.size - 1
+    assert list(live.world_ranks) == [r for r in range(coll.size) if r != dead]
+    x = torch.full((3,), float(coll.rank))
+    live.allreduce_mean(x)
+    survivors = [r for r in range(coll.size) if r != dead]
+    assert torch.allclose(x, torch.full((3,), sum(survivors) / len(survivors)))  # survivors only: the dead rank has left

@@ -1,0 +1,114 @@
+"""Each strategy on P ranks against the single-process reference of ALGORITHMS.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hpcsgd.config import build_config
+from hpcsgd.train import Trainer
+
+from conftest import all_ranks, make_shards
+from reference import simulate
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+STEPS = 12
+
+
+def run(shared_tmp, name, **overrides):
+    """Train in-process on COMM_WORLD; returns (this rank's flat x_i, the trainer)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    data = make_shards(shared_tmp / "shards", comm.size, partition="label")
+    values = {
+        "data": str(data),
+        "run_dir": str(shared_tmp / name),
+        "steps": STEPS,
+        "batch_size": 8,
+        "lr": 0.2,
+        "model": "mlp",
+        "mlp_hidden": [16],
+        "progress": "none",
+        "eval_every": 0.0,
+        "log_every": 4,
+        "seed": 3,
+        **overrides,
+    }
+    cfg = build_config(values)
+    trainer = Trainer(cfg, comm)
+    trainer.run()
+    return trainer.flat.flat.detach().clone(), trainer
+
+
+def reference(trainer):
+    return simulate(trainer.cfg, trainer.P, STEPS)[trainer.rank]
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_sync_equals_single_process_sgd_on_concatenated_batch(shared_tmp, q):
+    from mpi4py import MPI
+
+    P = MPI.COMM_WORLD.size
+    if q > P:
+        pytest.skip("q > P")
+    x, trainer = run(shared_tmp, f"sync{q}", algorithm="sync", q=q, momentum=0.9)
+    assert all_ranks(close(x, reference(trainer)))
+    # The reference's sync is literally "mean of the P batch gradients": the same as one model
+    # trained on the concatenation of the P equal-sized batches.
+    all_x = MPI.COMM_WORLD.allgather(x)
+    assert all(torch.equal(all_x[0], other) for other in all_x)  # replicas stay identical
+
+
+@pytest.mark.parametrize("tau,q", [(1, 1), (3, 1), (4, 2)])
+def test_local_equals_reference(shared_tmp, tau, q):
+    from mpi4py import MPI
+
+    if q > MPI.COMM_WORLD.size:
+        pytest.skip("q > P")
+    x, trainer = run(shared_tmp, f"local{tau}{q}", algorithm="local", tau=tau, q=q, momentum=0.5)
+    assert all_ranks(close(x, reference(trainer)))
+
+
+def test_local_tau1_q1_plain_sgd_equals_sync(shared_tmp):
+    x_local, _ = run(shared_tmp, "l", algorithm="local", tau=1, q=1)
+    x_sync, _ = run(shared_tmp, "s", algorithm="sync", q=1)
+    assert all_ranks(close(x_local, x_sync))
+
+
+def test_rps_lossless_tau1_is_model_averaging(shared_tmp):
+    x_rps, _ = run(shared_tmp, "r", algorithm="rps", tau=1, drop_rate=0.0)
+    x_local, _ = run(shared_tmp, "l", algorithm="local", tau=1)
+    assert all_ranks(close(x_rps, x_local))
+
+
+def test_lossy_allreduce_lossless_equals_sync(shared_tmp):
+    x_lossy, _ = run(shared_tmp, "la", algorithm="lossy-allreduce", drop_rate=0.0)
+    x_sync, _ = run(shared_tmp, "s", algorithm="sync")
+    assert all_ranks(close(x_lossy, x_sync))
+
+
+@pytest.mark.parametrize("algorithm,tau", [("rps", 1), ("rps", 2), ("lossy-allreduce", 1)])
+def test_lossy_strategies_equal_reference_with_same_masks(shared_tmp, algorithm, tau):
+    x, trainer = run(shared_tmp, algorithm, algorithm=algorithm, tau=tau, drop_rate=0.3, q=1)
+    assert all_ranks(close(x, reference(trainer)))
+
+
+def test_same_seed_same_metrics_bit_for_bit(shared_tmp):
+    x1, t1 = run(shared_tmp, "a", algorithm="rps", drop_rate=0.2)
+    x2, t2 = run(shared_tmp, "b", algorithm="rps", drop_rate=0.2)
+    assert all_ranks(torch.equal(x1, x2))
+
+    def trajectory(trainer):
+        lines = trainer.metrics.path.read_text().splitlines()
+        keep = ("step", "loss", "consensus_distance", "bytes_sent", "messages_dropped")
+        return [{k: json.loads(line)[k] for k in keep} for line in lines]
+
+    assert all_ranks(trajectory(t1) == trajectory(t2) and len(trajectory(t1)) == STEPS // 4)
