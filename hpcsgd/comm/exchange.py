@@ -81,6 +81,15 @@ class BlockExchange:
             return ExchangeReport(0, 0, 0, 0)
         buf, host = self.coll.mpi_view(tensor, "exchange")
         arrived1, arrived2 = self.masks(step)
+        if self._lossless:
+            # Nothing can be dropped: both phases together are exactly the mean of the live
+            # ranks' vectors, which the MPI library's tuned Allreduce computes faster than two
+            # Alltoallv's. Traffic is counted as the exchange's, message for message.
+            self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if host is not None:
+                tensor.copy_(host.view_as(tensor))
+            tensor.div_(size)
+            return self._account(arrived1, arrived2, me, self.sizes, self._my_size, tensor.element_size())
         comm = self.coll.comm
         offsets, sizes, stride = self.offsets[:-1], self.sizes, self._stride
         my_size = self._my_size
