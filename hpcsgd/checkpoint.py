@@ -4,9 +4,8 @@ Layout: ``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per rank: each
 model, momentum and sampler differ under local SGD) and ``.../COMPLETE``, written by rank 0
 after every rank's file is in place. Each file is written to a temporary name, fsynced and
 renamed; a directory without ``COMPLETE`` is ignored on resume, so a rank killed while
-writing costs only the checkpoint being written. Also here: the SIGTERM/SIGUSR1 handling
-that turns Slurm's warning before a time limit or preemption into a checkpoint and a clean
-exit with :data:`EXIT_PREEMPTED`.
+writing costs only the checkpoint being written. The stop signals that lead here are
+in :mod:`hpcsgd.stop`.
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from .errors import CheckpointError
 from .metrics import atomic_write_text
@@ -35,7 +32,7 @@ if TYPE_CHECKING:
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
 # Fields that do not change the trajectory: a run may resume with them changed.
-_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "checkpoint_every", "data"}
+_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "checkpoint_every", "data"}
 
 
 class Preempted(Exception):
@@ -176,41 +173,3 @@ def _restore_momentum(trainer: "Trainer", packed: torch.Tensor) -> None:
         offset += n
     if offset != packed.numel():
         raise CheckpointError("checkpoint momentum does not match the model's parameters")
-
-
-class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; ranks agree on it one step later, without a lockstep.
-
-    Every step starts a nonblocking MAX-Allreduce of the local flag and reads the one started
-    the step before, so all ranks see the same answer at the same step and no rank waits
-    on a collective it would not otherwise wait on.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.flag = np.zeros(1, dtype=np.int32)
-        self._result = np.zeros(1, dtype=np.int32)
-        self._request: MPI.Request | None = None
-        for sig in self.SIGNALS:
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (tests): signals stay untouched
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.flag[0] = 1
-
-    def requested(self, coll: "Collectives") -> bool:
-        stop = False
-        if self._request is not None:
-            self._request.Wait()
-            stop = bool(self._result[0])
-        self._send = self.flag.copy()  # MPI reads it until the request completes
-        self._request = coll.comm.Iallreduce(self._send, self._result, op=MPI.MAX)
-        return stop
-
-    def drain(self) -> None:
-        if self._request is not None:
-            self._request.Wait()
-            self._request = None

@@ -47,13 +47,16 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .checkpoint import EXIT_PREEMPTED, Preempted
+    from .stop import install_stop_handlers
+
+    install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
     from .config import FIELDS, build_config, load_toml
 
     file_values = load_toml(args.config) if args.config else {}
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     # Config errors are found before torch is imported: a typo costs a second, not ten.
     cfg = build_config(file_values, overrides, source=args.config or "config")
+    from .checkpoint import EXIT_PREEMPTED, Preempted
     from .train import train
     try:
         summary = train(cfg)

@@ -64,6 +64,7 @@ class TrainConfig:
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
     eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)
+    eval_train_samples: int = 2048  # training-set sample for eval-time train loss (0: all)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the newest good checkpoint in run_dir
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
@@ -231,6 +232,7 @@ def validate(cfg: TrainConfig) -> None:
     _at_least("log_every", cfg.log_every, 0)
     _at_least("checkpoint_every", cfg.checkpoint_every, 0)
     _at_least("threads", cfg.threads, 0)
+    _at_least("eval_train_samples", cfg.eval_train_samples, 0)
     _at_least("seed", cfg.seed, 0)
     _at_least("momentum", cfg.momentum, 0.0)
     _at_least("weight_decay", cfg.weight_decay, 0.0)

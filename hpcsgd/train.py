@@ -32,6 +32,7 @@ from .data import (
     coverage,
     gather_batch,
     load_chunk,
+    load_chunk_rows,
     load_test,
     read_index,
 )
@@ -39,6 +40,7 @@ from .errors import ConfigError, HpcsgdError, ShardError, TrainingError
 from .metrics import MetricsWriter, atomic_write_text, dumps
 from .models import build_model
 from .progress import Progress
+from .stop import StopSignal
 
 EVAL_BATCH = 1024
 
@@ -96,6 +98,8 @@ class RankData:
     chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_train_eval: torch.Tensor | None = None  # a fixed sample of the whole training set
+    y_train_eval: torch.Tensor | None = None
     numpy_chunks: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
@@ -129,6 +133,7 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
         self.my_chunks = chunks_for_rank(self.P, cfg.q, self.rank)
         self.data = agree(world, self._load_data, "shards")
+        agree(world, self._load_train_eval_sample, "shards")
         self.resume_state = agree(world, self._find_resume, "resume")
         self._prepare_run_dir()
 
@@ -167,7 +172,7 @@ class Trainer:
             else:
                 agree(world, lambda: None, "resume")
         self.metrics = MetricsWriter(self.run_dir, self.rank, self.start_step if self.resume_state else None)
-        self.stop = ckpt.StopSignal()
+        self.stop = StopSignal()
         self.progress = Progress(
             cfg.progress, self.schedule.total_steps, self.start_step, enabled=self.rank == 0
         )
@@ -205,6 +210,28 @@ class Trainer:
             for c, (x, y) in numpy_chunks.items()
         }
         return RankData(chunks, torch.from_numpy(x_test).to(dev), torch.from_numpy(y_test).to(dev), numpy_chunks)
+
+    def _load_train_eval_sample(self) -> None:
+        """A fixed sample of every chunk, so eval-time train loss covers the whole data set.
+
+        Each rank's own model is judged on all the data, not just its chunks: on a
+        label-skewed partition that is what shows replicas drifting apart.
+        """
+        wanted = self.cfg.eval_train_samples
+        per_chunk = math.ceil(wanted / self.P) if wanted else None
+        xs, ys = [], []
+        for c, n in enumerate(self.index.chunk_sizes):
+            k = n if per_chunk is None else min(n, per_chunk)
+            rows = np.sort(np.random.default_rng([self.cfg.seed, 7919, c]).choice(n, k, replace=False))
+            if c in self.data.numpy_chunks:
+                x, y = self.data.numpy_chunks[c]
+                x, y = x[rows], y[rows]
+            else:
+                x, y = load_chunk_rows(self.index, c, rows)
+            xs.append(x)
+            ys.append(y)
+        self.data.x_train_eval = torch.from_numpy(np.concatenate(xs)).to(self.device)
+        self.data.y_train_eval = torch.from_numpy(np.concatenate(ys)).to(self.device)
 
     def _find_resume(self):
         if not self.cfg.resume:
@@ -371,8 +398,12 @@ class Trainer:
         if evaluate:
             own = self.evaluate(self.data.x_test, self.data.y_test)
             record["test_loss"], record["test_accuracy"] = own["loss"], own["accuracy"]
-            avg = self.evaluate_averaged(mean, train=False)
+            own = self.evaluate(self.data.x_train_eval, self.data.y_train_eval)
+            record["train_loss_own"], record["train_accuracy_own"] = own["loss"], own["accuracy"]
+            avg = self.evaluate_averaged(mean, self.data.x_test, self.data.y_test)
             record["avg_test_loss"], record["avg_test_accuracy"] = avg["loss"], avg["accuracy"]
+            avg = self.evaluate_averaged(mean, self.data.x_train_eval, self.data.y_train_eval)
+            record["avg_train_loss"], record["avg_train_accuracy"] = avg["loss"], avg["accuracy"]
         self.metrics.write(record)
         self.progress.update(done, record)
 
@@ -411,19 +442,22 @@ class Trainer:
         live = self.live_world
         return live.index(self.rank), len(live)
 
-    def evaluate_averaged(self, mean: torch.Tensor, train: bool) -> dict:
-        """The averaged model on the test split (or the full training set), split over ranks."""
+    def evaluate_averaged(self, mean: torch.Tensor, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
+        """The averaged model on (x, y), or on the full training set when x is None.
+
+        The work is split over the live ranks (every n-th sample, or every n-th chunk) and the
+        sums combined by one Allreduce.
+        """
         own = self.flat.flat.clone()
         self.flat.flat.copy_(mean)
         try:
             share, n = self._eval_share()
-            if train:
+            if x is None:
                 sums = np.zeros(3 + 2 * self.index.num_classes)
                 for c in range(share, self.P, n):
-                    x, y = self._chunk_tensors(c)
-                    sums += self._eval_sums(x, y)
+                    sums += self._eval_sums(*self._chunk_tensors(c))
             else:
-                sums = self._eval_sums(self.data.x_test[share::n], self.data.y_test[share::n])
+                sums = self._eval_sums(x[share::n], y[share::n])
         finally:
             self.flat.flat.copy_(own)
         return self._as_metrics(self.coll.sum_float64(sums))
@@ -447,8 +481,8 @@ class Trainer:
         """Final evaluation of the averaged and the per-rank models; summary.json on rank 0."""
         cfg, coll = self.cfg, self.coll
         mean, distance = coll.mean_and_consensus(self.flat.flat)
-        avg_train = self.evaluate_averaged(mean, train=True)
-        avg_test = self.evaluate_averaged(mean, train=False)
+        avg_train = self.evaluate_averaged(mean)
+        avg_test = self.evaluate_averaged(mean, self.data.x_test, self.data.y_test)
         own_train = self.evaluate_own_on_train()
         own_test = self.evaluate(self.data.x_test, self.data.y_test)
         c = coll.counters

@@ -87,16 +87,25 @@ def _curves(runs: list[Run], key: str, x: str) -> list[tuple[int, Run, np.ndarra
 
 
 def plot_loss(runs: list[Run], out_dir: Path, x: str) -> Figure:
-    """Rank-mean training loss against ``x``."""
+    """Rank-mean training loss against ``x``.
+
+    Prefers ``train_loss_own`` (each rank's own model on a sample of the whole training set,
+    logged at eval steps): on skewed partitions a rank's local batch loss looks good exactly
+    when its model has drifted onto its own chunk. Falls back to the local batch loss.
+    """
     name, title = f"loss_vs_{x}", f"Training loss vs {X_LABELS[x]}"
-    data = _curves(runs, "loss", x)
+    key, ylabel = "train_loss_own", "training-set loss, own model (rank mean)"
+    data = _curves(runs, key, x)
+    if not data:
+        key, ylabel = "loss", "local batch loss (rank mean)"
+        data = _curves(runs, key, x)
     if not data:
         return Figure(name, title, None, f"skipped: no run logged a training loss against {x}")
     fig, ax = _new_figure()
     colors = _colors(len(runs))
     for i, run, xs, ys in data:
-        ax.plot(xs, ys, color=colors[i], label=_legend_label(run), linewidth=1.5)
-    path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], "training loss (rank mean)")
+        ax.plot(xs, ys, color=colors[i], label=_legend_label(run), linewidth=1.5, marker="." if key != "loss" else None)
+    path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], ylabel)
     return Figure(name, title, path)
 
 

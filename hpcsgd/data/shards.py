@@ -343,6 +343,29 @@ def load_test(index: ShardIndex, verify: bool = True) -> tuple[np.ndarray, np.nd
     return x, y
 
 
+def load_chunk_rows(index: ShardIndex, c: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Read only ``rows`` (sorted, unique) of chunk ``c``: an evaluation sample.
+
+    No checksum (that needs the whole chunk); sizes, NaN and label range are still checked.
+    """
+    f = index.chunk_path(c)
+    where = f"chunk {c} in {f}"
+    if not f.is_file():
+        raise ShardError(f"chunk {c} file {f} is missing: the shard directory is incomplete")
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows[0] < 0 or rows[-1] >= index.chunk_sizes[c] or np.any(np.diff(rows) <= 0)):
+        raise ConfigError(f"rows of {where} must be sorted, unique and in 0..{index.chunk_sizes[c] - 1}")
+    try:
+        with h5py.File(f, "r") as h:
+            x = h["x"][rows] if rows.size else h["x"][:0]
+            y = h["y"][rows] if rows.size else h["y"][:0]
+    except (OSError, KeyError) as e:
+        raise ShardError(f"cannot read {where}: the file is truncated or corrupted ({e})") from e
+    if rows.size:
+        validate_arrays(x, y, index.num_classes, where)
+    return x, y
+
+
 def _read_xy(f: Path, xkey: str, ykey: str, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
     try:
         with h5py.File(f, "r") as h:
