@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import types
 import typing
 
 from . import __version__
@@ -32,9 +33,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="TOML file with any of the keys below")
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
-        hint = HINTS[name]
-        args = typing.get_args(hint)
-        kind = next((a for a in args if a is not type(None)), hint) if args else hint
+        kind = HINTS[name]
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
         kwargs: dict = {"default": argparse.SUPPRESS, "help": field_help(name), "dest": name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ConfigError
 
 ALGORITHMS = ("sync", "local", "rps", "lossy-allreduce")
@@ -61,9 +63,12 @@ class TrainConfig:
     average_optimizer_state: bool = False  # local/rps: also average momentum buffers
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
+    fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
+    reweight: bool = False  # after failures, sample so every covered chunk keeps an equal share
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
     eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)
+    grad_diversity: bool = False  # log sum_i |g_i|^2 / |sum_i g_i|^2 at log steps (one Allreduce)
     eval_train_samples: int = 2048  # training-set sample for eval-time train loss (0: all)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the newest good checkpoint in run_dir
@@ -84,8 +89,28 @@ class TrainConfig:
 
     @property
     def faults(self) -> dict[int, int]:
-        """world rank -> step at which it fails."""
+        """world rank -> step at which it fails (the explicit ``fail`` entries)."""
         return {int(m[1]): int(m[2]) for m in map(_FAIL.match, self.fail)}
+
+    def fault_schedule(self, ranks: int, steps_per_epoch: int, total_steps: int) -> dict[int, int]:
+        """Explicit faults plus, with ``fail_rate``, a seeded random schedule every rank derives alike.
+
+        Each rank fails in each epoch with probability ``fail_rate`` (at a uniform step of that
+        epoch); rank 0 never fails at random, so at least one rank always survives.
+        """
+        schedule = dict(self.faults)
+        if self.fail_rate > 0:
+            rng = np.random.default_rng([self.seed, 104729])
+            epochs = math.ceil(total_steps / steps_per_epoch)
+            for rank in range(1, ranks):
+                fails = rng.random(epochs) < self.fail_rate
+                offsets = rng.integers(0, steps_per_epoch, epochs)
+                if rank not in schedule and fails.any():
+                    epoch = int(np.argmax(fails))
+                    step = epoch * steps_per_epoch + int(offsets[epoch])
+                    if step < total_steps:
+                        schedule[rank] = step
+        return schedule
 
     @property
     def stragglers(self) -> list[tuple[int, int, int, float]]:
@@ -252,6 +277,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1) (an arrival rate above 0), got {value}")
+    if not 0.0 <= cfg.fail_rate < 1.0:
+        raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
         if not _FAIL.match(rule):
             raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP, e.g. 3@500")

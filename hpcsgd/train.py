@@ -131,6 +131,7 @@ class Trainer:
         torch.set_num_threads(cfg.threads or default_threads(local_size))
         self.rates = agree(world, self._link_rates, "link drop rates")
         self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
+        self.faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
         self.my_chunks = chunks_for_rank(self.P, cfg.q, self.rank)
         self.data = agree(world, self._load_data, "shards")
         agree(world, self._load_train_eval_sample, "shards")
@@ -138,9 +139,7 @@ class Trainer:
         self._prepare_run_dir()
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(
-            cfg.model, tuple(self.index.input_shape), self.index.num_classes, tuple(cfg.mlp_hidden)
-        ).to(self.device)
+        self.model = agree(world, self._build_model, "model").to(self.device)
         self.flat = FlatParams(self.model)
         self.coll = Collectives(world)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
@@ -176,6 +175,13 @@ class Trainer:
         self.progress = Progress(
             cfg.progress, self.schedule.total_steps, self.start_step, enabled=self.rank == 0
         )
+
+    def _build_model(self):
+        shape = tuple(self.index.input_shape)
+        try:
+            return build_model(self.cfg.model, shape, self.index.num_classes, tuple(self.cfg.mlp_hidden))
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.cfg.model!r} does not fit the shards (input shape {shape}): {exc}") from None
 
     def _read_index(self):
         index = read_index(self.cfg.data)
@@ -267,12 +273,12 @@ class Trainer:
 
     # -- faults --------------------------------------------------------------------------
     def _alive_at(self, world_rank: int, step: int) -> bool:
-        fail_step = self.cfg.faults.get(world_rank)
+        fail_step = self.faults.get(world_rank)
         return fail_step is None or step < fail_step
 
     def _apply_failures(self, step: int) -> None:
         """At ``step``, ranks scheduled to fail leave; survivors continue on a new comm."""
-        failing = [r for r, s in self.cfg.faults.items() if s <= step and r in self.live_world]
+        failing = [r for r, s in self.faults.items() if s <= step and r in self.live_world]
         if not failing:
             return
         self.stop.drain()  # a pending flag exchange must finish on the old communicator
@@ -283,6 +289,8 @@ class Trainer:
             return
         self.coll = new_coll
         self.strategy.set_collectives(new_coll)
+        if self.cfg.reweight:
+            self._reweight()
         if self.rank == min(self.live_world):
             print(
                 f"hpcsgd: rank(s) {', '.join(map(str, failing))} failed at step {step}; "
@@ -290,6 +298,12 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _reweight(self) -> None:
+        """Each covered chunk keeps its share: q*b samples per step over all its live holders."""
+        holders = chunk_holders(self.P, self.cfg.q, self.live_world)
+        b, q = self.cfg.batch_size, self.cfg.q
+        self.sampler.set_batch_per_chunk({c: max(1, round(b * q / holders[c])) for c in self.my_chunks})
 
     def coverage(self) -> float:
         return coverage(self.P, self.cfg.q, self.live_world)
@@ -307,9 +321,8 @@ class Trainer:
                 return None
             self.train_step(step)
             done = step + 1
-            is_eval = sched.eval_every > 0 and done % sched.eval_every == 0
-            if done % sched.log_every == 0 or is_eval or done == sched.total_steps:
-                self.log(step, evaluate=is_eval)
+            if self._is_log_step(step):
+                self.log(step, evaluate=sched.eval_every > 0 and done % sched.eval_every == 0)
             if sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.total_steps:
                 ckpt.save(self, done)
             if self.stop.requested(self.coll):
@@ -352,6 +365,8 @@ class Trainer:
                     f"lower the learning rate, or set nan_policy = 'skip'"
                 )
             self.flat.zero_grad()  # skip: this rank contributes no update this step
+        if cfg.grad_diversity and self._is_log_step(step):
+            self.diversity = self._gradient_diversity()  # diagnostics: not timed as compute
         t2 = time.perf_counter()
         self.strategy.reduce_gradients(step)
         t3 = time.perf_counter()
@@ -364,6 +379,21 @@ class Trainer:
         timers.data_s += t1 - t0
         timers.compute_s += (t2 - t1) + (t4 - t3)
         timers.comm_s += (t3 - t2) + (t5 - t4)
+
+    def _is_log_step(self, step: int) -> bool:
+        sched, done = self.schedule, step + 1
+        is_eval = sched.eval_every > 0 and done % sched.eval_every == 0
+        return done % sched.log_every == 0 or is_eval or done == sched.total_steps
+
+    def _gradient_diversity(self) -> float:
+        """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over live ranks (RI-SGD's diversity), one Allreduce."""
+        g = self.flat.grad.detach().to("cpu", torch.float64).numpy()
+        packed = np.empty(g.size + 1)
+        packed[:-1] = g
+        packed[-1] = float(np.dot(g, g))
+        total = self.coll.sum_float64(packed)
+        denominator = float(np.dot(total[:-1], total[:-1]))
+        return float(total[-1] / denominator) if denominator > 0 else float("nan")
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.sampler.next_batch()
@@ -394,6 +424,8 @@ class Trainer:
             "coverage": self.coverage(),
             "consensus_distance": distance,
         }
+        if self.cfg.grad_diversity:
+            record["grad_diversity"] = getattr(self, "diversity", None)
         self.loss_window = []
         if evaluate:
             own = self.evaluate(self.data.x_test, self.data.y_test)
@@ -523,6 +555,8 @@ class Trainer:
             "live_ranks": L,
             "live_rank_ids": list(self.live_world),
             "coverage": self.coverage(),
+            "failures": {str(r): s for r, s in sorted(self.faults.items())},
+            "reweight": cfg.reweight,
             "chunk_holders": {str(k): v for k, v in chunk_holders(self.P, cfg.q, self.live_world).items()},
             "train_loss": avg_train["loss"],
             "train_accuracy": avg_train["accuracy"],

@@ -32,3 +32,46 @@ def test_risgd_q2_beats_local_sgd_on_label_skewed_digits(digits_label4, tmp_path
     assert one["steps"] == two["steps"] and one["rounds"] == two["rounds"]
     assert two["train_loss"] < one["train_loss"], (one["train_loss"], two["train_loss"])
     assert two["test_accuracy"] > one["test_accuracy"], (one["test_accuracy"], two["test_accuracy"])
+
+
+def _train_digits(shards, run, *flags):
+    result = mpi(4, "train", ROOT / "jobs/configs/digits-risgd.toml", "--data", shards, "--run-dir", run,
+                 "--progress", "none", "--eval-every", 0, *map(str, flags), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_redundancy_keeps_a_failed_ranks_data_in_play(digits_label4, tmp_path):
+    """Fail rank 3 half-way: with q=2 its chunk is still held by rank 2, with q=1 it is lost."""
+    half = 230  # of 460 steps
+    clean = _train_digits(digits_label4, tmp_path / "q2", "--q", 2)
+    q2 = _train_digits(digits_label4, tmp_path / "q2-fail", "--q", 2, "--fail", f"3@{half}")
+    q1 = _train_digits(digits_label4, tmp_path / "q1-fail", "--q", 1, "--fail", f"3@{half}")
+
+    reweighted = _train_digits(digits_label4, tmp_path / "q2-fail-rw", "--q", 2, "--fail", f"3@{half}", "--reweight")
+
+    assert q2["live_ranks"] == 3 and q2["coverage"] == 1.0
+    assert q2["train_loss"] < q1["train_loss"]
+    # After the failure chunks 3 and 0 have one live holder each, chunks 1 and 2 two: without
+    # re-weighting they are under-sampled. Re-weighting gives each covered chunk its share back.
+    assert reweighted["train_loss"] < q2["train_loss"]
+    assert reweighted["test_accuracy"] >= clean["test_accuracy"] - 0.03, (reweighted, clean)
+    assert q1["live_ranks"] == 3 and q1["coverage"] == 0.75
+
+    # Chunk 3 of the label partition holds the highest labels; without redundancy the
+    # averaged model forgets them, with q=2 it keeps them.
+    lost = sorted(set(range(10)) - _classes_of_chunks(digits_label4, (0, 1, 2)))
+    assert lost, "chunk 3 should hold classes no other chunk has"
+    acc = lambda s: sum(s["per_class_accuracy"][k] for k in lost) / len(lost)  # noqa: E731
+    assert acc(q1) < 0.5 < acc(q2), (acc(q1), acc(q2))
+
+    records = [json.loads(x) for x in (tmp_path / "q1-fail/metrics/rank-0.jsonl").read_text().splitlines()]
+    assert records[0]["live_ranks"] == 4 and records[-1]["live_ranks"] == 3
+    assert records[-1]["coverage"] == 0.75
+
+
+def _classes_of_chunks(shards, chunks):
+    from hpcsgd.data import load_chunk, read_index
+
+    index = read_index(shards)
+    return {int(k) for c in chunks for k in set(load_chunk(index, c)[1].tolist())}

@@ -38,3 +38,14 @@ def test_shard_then_train_writes_run_directory(tmp_path):
     assert "lr = 0.1" in resolved and "tau = 2" in resolved  # the flag won over the file
     records = [json.loads(line) for line in (run / "metrics" / "rank-1.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6
+
+
+def test_list_and_optional_flags_parse():
+    from hpcsgd.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "job.toml", "--fail", "3@500", "1@20", "--mlp-hidden", "64", "32", "--drop-rate-phase2", "0.2", "--nesterov"]
+    )
+    assert args.config == "job.toml"
+    assert args.fail == ["3@500", "1@20"] and args.mlp_hidden == [64, 32]
+    assert args.drop_rate_phase2 == 0.2 and args.nesterov is True

@@ -162,3 +162,37 @@ def test_nan_loss_stops_whole_job_with_rank_and_step(shards, tmp_path):
     result = _train(shards, tmp_path, "--lr", 1e30, "--steps", 20, "--algorithm", "local", "--tau", 100)
     _expect(result, "non-finite training loss")
     assert "at step" in result.stderr
+
+
+def test_empty_chunk(shards, tmp_path):
+    broken = _copy(shards, tmp_path / "s")
+
+    def empty(x, y):
+        return x[:0], y[:0]
+
+    _rewrite_chunk(broken, 2, empty)
+    # The index still promises the old size: the mismatch is named before anything trains.
+    _expect(_train(broken, tmp_path), "chunk 2")
+
+
+def test_world_size_one_with_four_chunks(shards, tmp_path):
+    _expect(_train(shards, tmp_path, n=1), "has P=4 chunks but the job has 1 ranks")
+
+
+def test_model_does_not_fit_the_shards(shards, tmp_path):
+    # The synthetic shards hold flat feature vectors; a CNN needs images.
+    _expect(_train(shards, tmp_path, "--model", "lenet"), "does not fit the shards")
+
+
+def test_checkpoint_from_another_config(shards, tmp_path):
+    first = _train(shards, tmp_path, "--lr", 0.1)
+    assert first.returncode == 0, first.stderr
+    _expect(_train(shards, tmp_path, "--lr", 0.05, "--resume"), "written by a run with another config")
+
+
+def test_fail_every_rank_is_refused(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--fail", "0@1", "1@1", "2@1", "3@1"), "at least one must survive")
+
+
+def test_bad_link_drop_rule(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--algorithm", "rps", "--link-drop", "to:7=0.3"), "names a rank outside 0..3")

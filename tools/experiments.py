@@ -1,11 +1,12 @@
 """The papers' experiments at small scale: one command each, then `hpcsgd report`.
 
 Usage (from the checkout, after tools/setup):
-    .venv/bin/python tools/experiments.py rps [--out experiments/] [--ranks 4] [--quick]
+    .venv/bin/python tools/experiments.py {rps,risgd,faults,diversity,all} [--out experiments/]
 
-Each experiment shards the embedded digits data set (label-skewed), runs its grid of
-`hpcsgd train` jobs under mpiexec, prints a table of the final figures and writes the report
-(tables and PNG figures) to OUT/NAME/report. Finished runs are kept and skipped on a rerun.
+Each experiment is a grid file in jobs/sweeps/ (the same file the Slurm array job runs) on the
+embedded digits data set, label-skewed over 4 ranks: its runs go through mpiexec one after the
+other, a table of final figures is printed, and `hpcsgd report` writes tables and PNG figures to
+OUT/NAME/report. Finished runs are kept and skipped when the command is run again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -20,38 +23,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SWEEPS = ROOT / "jobs" / "sweeps"
 
-# Shared by every experiment: the label-skewed digits set and a small MLP.
-BASE = ["--model", "mlp", "--batch-size", "16", "--lr", "0.1", "--progress", "none"]
-
-ARRIVALS = (1.0, 0.99, 0.95, 0.9, 0.8, 0.6)
-
-
-def rps_grid(quick: bool) -> list[tuple[str, list[str]]]:
-    """RPS vs gradient sharing over the same lossy links, arrival 100% .. 60%."""
-    epochs = "10" if quick else "20"
-    runs = []
-    for algorithm in ("rps", "lossy-allreduce"):
-        for arrival in ARRIVALS:
-            drop = round(1 - arrival, 4)
-            name = f"{algorithm}-arrival{int(round(arrival * 100))}"
-            runs.append((name, ["--algorithm", algorithm, "--tau", "1", "--drop-rate", str(drop),
-                                "--epochs", epochs, "--lr-schedule", "cosine", "--eval-every", "2"]))
-    return runs
-
-
+COMMON_COLUMNS = ("train_loss", "test_accuracy", "train_loss_rank_mean", "test_accuracy_rank_mean")
 EXPERIMENTS = {
-    "rps": (rps_grid, "label", ("train_loss_rank_mean", "train_loss", "test_accuracy_rank_mean", "test_accuracy",
-                                "consensus_distance", "arrival_realised", "bytes_sent")),
+    # name: (grid file, extra columns of the printed table)
+    "rps": ("rps-vs-lossy-allreduce.txt", ("consensus_distance", "arrival_realised", "bytes_sent")),
+    "risgd": ("risgd-q-tau.txt", ("rounds", "wall_s")),
+    "faults": ("fault-tolerance.txt", ("live_ranks", "coverage", "lost_class_accuracy")),
+    "diversity": ("gradient-diversity.txt", ("grad_diversity_mean", "consensus_distance")),
 }
 
 
-def shard(out: Path, ranks: int, partition: str) -> Path:
-    shards = out / f"shards-digits-{partition}-p{ranks}"
-    if not (shards / "index.h5").exists():
-        subprocess.run([sys.executable, "-m", "hpcsgd", "shard", "--source", "digits", "--parts", str(ranks),
-                        "--partition", partition, "--out", str(shards)], check=True, env=_env())
-    return shards
+def read_grid(path: Path) -> tuple[Path, list[list[str]]]:
+    """The grid's config (from its `# config:` line) and one flag list per run."""
+    config, runs = None, []
+    for line in path.read_text().splitlines():
+        m = re.match(r"#\s*config:\s*(\S+)", line)
+        if m:
+            config = (path.parent / m[1]).resolve()
+        elif line.strip() and not line.lstrip().startswith("#"):
+            runs.append(shlex.split(line))
+    if config is None:
+        raise SystemExit(f"{path} names no '# config:' file")
+    return config, runs
+
+
+def run_name(flags: list[str]) -> str:
+    """The run directory name the sweep scripts use: flags joined as key=value."""
+    parts, key = [], None
+    for token in flags:
+        if token.startswith("--"):
+            key = token[2:]
+        elif key is not None:
+            parts.append(f"{key}={token}")
+            key = None
+    return "_".join(parts) or "default"
 
 
 def _env() -> dict:
@@ -61,12 +68,20 @@ def _env() -> dict:
     return env
 
 
-def train(run_dir: Path, shards: Path, ranks: int, flags: list[str]) -> float:
-    """One run under mpiexec; returns wall seconds (0 when it was already finished)."""
+def shard(out: Path, ranks: int) -> Path:
+    shards = out / f"shards-digits-label-p{ranks}"
+    if not (shards / "index.h5").exists():
+        subprocess.run([sys.executable, "-m", "hpcsgd", "shard", "--source", "digits", "--parts", str(ranks),
+                        "--partition", "label", "--out", str(shards)], check=True, env=_env(), stdout=subprocess.DEVNULL)
+    return shards
+
+
+def train(run_dir: Path, config: Path, shards: Path, ranks: int, flags: list[str], extra: list[str]) -> float:
+    """One run under mpiexec; returns wall seconds (0 when it had already finished)."""
     if (run_dir / "summary.json").exists():
         return 0.0
     cmd = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
-           "--data", str(shards), "--run-dir", str(run_dir), *BASE, *flags]
+           str(config), "--data", str(shards), "--run-dir", str(run_dir), "--progress", "none", *flags, *extra]
     start = time.perf_counter()
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if result.returncode != 0:
@@ -75,40 +90,71 @@ def train(run_dir: Path, shards: Path, ranks: int, flags: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="where runs and reports go")
-    parser.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
-    parser.add_argument("--quick", action="store_true", help="fewer epochs: a smoke run")
-    args = parser.parse_args(argv)
+def derived(summary: dict, run_dir: Path, shards: Path) -> dict:
+    """Figures the summary does not hold: mean gradient diversity, accuracy on a lost chunk."""
+    out = dict(summary)
+    records = [json.loads(x) for x in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines() if x.strip()]
+    values = [r["grad_diversity"] for r in records if r.get("grad_diversity") is not None]
+    out["grad_diversity_mean"] = sum(values) / len(values) if values else None
+    failed = [int(r) for r in summary.get("failures", {})]
+    if failed and summary.get("per_class_accuracy"):
+        out["lost_class_accuracy"] = _accuracy_on_classes_only_in(failed, summary, shards)
+    return out
 
-    grid, partition, columns = EXPERIMENTS[args.experiment]
-    out = args.out / args.experiment
+
+def _accuracy_on_classes_only_in(chunks: list[int], summary: dict, shards: Path) -> float | None:
+    """Mean test accuracy over the classes that appear only in the failed ranks' own chunks."""
+    sys.path.insert(0, str(ROOT))
+    from hpcsgd.data import read_index
+
+    counts = read_index(shards).class_counts
+    keep = [c for c in range(len(counts)) if c not in chunks]
+    lost = [k for k in range(len(counts[0])) if all(counts[c][k] == 0 for c in keep)]
+    accs = [summary["per_class_accuracy"][k] for k in lost if summary["per_class_accuracy"][k] is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str]) -> None:
+    grid, columns = EXPERIMENTS[name]
+    config, runs = read_grid(SWEEPS / grid)
+    out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
-    shards = shard(args.out, args.ranks, partition)
-    runs = grid(args.quick)
-    for i, (name, flags) in enumerate(runs, 1):
-        seconds = train(out / name, shards, args.ranks, flags)
-        note = f"{seconds:.0f}s" if seconds else "already done"
-        print(f"[{i}/{len(runs)}] {name}: {note}", file=sys.stderr, flush=True)
-
-    print(f"\n{'run':<28}" + "".join(f"{c:>24}" for c in columns))
-    for name, _ in runs:
-        summary = json.loads((out / name / "summary.json").read_text())
-        cells = "".join(f"{_fmt(summary.get(c)):>24}" for c in columns)
-        print(f"{name:<28}{cells}")
+    shards = shard(out_root, ranks)
+    names = [run_name(flags) for flags in runs]
+    for i, (run, flags) in enumerate(zip(names, runs), 1):
+        seconds = train(out / run, config, shards, ranks, flags, extra)
+        print(f"[{name} {i}/{len(runs)}] {run}: {f'{seconds:.0f}s' if seconds else 'already done'}",
+              file=sys.stderr, flush=True)
+    cols = COMMON_COLUMNS + columns
+    width = max(len(n) for n in names) + 2
+    print(f"\n## {name}: {grid} with {config.relative_to(ROOT)}\n")
+    print("| run | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for run in names:
+        s = derived(json.loads((out / run / "summary.json").read_text()), out / run, shards)
+        print(f"| {run:<{width}} | " + " | ".join(_fmt(s.get(c)) for c in cols) + " |")
     report = out / "report"
-    subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n, _ in runs], "--out", str(report)],
+    subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n in names], "--out", str(report)],
                    env=_env(), check=True, stdout=subprocess.DEVNULL)
     print(f"\nreport: {report}/report.md", file=sys.stderr)
-    return 0
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="where runs and reports go")
+    parser.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4: the grids assume it)")
+    parser.add_argument("extra", nargs="*", help="more train flags for every run, after --")
+    args = parser.parse_args(argv)
+    for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
+        run_experiment(name, args.out, args.ranks, args.extra)
+    return 0
 
 
 if __name__ == "__main__":

@@ -115,6 +115,16 @@ class StratifiedSampler:
         """Local batch size: the sum of ``b`` over held chunks."""
         return sum(self._batch.values())
 
+    def set_batch_per_chunk(self, batch_per_chunk: Mapping[int, int]) -> None:
+        """Change ``b`` per held chunk from the next batch on (re-weighting after a failure).
+
+        The order inside each chunk is unchanged: only how many samples a step draws.
+        """
+        if set(batch_per_chunk) != set(self._orders):
+            raise ConfigError(f"batch sizes given for chunks {sorted(batch_per_chunk)}, held: {sorted(self._orders)}")
+        for c, b in batch_per_chunk.items():
+            self._batch[c] = _check_int(f"batch per chunk (chunk {c})", b, 1)
+
     def next_batch(self) -> list[tuple[int, np.ndarray]]:
         """For each held chunk, ``(chunk, local int64 indices)`` of its ``b`` samples."""
         return [(c, o.take(self._batch[c])) for c, o in self._orders.items()]

@@ -88,8 +88,10 @@ def checksum(x: np.ndarray, y: np.ndarray) -> str:
     """SHA-256 hex digest of ``x`` (as little-endian float32) then ``y`` (little-endian int64)."""
     h = hashlib.sha256()
     # Fixed byte order keeps checksums identical across platforms.
-    h.update(memoryview(np.ascontiguousarray(x, dtype="<f4")).cast("B"))
-    h.update(memoryview(np.ascontiguousarray(y, dtype="<i8")).cast("B"))
+    for array, dtype in ((x, "<f4"), (y, "<i8")):
+        array = np.ascontiguousarray(array, dtype=dtype)
+        if array.size:  # a zero-size view cannot be cast to bytes (an empty chunk)
+            h.update(memoryview(array).cast("B"))
     return h.hexdigest()
 
 

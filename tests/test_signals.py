@@ -1,0 +1,58 @@
+"""SIGTERM mid-run (what Slurm sends every task at preemption): checkpoint, exit 3, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcsgd.data import load_source, write_shards
+
+from launch import BIN, ROOT, env, mpi
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(run):
+    lines = (run / "metrics" / "rank-1.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["consensus_distance"]) for r in map(json.loads, lines)]
+
+
+def test_sigterm_checkpoints_exits_3_and_resume_matches_uninterrupted(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(load_source("synthetic", seed=0, n_train=256, n_test=64, num_classes=4, features=8), 2, "label", shards, seed=0)
+    flags = ["--data", str(shards), "--steps", "600", "--batch-size", "8", "--mlp-hidden", "16", "--algorithm",
+             "local", "--tau", "3", "--momentum", "0.9", "--log-every", "5", "--eval-every", "0", "--progress", "none"]
+    run = tmp_path / "interrupted"
+    cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
+           "--run-dir", str(run), *flags]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics" / "rank-0.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "job ended or never started"
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-f", "--", f"--run-dir {run} "], capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in ranks if int(p) != proc.pid]
+        assert len(ranks) == 2, ranks
+        for pid in ranks:  # Slurm signals every task of the step
+            subprocess.run(["kill", "-TERM", str(pid)])
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "stopped by signal" in err and "--resume" in err
+    assert list(run.glob("checkpoints/step-*/COMPLETE")) and not (run / "summary.json").exists()
+
+    resumed = mpi(2, "train", "--run-dir", run, "--resume", *flags, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = mpi(2, "train", "--run-dir", tmp_path / "clean", *flags, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert _losses(run) == _losses(tmp_path / "clean")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 600
