@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
 # Fields that do not change the trajectory: a run may resume with them changed.
-_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "grad_diversity", "checkpoint_every", "data"}
+_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data"}
 
 
 class Preempted(Exception):

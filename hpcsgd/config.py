@@ -61,6 +61,8 @@ class TrainConfig:
     lr_gamma: float = 0.1  # step decay factor
     warmup_epochs: float = 0.0  # linear warm-up from lr/10
     average_optimizer_state: bool = False  # local/rps: also average momentum buffers
+    overlap: bool = True  # sync: bucketed Iallreduce started from gradient hooks during backward
+    bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
@@ -265,6 +267,8 @@ def validate(cfg: TrainConfig) -> None:
     _at_least("eval_every", cfg.eval_every, 0.0)
     if cfg.steps == 0 and not cfg.epochs > 0:
         raise ConfigError(f"epochs must be > 0 (or set steps), got {cfg.epochs}")
+    if not cfg.bucket_mb > 0:
+        raise ConfigError(f"bucket_mb must be > 0, got {cfg.bucket_mb}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
     if cfg.momentum >= 1:

@@ -159,6 +159,10 @@ class Trainer:
             rates=self.rates,
             seed=cfg.seed,
             average_optimizer_state=cfg.average_optimizer_state,
+            # Diversity needs each rank's own gradient, which an overlapped average
+            # overwrites during backward.
+            overlap=cfg.overlap and not cfg.grad_diversity,
+            bucket_mb=cfg.bucket_mb,
         )
         sizes = {c: self.index.chunk_sizes[c] for c in self.my_chunks}
         self.sampler = StratifiedSampler(sizes, cfg.batch_size, cfg.seed, self.rank)
@@ -335,6 +339,7 @@ class Trainer:
         self.progress.close()
         ckpt.save(self, sched.total_steps)
         summary = self.finish()
+        self.strategy.close()
         self.metrics.close()
         return summary
 
@@ -356,15 +361,15 @@ class Trainer:
         self.flat.zero_grad()
         self.model.train()
         loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            if cfg.nan_policy == "stop":
-                raise TrainingError(
-                    f"non-finite training loss ({loss_value}) at step {step} on rank {self.rank}; "
-                    f"lower the learning rate, or set nan_policy = 'skip'"
-                )
-            self.flat.zero_grad()  # skip: this rank contributes no update this step
+        if math.isfinite(loss_value):
+            loss.backward()
+        elif cfg.nan_policy == "stop":
+            raise TrainingError(
+                f"non-finite training loss ({loss_value}) at step {step} on rank {self.rank}; "
+                f"lower the learning rate, or set nan_policy = 'skip'"
+            )
+        # else skip: no backward, so this rank contributes a zero gradient and takes no step
         if cfg.grad_diversity and self._is_log_step(step):
             self.diversity = self._gradient_diversity()  # diagnostics: not timed as compute
         t2 = time.perf_counter()

@@ -112,3 +112,14 @@ def test_same_seed_same_metrics_bit_for_bit(shared_tmp):
         return [{k: json.loads(line)[k] for k in keep} for line in lines]
 
     assert all_ranks(trajectory(t1) == trajectory(t2) and len(trajectory(t1)) == STEPS // 4)
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0001, 0.002, 25.0])
+def test_overlapped_sync_equals_blocking_sync(shared_tmp, bucket_mb):
+    """Bucketed Iallreduce from gradient hooks gives the blocking result, whatever the buckets."""
+    x_overlap, trainer = run(shared_tmp, "o", algorithm="sync", overlap=True, bucket_mb=bucket_mb, momentum=0.9)
+    x_block, _ = run(shared_tmp, "b", algorithm="sync", overlap=False, momentum=0.9)
+    assert all_ranks(close(x_overlap, x_block))
+    buckets = len(trainer.strategy._buckets)
+    assert all_ranks(buckets > 1 if bucket_mb < 0.001 else buckets >= 1)
+    assert all_ranks(trainer.coll.counters.rounds == STEPS)  # one round per step, however many buckets

@@ -24,10 +24,12 @@ def make_strategy(
     rates: LinkRates | None = None,
     seed: int = 0,
     average_optimizer_state: bool = False,
+    overlap: bool = True,
+    bucket_mb: float = 25.0,
 ) -> Strategy:
     """Build the strategy ``name`` (sync, local, rps, lossy-allreduce)."""
     if name == "sync":
-        return SyncSGD(coll, flat, optimizer, tau=1)
+        return SyncSGD(coll, flat, optimizer, tau=1, overlap=overlap, bucket_mb=bucket_mb)
     if name == "local":
         return LocalSGD(coll, flat, optimizer, tau=tau, average_optimizer_state=average_optimizer_state)
     rates = rates if rates is not None else LinkRates.build(coll.size)

@@ -36,6 +36,9 @@ class Strategy:
         """Continue on a new set of live ranks (after a crash-stop failure)."""
         self.coll = coll
 
+    def close(self) -> None:
+        """Release hooks or buffers the strategy holds on the model."""
+
 
 def average_momentum(coll: Collectives, optimizer: torch.optim.Optimizer) -> None:
     """Average SGD momentum buffers over the live ranks in one packed Allreduce."""

@@ -1,6 +1,20 @@
-"""Synchronous SGD: average the flat gradient every step by one Allreduce."""
+"""Synchronous SGD: average the flat gradient every step.
 
+By default the average overlaps the backward pass, as PyTorch DDP does: the flat gradient is
+cut into buckets of about ``bucket_mb`` megabytes in reverse parameter order (the order
+backward produces them), and each bucket's nonblocking Allreduce starts from a gradient hook
+as soon as its last gradient is accumulated. Later hooks poke the outstanding requests, so an
+MPI without a progress thread still moves them while backward runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm.collectives import AverageRequest
 from .base import Strategy
+
+DEFAULT_BUCKET_MB = 25.0
 
 
 class SyncSGD(Strategy):
@@ -8,5 +22,72 @@ class SyncSGD(Strategy):
 
     name = "sync"
 
+    def __init__(self, *args, overlap: bool = True, bucket_mb: float = DEFAULT_BUCKET_MB, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overlap = overlap
+        self._buckets: list[tuple[int, int]] = []  # [lo, hi) ranges of the flat gradient
+        self._pending: list[int] = []  # gradients still to come, per bucket
+        self._requests: dict[int, AverageRequest] = {}
+        self._hooks = []
+        if overlap:
+            self._build_buckets(bucket_mb)
+
+    def _build_buckets(self, bucket_mb: float) -> None:
+        limit = max(1, int(bucket_mb * 1e6 / self.flat.grad.element_size()))
+        params = self.flat.parameters
+        offsets = self.flat.param_offsets
+        bucket_of: dict[int, int] = {}
+        hi, count, size = None, 0, 0
+        # Walk parameters backwards: contiguous ranges of the flat buffer, filled in the
+        # order autograd finishes them.
+        for index in reversed(range(len(params))):
+            lo, end = offsets[index], offsets[index + 1]
+            if hi is None:
+                hi = end
+            size += end - lo
+            count += 1
+            bucket_of[index] = len(self._buckets)
+            if size >= limit or index == 0:
+                self._buckets.append((lo, hi))
+                self._pending.append(count)
+                hi, count, size = None, 0, 0
+        self._counts = list(self._pending)
+        for index, p in enumerate(params):
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(bucket_of[index])))
+            else:
+                self._counts[bucket_of[index]] -= 1  # never produces a gradient
+        self._pending = list(self._counts)
+
+    def _make_hook(self, bucket: int):
+        def hook(_param: torch.Tensor) -> None:
+            self._pending[bucket] -= 1
+            if self._pending[bucket] == 0:
+                self._start(bucket)
+            for request in self._requests.values():  # progress for MPIs without a thread
+                request.test()
+
+        return hook
+
+    def _start(self, bucket: int) -> None:
+        lo, hi = self._buckets[bucket]
+        self._requests[bucket] = self.coll.iallreduce_mean(self.flat.grad[lo:hi], tag=f"bucket{bucket}")
+
     def reduce_gradients(self, step: int) -> None:
-        self.coll.allreduce_mean(self.flat.grad, tag="grad")
+        if not self.overlap:
+            self.coll.allreduce_mean(self.flat.grad, tag="grad")
+            return
+        for bucket in range(len(self._buckets)):
+            if bucket not in self._requests:  # no backward this step (a skipped NaN loss), or unused params
+                self._start(bucket)
+        for bucket in range(len(self._buckets)):
+            self._requests[bucket].wait()
+        # Many buckets are one communication round of the algorithm, counted once.
+        self.coll.counters.rounds -= len(self._buckets) - 1
+        self._requests.clear()
+        self._pending = list(self._counts)
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()

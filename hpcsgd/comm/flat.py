@@ -61,7 +61,10 @@ class FlatParams:
                 view.copy_(buf)
                 module._buffers[name] = view  # replace the tensor; the module keeps using it
                 offset += n
-        self._params = params
+        self.parameters = params
+        self.param_offsets = [0]  # parameter k is flat[param_offsets[k]:param_offsets[k+1]]
+        for p in params:
+            self.param_offsets.append(self.param_offsets[-1] + p.numel())
 
     def zero_grad(self) -> None:
         """Zero the gradient buffer in place (never set grads to None: they are views)."""
@@ -70,7 +73,7 @@ class FlatParams:
     def check_views(self) -> None:
         """Raise if something replaced a parameter's tensor or gradient behind our back."""
         lo, hi = self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size()
-        for p in self._params:
+        for p in self.parameters:
             if p.grad is None or not (lo <= p.grad.data_ptr() < hi):
                 raise RuntimeError(
                     "a parameter's .grad no longer views the flat gradient buffer; "

@@ -1,0 +1,54 @@
+"""The benchmark suite runs and reports every row (its figures are for tools/bench, not tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpcsgd.bench import fit_cost_model, project
+
+from launch import hpcsgd, mpi
+
+
+@pytest.mark.slow
+def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
+    out = tmp_path / "rows.json"
+    result = mpi(2, "bench", "--quick", "--json", out, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for expected in ("averaging round / raw Allreduce", "RPS round, drop 0 /", "RPS round, drop 0.1 /",
+                     "drop masks", "sync-SGD step / DDP step, MLP", "sync-SGD step / DDP step, ResNet-20",
+                     "PeriodicModelAverager, MLP", "PeriodicModelAverager, ResNet-20", "HDF5 sampler",
+                     "resident MB", "time to 85% test accuracy"):
+        assert expected in result.stdout, expected
+    rows = json.loads(out.read_text())
+    assert len(rows) == 12
+    assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
+
+
+def test_cost_model_recovers_a_known_latency_and_bandwidth():
+    alpha, beta = 3e-6, 2e-10
+    rows = []
+    for P in (2, 4, 8, 16):
+        for d in (10**5, 10**6, 10**7):
+            nbytes = 4 * d
+            rows.append({"ranks": P, "params": d, "bytes": nbytes,
+                         "allreduce_s": alpha * 2 * __import__("math").log2(P) + beta * nbytes * 2 * (P - 1) / P,
+                         "alltoall_s": alpha * (P - 1) + beta * nbytes * (P - 1) / P})
+    fitted = fit_cost_model(rows)
+    for kind in ("allreduce", "alltoall"):
+        assert fitted[kind]["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+        assert fitted[kind]["beta_s_per_byte"] == pytest.approx(beta, rel=1e-6)
+        assert fitted[kind]["max_rel_error"] < 1e-9
+
+
+def test_projection_grows_with_ranks_and_prints(tmp_path):
+    rows = project(100.0, 2.0)
+    big = [r for r in rows if r["model"].startswith("100M")]
+    assert [r["ranks"] for r in big] == [16, 64, 256, 1024]
+    assert big[-1]["averaging_round_s"] > big[0]["averaging_round_s"]
+    # Bandwidth term of a 400 MB Allreduce on 100 Gb/s: about 2 * 400e6 * 8 / 100e9 = 64 ms.
+    assert big[-1]["averaging_round_s"] == pytest.approx(0.064, rel=0.05)
+    result = hpcsgd("bench", "--project", "--table", tmp_path / "none.json")
+    assert result.returncode == 0, result.stderr
+    assert "projection on a 100 Gb/s" in result.stdout and "1024" in result.stdout
