@@ -347,18 +347,36 @@ def scaling_rows(comm, reps: int, warmup: int, sizes=SCALING_SIZES) -> list[dict
             reps,
             warmup,
         )
-        rows.append({"ranks": P, "params": d, "bytes": 4 * d, "allreduce_s": m["allreduce"], "alltoall_s": m["alltoall"]})
+        rows.append({"ranks": P, "params": d, "bytes": 4 * d, "cores": _node_cores(comm),
+                     "allreduce_s": m["allreduce"], "alltoall_s": m["alltoall"]})
     return rows
 
 
+def _node_cores(comm) -> int:
+    """Cores the ranks of this node share (for the oversubscription factor of the model)."""
+    import os
+
+    from .comm.device import local_rank_and_size
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = local_rank_and_size(comm)[1]
+    # Under mpiexec each rank may be bound to one core: count the node's cores, not the mask.
+    return max(cores, os.cpu_count() or 1) if local > 1 else cores
+
+
 # -- the cost model ----------------------------------------------------------------------------
-def _features(kind: str, P: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    """Columns of the latency-bandwidth model: time = alpha * f(P) + beta * bytes * g(P)."""
+def _features(kind: str, P: np.ndarray, nbytes: np.ndarray, cores: np.ndarray | None = None) -> np.ndarray:
+    """Columns of the latency-bandwidth model: time = (alpha * f(P) + beta * bytes * g(P)) * s.
+
+    ``s = max(1, P / cores)`` is the oversubscription of the measuring node (ranks sharing a
+    core each get a share of it); on a cluster with a core or more per rank it is 1.
+    """
     if kind == "allreduce":  # reduce-scatter + allgather (ring/Rabenseifner)
         f, g = 2 * np.log2(np.maximum(P, 1)), 2 * (P - 1) / P
     else:  # alltoall of d/P blocks: P-1 messages, (P-1)/P of the bytes
         f, g = P - 1, (P - 1) / P
-    return np.stack([f, nbytes * g], axis=1)
+    share = np.ones_like(P) if cores is None else np.maximum(1.0, P / cores)
+    return np.stack([f * share, nbytes * g * share], axis=1)
 
 
 def fit_cost_model(rows: list[dict]) -> dict:
@@ -367,9 +385,10 @@ def fit_cost_model(rows: list[dict]) -> dict:
     multi = [r for r in rows if r["ranks"] > 1]
     P = np.array([r["ranks"] for r in multi], dtype=float)
     nbytes = np.array([r["bytes"] for r in multi], dtype=float)
+    cores = np.array([r.get("cores", 10**6) for r in multi], dtype=float)
     for kind in ("allreduce", "alltoall"):
         t = np.array([r[f"{kind}_s"] for r in multi])
-        A = _features(kind, P, nbytes)
+        A = _features(kind, P, nbytes, cores)
         w = 1 / t  # relative least squares: small and large messages count alike
         coef, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
         coef = np.maximum(coef, 0)
@@ -401,7 +420,7 @@ def print_projection(args) -> int:
     rows = json.loads(Path(args.table).read_text()) if Path(args.table).exists() else []
     if rows:
         fitted = fit_cost_model(rows)
-        print(f"cost model fitted to {len(rows)} measurements in {args.table} (time = alpha*f(P) + beta*bytes*g(P)):")
+        print(f"cost model fitted to {len(rows)} measurements in {args.table} (time = (alpha*f(P) + beta*bytes*g(P)) * max(1, P/cores)):")
         for kind, f in fitted.items():
             print(f"  {kind:<9} alpha {f['alpha_s'] * 1e6:8.2f} us  beta {f['beta_s_per_byte'] * 1e9:7.3f} ns/byte  "
                   f"error median {f['median_rel_error']:.0%}, max {f['max_rel_error']:.0%}")

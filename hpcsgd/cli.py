@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return _report_error(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `hpcsgd report ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return EXIT_OK
     except Exception:  # a bug: say where, then take every rank down rather than hang them
         rank, size = _world()
         sys.stderr.write(f"hpcsgd: unexpected error on rank {rank}:\n{traceback.format_exc()}")

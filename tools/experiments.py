@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,13 @@ BIN = Path(sys.executable).parent
 SWEEPS = ROOT / "jobs" / "sweeps"
 
 COMMON_COLUMNS = ("train_loss", "test_accuracy", "train_loss_rank_mean", "test_accuracy_rank_mean")
+# The figures of each experiment that tools/results/EXPERIMENTS.md shows (--record copies them).
+FIGURES = {
+    "rps": ("loss_vs_epoch", "consensus_vs_epoch", "accuracy_vs_epoch"),
+    "risgd": ("loss_vs_epoch", "loss_vs_rounds"),
+    "faults": ("accuracy_vs_epoch", "loss_vs_epoch"),
+    "diversity": ("grad_diversity_vs_q", "consensus_vs_epoch"),
+}
 EXPERIMENTS = {
     # name: (grid file, extra columns of the printed table)
     "rps": ("rps-vs-lossy-allreduce.txt", ("consensus_distance", "arrival_realised", "bytes_sent")),
@@ -114,7 +122,7 @@ def _accuracy_on_classes_only_in(chunks: list[int], summary: dict, shards: Path)
     return sum(accs) / len(accs) if accs else None
 
 
-def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str]) -> None:
+def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str], record: Path | None) -> None:
     grid, columns = EXPERIMENTS[name]
     config, runs = read_grid(SWEEPS / grid)
     out = out_root / name
@@ -128,15 +136,20 @@ def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str]) -> N
     cols = COMMON_COLUMNS + columns
     width = max(len(n) for n in names) + 2
     print(f"\n## {name}: {grid} with {config.relative_to(ROOT)}\n")
-    print("| run | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
+    table = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for run in names:
         s = derived(json.loads((out / run / "summary.json").read_text()), out / run, shards)
-        print(f"| {run:<{width}} | " + " | ".join(_fmt(s.get(c)) for c in cols) + " |")
+        table.append(f"| {run:<{width}} | " + " | ".join(_fmt(s.get(c)) for c in cols) + " |")
+    print("\n".join(table))
     report = out / "report"
     subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n in names], "--out", str(report)],
                    env=_env(), check=True, stdout=subprocess.DEVNULL)
     print(f"\nreport: {report}/report.md", file=sys.stderr)
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        (record / f"{name}-table.md").write_text("\n".join(table) + "\n")
+        for figure in FIGURES[name]:
+            shutil.copyfile(report / f"{figure}.png", record / f"{name}-{figure}.png")
 
 
 def _fmt(value) -> str:
@@ -150,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="where runs and reports go")
     parser.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4: the grids assume it)")
+    parser.add_argument("--record", type=Path, help="copy the tables and key figures here (tools/results)")
     parser.add_argument("extra", nargs="*", help="more train flags for every run, after --")
     args = parser.parse_args(argv)
     for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
-        run_experiment(name, args.out, args.ranks, args.extra)
+        run_experiment(name, args.out, args.ranks, args.extra, args.record)
     return 0
 
 
