@@ -8,6 +8,7 @@ for collective checks); 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import types
@@ -31,6 +32,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .config import FIELDS, HINTS, field_help
 
     parser.add_argument("config", nargs="?", help="TOML file with any of the keys below")
+    parser.add_argument("--arrival", type=float, default=argparse.SUPPRESS, metavar="RATE",
+                        help="arrival rate of block messages, another way to give --drop-rate (1 - RATE)")
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         kind = HINTS[name]
@@ -47,16 +50,25 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The config keys the command line gave (flags not given are absent, not defaults)."""
+    from .config import FIELDS
+
+    return {k: v for k, v in vars(args).items() if k in FIELDS or k == "arrival"}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .stop import install_stop_handlers
 
     install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
-    from .config import FIELDS, build_config, load_toml
+    from .config import build_config, load_toml
 
-    file_values = load_toml(args.config) if args.config else {}
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    # Config errors are found before torch is imported: a typo costs a second, not ten.
-    cfg = build_config(file_values, overrides, source=args.config or "config")
+    try:
+        # Found before torch is imported: a typo costs a second, not ten.
+        cfg = build_config(load_toml(args.config) if args.config else {}, train_overrides(args), source=args.config or "config")
+    except HpcsgdError as exc:
+        exc.collective = True  # every rank read the same file and flags: one message, no abort
+        raise
     from .checkpoint import EXIT_PREEMPTED, Preempted
     from .train import train
     try:
@@ -155,15 +167,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _world() -> tuple[int, int]:
-    """(rank, size) of COMM_WORLD if MPI is already initialised, else (0, 1)."""
-    if "mpi4py.MPI" not in sys.modules:
-        return 0, 1
-    from mpi4py import MPI
+_RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
 
-    if not MPI.Is_initialized() or MPI.Is_finalized():
-        return 0, 1
-    return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+
+def _world() -> tuple[int, int]:
+    """(rank, size) of COMM_WORLD; before MPI is initialised, what the launcher exported."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+    rank = next((int(os.environ[v]) for v in _RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
+    size = next((int(os.environ[v]) for v in _SIZE_VARIABLES if os.environ.get(v, "").isdigit()), 1)
+    return rank, size
+
+
+def _say(message: str) -> None:
+    """One write per message, so lines from several ranks do not interleave mid-line."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def _report_error(exc: HpcsgdError) -> int:
@@ -171,10 +194,10 @@ def _report_error(exc: HpcsgdError) -> int:
     if getattr(exc, "collective", False) or size == 1:
         # Every rank raised the same error: one copy of the message, a clean exit everywhere.
         if rank == 0:
-            print(f"hpcsgd: error: {exc}", file=sys.stderr, flush=True)
+            _say(f"hpcsgd: error: {exc}")
         return EXIT_USAGE
     # Only this rank saw it (a NaN loss, say): the others are inside collectives, so abort.
-    print(f"hpcsgd: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+    _say(f"hpcsgd: error on rank {rank}: {exc}")
     from mpi4py import MPI
 
     MPI.COMM_WORLD.Abort(EXIT_USAGE)

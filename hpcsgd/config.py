@@ -154,7 +154,9 @@ def _toml_value(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        # A JSON string is a TOML basic string, except that JSON writes characters beyond the
+        # BMP as surrogate escapes (TOML refuses them) and leaves DEL raw (TOML wants it escaped).
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
@@ -172,14 +174,24 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+# Names users bring from other tools: suggested, never silently accepted.
+_SUGGEST = {"learning_rate": "lr", "batch": "batch_size", "bs": "batch_size", "lr_scheduler": "lr_schedule",
+            "drop": "drop_rate", "p": "drop_rate", "period": "tau", "redundancy": "q", "faults": "fail",
+            "arrival_rate": "arrival", "num_epochs": "epochs", "wd": "weight_decay"}
+
+
 def build_config(file_values: dict | None = None, overrides: dict | None = None, source: str = "config") -> TrainConfig:
-    """Merge file values and flag overrides (flags win), check types and ranges."""
+    """Merge file values and flag overrides (flags win), check types and ranges.
+
+    ``arrival`` (the arrival rate, ``1 - drop_rate``) is accepted for ``drop_rate``.
+    """
     merged: dict = {}
     for origin, values in ((source, file_values or {}), ("command line", overrides or {})):
+        values = _arrival_to_drop_rate(dict(values), origin)
         for key, value in values.items():
             key = key.replace("-", "_")
             if key not in FIELDS:
-                close = difflib.get_close_matches(key, FIELDS, n=1)
+                close = [_SUGGEST[key]] if key in _SUGGEST else difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.75)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"unknown config key {key!r} in {origin}{hint}")
             if isinstance(value, dict):
@@ -188,6 +200,18 @@ def build_config(file_values: dict | None = None, overrides: dict | None = None,
     cfg = TrainConfig(**merged)
     validate(cfg)
     return cfg
+
+
+def _arrival_to_drop_rate(values: dict, origin: str) -> dict:
+    if "arrival" not in values:
+        return values
+    arrival = values.pop("arrival")
+    if "drop_rate" in values or "drop-rate" in values:
+        raise ConfigError(f"give either arrival or drop_rate in {origin}, not both")
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not 0 < arrival <= 1:
+        raise ConfigError(f"arrival must be a number in (0, 1] (1 - drop_rate) in {origin}, got {arrival!r}")
+    values["drop_rate"] = round(1.0 - float(arrival), 12)
+    return values
 
 
 def _coerce(key: str, value, origin: str):

@@ -41,7 +41,7 @@ class Worker:
         self.flat.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
 
 def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
@@ -94,3 +94,33 @@ def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: 
                 vectors[i][lo:hi] = w_j
             else:
                 vectors[i][lo:hi] = v[i][lo:hi]
+
+
+def single_process_concatenated(cfg: TrainConfig, P: int, steps: int) -> torch.Tensor:
+    """One model, one optimizer, each step's batch the concatenation of the P ranks' batches.
+
+    What sync SGD must equal (ALGORITHMS.md): no simulated workers, no averaging at all.
+    """
+    index = read_index(cfg.data)
+    data = {c: load_chunk(index, c) for c in range(P)}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, tuple(index.input_shape), index.num_classes, tuple(cfg.mlp_hidden))
+    flat = FlatParams(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    samplers = [
+        StratifiedSampler({c: index.chunk_sizes[c] for c in chunks_for_rank(P, cfg.q, i)}, cfg.batch_size, cfg.seed, i)
+        for i in range(P)
+    ]
+    schedule = Schedule.from_config(cfg, index.train_size, P)
+    for t in range(steps):
+        xs, ys = [], []
+        for sampler in samplers:
+            for c, idx in sampler.next_batch():
+                xs.append(torch.from_numpy(data[c][0][idx]))
+                ys.append(torch.from_numpy(data[c][1][idx]))
+        for g in opt.param_groups:
+            g["lr"] = schedule.lr_at(cfg, t)
+        flat.zero_grad()
+        F.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    return flat.flat.detach().clone()

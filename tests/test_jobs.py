@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcsgd.cli import build_parser
-from hpcsgd.config import FIELDS, build_config, load_toml, validate_for_world
+from hpcsgd.cli import build_parser, train_overrides
+from hpcsgd.config import build_config, load_toml, validate_for_world
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -86,7 +86,7 @@ def parse_train(argv: list[str]):
         config = Path(args.config) if Path(args.config).is_absolute() else ROOT / args.config
         assert config.is_file(), config
     file_values = load_toml(config) if config else {}
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    overrides = train_overrides(args)
     return build_config(file_values, overrides, source=str(config or "config"))
 
 
@@ -146,7 +146,7 @@ def test_every_grid_line_parses(grid):
     for line in runs:
         args = build_parser().parse_args(["train", *shlex.split(line)])
         assert args.config is None, f"{grid.name}: {line!r} names a config; use the `# config:` line"
-        overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+        overrides = train_overrides(args)
         cfg = build_config(file_values, {**overrides, "data": "x", "run_dir": "y"}, source=str(config))
         validate_for_world(cfg, SWEEP_RANKS)
         # The steps in the fault grid must fall inside the run.
@@ -206,7 +206,7 @@ def test_sweep_sbatch_dry_run_every_index_parses(grid):
         validate_for_world(cfg, SWEEP_RANKS)
         assert cfg.resume
         args = build_parser().parse_args(["train", *shlex.split(line)])
-        overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+        overrides = train_overrides(args)
         expected = build_config(load_toml(grid_config(grid)), {**overrides, "data": cfg.data, "run_dir": cfg.run_dir,
                                                                "resume": True, "progress": "lines"})
         assert cfg == expected, line

@@ -11,7 +11,7 @@ from hpcsgd.config import build_config
 from hpcsgd.train import Trainer
 
 from conftest import all_ranks, make_shards
-from reference import simulate
+from reference import simulate, single_process_concatenated
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
@@ -61,8 +61,7 @@ def test_sync_equals_single_process_sgd_on_concatenated_batch(shared_tmp, q):
         pytest.skip("q > P")
     x, trainer = run(shared_tmp, f"sync{q}", algorithm="sync", q=q, momentum=0.9)
     assert all_ranks(close(x, reference(trainer)))
-    # The reference's sync is literally "mean of the P batch gradients": the same as one model
-    # trained on the concatenation of the P equal-sized batches.
+    assert all_ranks(close(x, single_process_concatenated(trainer.cfg, trainer.P, STEPS)))
     all_x = MPI.COMM_WORLD.allgather(x)
     assert all(torch.equal(all_x[0], other) for other in all_x)  # replicas stay identical
 
