@@ -94,10 +94,38 @@ def test_lossy_allreduce_lossless_equals_sync(shared_tmp):
     assert all_ranks(close(x_lossy, x_sync))
 
 
-@pytest.mark.parametrize("algorithm,tau", [("rps", 1), ("rps", 2), ("lossy-allreduce", 1)])
-def test_lossy_strategies_equal_reference_with_same_masks(shared_tmp, algorithm, tau):
-    x, trainer = run(shared_tmp, algorithm, algorithm=algorithm, tau=tau, drop_rate=0.3, q=1)
+@pytest.mark.parametrize("algorithm,tau,q", [("rps", 1, 1), ("rps", 2, 1), ("rps", 2, 2), ("lossy-allreduce", 1, 1)])
+def test_lossy_strategies_equal_reference_with_same_masks(shared_tmp, algorithm, tau, q):
+    """RPS composes with RI-SGD's redundancy (q=2): the same reference, q-redundant data."""
+    from mpi4py import MPI
+
+    if q > MPI.COMM_WORLD.size:
+        pytest.skip("q > P")
+    x, trainer = run(shared_tmp, algorithm, algorithm=algorithm, tau=tau, drop_rate=0.3, q=q)
     assert all_ranks(close(x, reference(trainer)))
+
+
+def test_straggler_sleep_shows_in_its_metrics(shared_tmp):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    slow = comm.size - 1
+    _, trainer = run(shared_tmp, "straggle", algorithm="local", tau=2, straggle=[f"{slow}@2-4:0.1"])
+    last = json.loads(trainer.metrics.path.read_text().splitlines()[-1])
+    if comm.rank == slow:
+        assert all_ranks(last["straggle_s"] >= 0.3)
+    else:
+        # The others wait for it inside the averaging rounds: communication time, not their own sleep.
+        assert all_ranks(last["straggle_s"] == 0.0 and (comm.size == 1 or last["comm_s"] >= 0.1))
+
+
+def test_nan_skip_policy_keeps_training(shared_tmp):
+    """nan_policy = skip: a step with a non-finite loss is skipped, the run finishes."""
+    _, trainer = run(shared_tmp, "nan", algorithm="sync", lr=1e30, nan_policy="skip")
+    records = [json.loads(line) for line in trainer.metrics.path.read_text().splitlines()]
+    # lr 1e30 blows the model up after the first step; every later loss is skipped, so the
+    # windows after it log no loss, and the run still reaches its last step.
+    assert all_ranks(records[-1]["step"] == STEPS and records[-1]["loss"] is None)
 
 
 def test_same_seed_same_metrics_bit_for_bit(shared_tmp):
