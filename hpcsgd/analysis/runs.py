@@ -331,6 +331,9 @@ def format_value(value) -> str:
     return str(value)
 
 
+_EVERY_STEP = ("sync", "lossy-allreduce")  # strategies that communicate every step
+
+
 def label_runs(runs: list[Run]) -> list[str]:
     """Name each run by the config keys that differ among ``runs``; returns the keys used.
 
@@ -342,6 +345,7 @@ def label_runs(runs: list[Run]) -> list[str]:
         parts = [
             format_value(run.config.get(k)) if k == "algorithm" else f"{k}={format_value(run.config.get(k))}"
             for k in keys
+            if not (k == "tau" and run.config.get("algorithm") in _EVERY_STEP)  # tau means nothing there
         ]
         run.label = ", ".join(parts) or run.name
     counts: dict[str, int] = {}

@@ -94,7 +94,7 @@ class AverageRequest:
         if self._host is not None:
             self._tensor.copy_(self._host.view_as(self._tensor), non_blocking=False)
         if self._divisor != 1:
-            self._tensor.div_(self._divisor)
+            self._tensor.mul_(1.0 / self._divisor)  # (1/L) * sum, as specified; mul_ beats div_
         self._done = True
 
 
@@ -163,7 +163,9 @@ class Collectives:
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         if self.size != 1:
-            tensor.div_(self.size)
+            # (1/L) * sum, as ALGORITHMS.md writes it: a multiply is ~30% cheaper than div_,
+            # and this pass is the whole gap between an averaging round and a raw Allreduce.
+            tensor.mul_(1.0 / self.size)
         return tensor
 
     def _count_allreduce(self, tensor: torch.Tensor) -> None:

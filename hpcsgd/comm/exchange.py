@@ -88,7 +88,7 @@ class BlockExchange:
             self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             if host is not None:
                 tensor.copy_(host.view_as(tensor))
-            tensor.div_(size)
+            tensor.mul_(1.0 / size)
             return self._account(arrived1, arrived2, me, self.sizes, self._my_size, tensor.element_size())
         comm = self.coll.comm
         offsets, sizes, stride = self.offsets[:-1], self.sizes, self._stride
@@ -110,7 +110,7 @@ class BlockExchange:
         np.copyto(avg, self._recv[arrived_rows[0], :my_size])
         for i in arrived_rows[1:]:
             np.add(avg, self._recv[i, :my_size], out=avg)
-        avg /= np.float32(len(arrived_rows))
+        np.multiply(avg, np.float32(1.0 / len(arrived_rows)), out=avg)
 
         # Phase 2: w_j -> every rank i, received in place into v_i[B_j] where it arrived.
         send_counts2 = np.where(arrived2[me], my_size, 0)
