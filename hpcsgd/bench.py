@@ -147,24 +147,31 @@ def _models(kind: str, quick: bool):
     return name, builder, x, y
 
 
+def _hpcsgd_side(comm, builder, algorithm: str, momentum: float, **strategy_args):
+    """Model, flat buffer, optimizer and strategy, built as the trainer builds them."""
+    import torch
+
+    from .algorithms import make_strategy
+    from .comm import Collectives, FlatParams
+
+    torch.manual_seed(0)
+    model = builder()
+    flat = FlatParams(model, flat_grad=algorithm in ("sync", "lossy-allreduce"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
+    return model, flat, opt, make_strategy(algorithm, Collectives(comm), flat, opt, **strategy_args)
+
+
 def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     """hpcsgd sync-SGD step vs PyTorch DDP (gloo) step: same model, batch and ranks."""
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from .algorithms import make_strategy
-    from .comm import Collectives, FlatParams
-
     _gloo_group(comm)
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = _models(kind, quick)
-        torch.manual_seed(0)
-        model_h = builder()
-        flat = FlatParams(model_h)
-        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01, momentum=0.9)
-        strategy = make_strategy("sync", Collectives(comm), flat, opt_h)
+        model_h, flat, opt_h, strategy = _hpcsgd_side(comm, builder, "sync", momentum=0.9)
         torch.manual_seed(0)
         model_d = DistributedDataParallel(builder())
         opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01, momentum=0.9)
@@ -192,18 +199,11 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-    from .algorithms import make_strategy
-    from .comm import Collectives, FlatParams
-
     _gloo_group(comm)
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = _models(kind, quick)
-        torch.manual_seed(0)
-        model_h = builder()
-        flat = FlatParams(model_h)
-        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01)
-        strategy = make_strategy("local", Collectives(comm), flat, opt_h, tau=tau)
+        model_h, flat, opt_h, strategy = _hpcsgd_side(comm, builder, "local", momentum=0.0, tau=tau)
         torch.manual_seed(0)
         model_d = builder()
         opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01)

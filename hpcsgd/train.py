@@ -140,7 +140,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = agree(world, self._build_model, "model").to(self.device)
-        self.flat = FlatParams(self.model)
+        # Only gradient-sharing strategies need a flat gradient buffer (see FlatParams).
+        self.flat = FlatParams(self.model, flat_grad=cfg.algorithm in ("sync", "lossy-allreduce"))
         self.coll = Collectives(world)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
         self.optimizer = torch.optim.SGD(
@@ -392,7 +393,7 @@ class Trainer:
 
     def _gradient_diversity(self) -> float:
         """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over live ranks (RI-SGD's diversity), one Allreduce."""
-        g = self.flat.grad.detach().to("cpu", torch.float64).numpy()
+        g = self.flat.gradient().detach().to("cpu", torch.float64).numpy()
         packed = np.empty(g.size + 1)
         packed[:-1] = g
         packed[-1] = float(np.dot(g, g))

@@ -18,13 +18,20 @@ from ..errors import ConfigError
 class FlatParams:
     """Re-homes a model's tensors into ``self.flat`` (length d) and ``self.grad`` (n_params).
 
+    Args:
+        model: the model whose parameters and floating buffers move into the flat buffer.
+        flat_grad: keep gradients in one flat buffer too (strategies that communicate
+            gradients need it). Without it ``grad`` is None and autograd hands each parameter a
+            fresh gradient, which saves the zeroing and accumulating passes over the
+            gradient memory that a persistent buffer costs every step (local SGD, RPS).
+
     Attributes:
         flat: parameters then floating buffers, the vector strategies average and exchange.
         params: the view ``flat[:n_params]``.
-        grad: flat gradient buffer; ``p.grad`` of every parameter is a view into it.
+        grad: flat gradient buffer (or None); ``p.grad`` of every parameter is a view into it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, flat_grad: bool = True):
         params = list(model.parameters())
         buffers = _floating_buffers(model)
         tensors = params + [buf for _, _, buf in buffers]
@@ -42,7 +49,7 @@ class FlatParams:
         self.n_params = sum(p.numel() for p in params)
         self.numel = self.n_params + sum(buf.numel() for _, _, buf in buffers)
         self.flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self.grad = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
+        self.grad = torch.zeros(self.n_params, dtype=self.dtype, device=self.device) if flat_grad else None
         self.params = self.flat[: self.n_params]
         self.buffers = self.flat[self.n_params :]
 
@@ -53,7 +60,8 @@ class FlatParams:
                 view = self.flat[offset : offset + n].view_as(p)
                 view.copy_(p)
                 p.data = view
-                p.grad = self.grad[offset : offset + n].view_as(p)
+                if self.grad is not None:
+                    p.grad = self.grad[offset : offset + n].view_as(p)
                 offset += n
             for module, name, buf in buffers:
                 n = buf.numel()
@@ -67,18 +75,20 @@ class FlatParams:
             self.param_offsets.append(self.param_offsets[-1] + p.numel())
 
     def zero_grad(self) -> None:
-        """Zero the gradient buffer in place (never set grads to None: they are views)."""
-        self.grad.zero_()
+        """Zero the flat gradient in place (its views must stay), or drop per-parameter grads."""
+        if self.grad is not None:
+            self.grad.zero_()
+        else:
+            for p in self.parameters:
+                p.grad = None
 
-    def check_views(self) -> None:
-        """Raise if something replaced a parameter's tensor or gradient behind our back."""
-        lo, hi = self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size()
-        for p in self.parameters:
-            if p.grad is None or not (lo <= p.grad.data_ptr() < hi):
-                raise RuntimeError(
-                    "a parameter's .grad no longer views the flat gradient buffer; "
-                    "call FlatParams.zero_grad(), not optimizer.zero_grad()"
-                )
+    def gradient(self) -> torch.Tensor:
+        """The current gradient as one vector (a copy when there is no flat gradient buffer)."""
+        if self.grad is not None:
+            return self.grad
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.parameters
+        ])
 
 
 def _floating_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
