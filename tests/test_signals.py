@@ -56,3 +56,53 @@ def test_sigterm_checkpoints_exits_3_and_resume_matches_uninterrupted(tmp_path):
     assert clean.returncode == 0, clean.stderr
     assert _losses(run) == _losses(tmp_path / "clean")
     assert json.loads((run / "summary.json").read_text())["steps"] == 600
+
+
+def test_kill_9_during_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """kill -9 one rank while checkpoints are written every step; the newest complete one loads."""
+    import h5py
+
+    from hpcsgd.checkpoint import find_latest
+    from hpcsgd.config import build_config
+
+    shards = tmp_path / "shards"
+    write_shards(load_source("synthetic", seed=0, n_train=256, n_test=64, num_classes=4, features=512), 2, "iid", shards, seed=0)
+    # ~1.6M parameters: every checkpoint file is a few MB, so most of a step is spent writing.
+    flags = ["--data", str(shards), "--steps", "400", "--batch-size", "8", "--mlp-hidden", "1024", "1024",
+             "--algorithm", "local", "--tau", "2", "--checkpoint-every", "1", "--log-every", "5",
+             "--eval-every", "0", "--progress", "none"]
+    run = tmp_path / "run"
+    cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
+           "--run-dir", str(run), *flags]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(run.glob("checkpoints/step-*/COMPLETE"))) < 3:
+            assert proc.poll() is None and time.time() < deadline, "job ended or never checkpointed"
+            time.sleep(0.05)
+        pids = subprocess.run(["pgrep", "-f", "--", f"--run-dir {run} "], capture_output=True, text=True).stdout.split()
+        victim = max(int(p) for p in pids if int(p) != proc.pid)  # one of the two ranks
+        time.sleep(0.137)  # land somewhere inside a later step's checkpoint write
+        subprocess.run(["kill", "-9", str(victim)])
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+
+    cfg = build_config({"run_dir": str(run), **_overrides(flags)})
+    latest = find_latest(run, cfg, 2)
+    assert latest is not None and latest["step"] >= 3
+    for rank in (0, 1):
+        with h5py.File(f"{latest['dir']}/rank-{rank}.h5", "r") as f:
+            assert f.attrs["step"] == latest["step"] and f["flat"].shape[0] > 1_000_000
+    resumed = mpi(2, "train", "--run-dir", run, "--resume", *flags, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 400
+
+
+def _overrides(flags):
+    """Train flags -> config values, typed as the command line types them."""
+    from hpcsgd.cli import build_parser, train_overrides
+
+    return train_overrides(build_parser().parse_args(["train", *flags]))
