@@ -244,6 +244,7 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
 
     from .data import StratifiedSampler, chunks_for_rank, load_chunk, load_source, read_index, write_shards
     from .models import build_model
+    from .train import gather_on_device
 
     P, q, b = comm.size, min(2, comm.size), 32
     tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
@@ -262,12 +263,7 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
     sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in mine}, b, 0, comm.rank)
 
     def batch():
-        xs, ys = [], []
-        for c, idx in sampler.next_batch():
-            t = torch.from_numpy(idx)
-            xs.append(chunks[c][0].index_select(0, t))
-            ys.append(chunks[c][1].index_select(0, t))
-        return torch.cat(xs), torch.cat(ys)
+        return gather_on_device(sampler.next_batch(), chunks)  # exactly what training does
 
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 32, 32), 10)

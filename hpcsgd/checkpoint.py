@@ -25,7 +25,6 @@ from .errors import CheckpointError
 from .metrics import atomic_write_text
 
 if TYPE_CHECKING:
-    from .comm import Collectives
     from .config import TrainConfig
     from .train import Trainer
 

@@ -30,13 +30,12 @@ from .data import (
     chunk_holders,
     chunks_for_rank,
     coverage,
-    gather_batch,
     load_chunk,
     load_chunk_rows,
     load_test,
     read_index,
 )
-from .errors import ConfigError, HpcsgdError, ShardError, TrainingError
+from .errors import ConfigError, ShardError, TrainingError
 from .metrics import MetricsWriter, atomic_write_text, dumps
 from .models import build_model
 from .progress import Progress
@@ -393,24 +392,12 @@ class Trainer:
 
     def _gradient_diversity(self) -> float:
         """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over live ranks (RI-SGD's diversity), one Allreduce."""
-        g = self.flat.gradient().detach().to("cpu", torch.float64).numpy()
-        packed = np.empty(g.size + 1)
-        packed[:-1] = g
-        packed[-1] = float(np.dot(g, g))
-        total = self.coll.sum_float64(packed)
-        denominator = float(np.dot(total[:-1], total[:-1]))
-        return float(total[-1] / denominator) if denominator > 0 else float("nan")
+        total, squares = self.coll.sum_with_squared_norms(self.flat.gradient())
+        denominator = float(np.dot(total, total))
+        return squares / denominator if denominator > 0 else float("nan")
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.sampler.next_batch()
-        # Index on the device: a chunk lives there already, so only indices cross PCIe.
-        xs, ys = [], []
-        for c, idx in batch:
-            x_c, y_c = self.data.chunks[c]
-            index = torch.from_numpy(idx).to(x_c.device)
-            xs.append(x_c.index_select(0, index))
-            ys.append(y_c.index_select(0, index))
-        return torch.cat(xs), torch.cat(ys)
+        return gather_on_device(self.sampler.next_batch(), self.data.chunks)
 
     # -- metrics -------------------------------------------------------------------------
     def log(self, step: int, evaluate: bool) -> None:
@@ -588,6 +575,20 @@ class Trainer:
         return summary
 
 
+def gather_on_device(batch, chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples a sampler batch names, from chunks already on the device.
+
+    Indexing happens on the device: only the indices cross PCIe, never the samples.
+    """
+    xs, ys = [], []
+    for c, idx in batch:
+        x_c, y_c = chunks[c]
+        index = torch.from_numpy(idx).to(x_c.device)
+        xs.append(x_c.index_select(0, index))
+        ys.append(y_c.index_select(0, index))
+    return torch.cat(xs), torch.cat(ys)
+
+
 def _read_matrix(path: str) -> np.ndarray:
     """A P x P drop-rate matrix from .npy or text (comma or whitespace separated)."""
     p = Path(path)
@@ -601,4 +602,4 @@ def _read_matrix(path: str) -> np.ndarray:
         raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
 
 
-__all__ = ["Schedule", "Trainer", "train", "HpcsgdError"]
+__all__ = ["Schedule", "Trainer", "train"]

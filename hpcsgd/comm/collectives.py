@@ -8,7 +8,7 @@ go directly when MPI is CUDA-aware, else through a pinned host buffer reused bet
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -190,6 +190,15 @@ class Collectives:
         self.comm.Allreduce(values, out, op=MPI.SUM)
         return out
 
+    def sum_with_squared_norms(self, vector: torch.Tensor) -> tuple[np.ndarray, float]:
+        """``(sum_i v_i, sum_i ||v_i||^2)`` over live ranks in float64, by one Allreduce."""
+        v = vector.detach().to("cpu", torch.float64).numpy()
+        packed = np.empty(v.size + 1, dtype=np.float64)
+        packed[:-1] = v
+        packed[-1] = float(np.dot(v, v))
+        total = self.sum_float64(packed)
+        return total[:-1], float(total[-1])
+
     def mean_and_consensus(self, flat: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The mean model over live ranks and the consensus distance, by one Allreduce.
 
@@ -197,13 +206,9 @@ class Collectives:
         ``(1/L) sum_i ||x_i||^2 - ||mean||^2``; summing in float64 keeps the cancellation
         harmless for the magnitudes models have.
         """
-        x = flat.detach().to("cpu", torch.float64).numpy()
-        packed = np.empty(x.size + 1, dtype=np.float64)
-        packed[:-1] = x
-        packed[-1] = float(np.dot(x, x))
-        total = self.sum_float64(packed)
-        mean = total[:-1] / self.size
-        distance = max(0.0, float(total[-1] / self.size - np.dot(mean, mean)))
+        total, squares = self.sum_with_squared_norms(flat)
+        mean = total / self.size
+        distance = max(0.0, squares / self.size - float(np.dot(mean, mean)))
         return torch.from_numpy(mean).to(flat.device, flat.dtype), distance
 
     def split_live(self, alive: bool) -> "Collectives | None":

@@ -62,15 +62,6 @@ class LinkRates:
         """True when no message can ever be dropped (the exchange then skips mask work)."""
         return not (self.phase1.any() or self.phase2.any())
 
-    @property
-    def mean_drop_rate(self) -> float:
-        """Mean drop rate over all off-diagonal links of both phases."""
-        size = self.phase1.shape[0]
-        if size < 2:
-            return 0.0
-        off = ~np.eye(size, dtype=bool)
-        return float((self.phase1[off].mean() + self.phase2[off].mean()) / 2)
-
     @classmethod
     def build(
         cls,
