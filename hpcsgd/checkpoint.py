@@ -1,7 +1,8 @@
 """Checkpoints in HDF5, written so that a crash at any moment leaves the last one readable.
 
-Layout: ``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per rank: each rank's
-model, momentum and sampler differ under local SGD) and ``.../COMPLETE``, written by rank 0
+Layout: ``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per live rank: each
+rank's model, momentum and sampler differ under local SGD) and ``.../COMPLETE``, a small
+JSON record (step, ranks, live ranks, config fingerprint) written by the first live rank
 after every rank's file is in place. Each file is written to a temporary name, fsynced and
 renamed; a directory without ``COMPLETE`` is ignored on resume, so a rank killed while
 writing costs only the checkpoint being written. The stop signals that lead here are
@@ -85,7 +86,15 @@ def save(trainer: "Trainer", step: int) -> Path:
     os.replace(tmp, path)
     coll.comm.Barrier()  # every rank's file is in place before the checkpoint counts
     if coll.rank == 0:
-        atomic_write_text(directory / "COMPLETE", f"{step}\n")
+        record = {
+            "step": step,
+            "ranks": trainer.P,
+            "live_world": list(trainer.live_world),
+            "adopted": {str(c): r for c, r in trainer.adopted.items()},
+            "fingerprint": fingerprint(trainer.cfg),
+            "wall_s": float(_elapsed(trainer)),
+        }
+        atomic_write_text(directory / "COMPLETE", json.dumps(record) + "\n")
         _prune(trainer.run_dir)
     return directory
 
@@ -110,23 +119,29 @@ def _complete_dirs(run_dir: Path) -> list[Path]:
 
 
 def find_latest(run_dir: Path, cfg: "TrainConfig", ranks: int) -> dict | None:
-    """The newest complete checkpoint's metadata, or None (then training starts fresh)."""
+    """The newest complete checkpoint's record, or None (then training starts fresh).
+
+    ``ranks`` is the run's rank count P (its number of chunks); the job resuming it may
+    have fewer (see :class:`hpcsgd.train.Trainer`), so that is checked there.
+    """
     complete = _complete_dirs(Path(run_dir))
     if not complete:
         return None
     directory = complete[-1]
-    path = directory / "rank-0.h5"
+    path = directory / "COMPLETE"
     try:
-        with h5py.File(path, "r") as f:
-            meta = {
-                "dir": str(directory),
-                "step": int(f.attrs["step"]),
-                "fingerprint": str(f.attrs["fingerprint"]),
-                "ranks": int(f.attrs["ranks"]),
-                "wall_s": float(f.attrs["wall_s"]),
-            }
-    except (OSError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+        record = json.loads(path.read_text())
+        meta = {
+            "dir": str(directory),
+            "step": int(record["step"]),
+            "fingerprint": str(record["fingerprint"]),
+            "ranks": int(record["ranks"]),
+            "live_world": [int(r) for r in record["live_world"]],
+            "adopted": {int(c): int(r) for c, r in record.get("adopted", {}).items()},
+            "wall_s": float(record["wall_s"]),
+        }
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint record {path} is unreadable: {exc!r}") from None
     if meta["fingerprint"] != fingerprint(cfg):
         raise CheckpointError(
             f"checkpoint {directory} was written by a run with another config; "
@@ -134,7 +149,8 @@ def find_latest(run_dir: Path, cfg: "TrainConfig", ranks: int) -> dict | None:
         )
     if meta["ranks"] != ranks:
         raise CheckpointError(
-            f"checkpoint {directory} was written by {meta['ranks']} ranks, this job has {ranks}"
+            f"checkpoint {directory} was written by a run of {meta['ranks']} ranks, these shards have "
+            f"P={ranks} chunks: resume with the shards the run started with"
         )
     return meta
 
@@ -153,7 +169,7 @@ def restore(trainer: "Trainer", meta: dict) -> int:
             if "momentum" in f:
                 _restore_momentum(trainer, torch.from_numpy(np.asarray(f["momentum"])))
             torch.set_rng_state(torch.from_numpy(np.asarray(f["torch_rng"])))
-            trainer.sampler.load_state_dict(json.loads(f.attrs["sampler"]))
+            trainer.sampler.load_state_dict(json.loads(f.attrs["sampler"]), fresh=list(trainer.adopted))
             trainer.coll.counters.load(json.loads(f.attrs["counters"]))
             for key, value in json.loads(f.attrs["timers"]).items():
                 setattr(trainer.timers, key, value)

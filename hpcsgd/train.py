@@ -27,13 +27,16 @@ from .comm.device import default_threads, local_rank_and_size, select_device
 from .config import TrainConfig, validate_for_world
 from .data import (
     StratifiedSampler,
+    adopt_orphans,
     chunk_holders,
     chunks_for_rank,
     coverage,
+    held_chunks,
     load_chunk,
     load_chunk_rows,
     load_test,
     read_index,
+    reweighted_batches,
 )
 from .errors import ConfigError, ShardError, TrainingError
 from .metrics import MetricsWriter, atomic_write_text, dumps
@@ -114,34 +117,38 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, comm: MPI.Comm):
         self.cfg = cfg
         self.world = comm
-        self.P = comm.size
-        self.rank = comm.rank
+        self.W = comm.size  # ranks in this job
+        self.P = comm.size  # ranks the run started with = shard chunks (set from the index)
+        self.rank = comm.rank  # the run's rank this process plays (see _assign_roles)
         self.run_dir = Path(cfg.run_dir)
         self.timers = Timers()
         self.alive = True
+        self.loss_scale = 1.0  # re-weighting after failures changes it (see _reweight)
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
+        self.index = agree(world, lambda: read_index(cfg.data), "shards")
+        self.P = self.index.parts
         agree(world, lambda: validate_for_world(cfg, self.P), "config")
-        self.index = agree(world, lambda: self._read_index(), "shards")
+        self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
+        self.faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
+        self.resume_state = agree(world, self._find_resume, "resume")
+        agree(world, self._assign_roles, "shards")
         self.device = agree(world, lambda: select_device(world, cfg.device), "device")
         _, local_size = local_rank_and_size(world)
         torch.set_num_threads(cfg.threads or default_threads(local_size))
         self.rates = agree(world, self._link_rates, "link drop rates")
-        self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
-        self.faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
-        self.my_chunks = chunks_for_rank(self.P, cfg.q, self.rank)
+        self.my_chunks = held_chunks(self.P, cfg.q, self.rank, self.adopted)
         self.data = agree(world, self._load_data, "shards")
         agree(world, self._load_train_eval_sample, "shards")
-        self.resume_state = agree(world, self._find_resume, "resume")
         self._prepare_run_dir()
 
         torch.manual_seed(cfg.seed)
         self.model = agree(world, self._build_model, "model").to(self.device)
         # Only gradient-sharing strategies need a flat gradient buffer (see FlatParams).
         self.flat = FlatParams(self.model, flat_grad=cfg.algorithm in ("sync", "lossy-allreduce"))
-        self.coll = Collectives(world)
+        self.coll = Collectives(world, self.roles)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -164,10 +171,13 @@ class Trainer:
             overlap=cfg.overlap and not cfg.grad_diversity,
             bucket_mb=cfg.bucket_mb,
         )
-        sizes = {c: self.index.chunk_sizes[c] for c in self.my_chunks}
+        sizes = {c: self.index.chunk_sizes[c] for c in chunks_for_rank(self.P, cfg.q, self.rank)}
         self.sampler = StratifiedSampler(sizes, cfg.batch_size, cfg.seed, self.rank)
+        for c in held_chunks(self.P, cfg.q, self.rank, self.adopted)[cfg.q :]:
+            self.sampler.adopt(c, self.index.chunk_sizes[c], cfg.batch_size)
         self.start_step = 0
-        self.live_world = list(range(self.P))  # ranks failed before a resume point leave at once
+        # Ranks failed (or departed) before a resume point leave at the first step.
+        self.live_world = list(self.roles)
         if self.resume_state is not None:
             self.start_step = self.resume_state["step"]
             if self._alive_at(self.rank, self.start_step):
@@ -177,8 +187,13 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, self.rank, self.start_step if self.resume_state else None)
         self.stop = StopSignal()
         self.progress = Progress(
-            cfg.progress, self.schedule.total_steps, self.start_step, enabled=self.rank == 0
+            cfg.progress, self.schedule.total_steps, self.start_step, enabled=world.rank == 0
         )
+        if self.departed:
+            if cfg.reweight:
+                self._reweight()
+            if world.rank == 0:
+                self._say_resized()
 
     def _build_model(self):
         shape = tuple(self.index.input_shape)
@@ -187,15 +202,47 @@ class Trainer:
         except ConfigError as exc:
             raise ConfigError(f"model {self.cfg.model!r} does not fit the shards (input shape {shape}): {exc}") from None
 
-    def _read_index(self):
-        index = read_index(self.cfg.data)
-        if index.parts != self.P:
+    def _assign_roles(self) -> None:
+        """Which of the run's P ranks each process plays, and who takes over whose chunks.
+
+        Normally process r plays rank r of P. A run resumed from its checkpoint on W < P
+        processes (a requeued job with a node gone) keeps the first W ranks that were live
+        at the checkpoint; the others depart there. Their chunks that no live rank holds are
+        re-assigned round-robin and read from the same shards (unlike a simulated failure,
+        whose data is lost by design).
+        """
+        W, P, meta = self.W, self.P, self.resume_state
+        if W > P or (W < P and meta is None):
+            hint = " (a run resumes on fewer ranks only from its checkpoint: add --resume)" if W < P else ""
             raise ShardError(
-                f"shard directory {self.cfg.data} has P={index.parts} chunks but the job has "
-                f"{self.P} ranks: launch {index.parts} ranks, or re-shard with "
-                f"`hpcsgd shard --parts {self.P} ...`"
+                f"shard directory {self.cfg.data} has P={P} chunks but the job has {W} ranks: launch "
+                f"{P} ranks, or re-shard with `hpcsgd shard --parts {W} ...`{hint}"
             )
-        return index
+        start = meta["step"] if meta else 0
+        live = meta["live_world"] if meta else list(range(P))
+        if W < P and W > len(live):
+            raise ShardError(
+                f"checkpoint {meta['dir']} has {len(live)} live ranks of {P}: launch at most {len(live)} ranks, or {P}"
+            )
+        self.roles = list(range(P)) if W == P else live[:W]
+        self.rank = self.roles[self.world.rank]
+        failed = {r for r, s in self.faults.items() if s <= start}
+        training = set(self.roles) & set(live)
+        self.departed = sorted(set(range(P)) - training - failed)
+        previous = meta["adopted"] if meta else {}
+        self.adopted = adopt_orphans(P, self.cfg.q, training - failed, self.departed, previous) if self.departed else {}
+
+    def _say_resized(self) -> None:
+        moved = ", ".join(f"chunk {c} -> rank {r}" for c, r in self.adopted.items()) or "none needed"
+        extra = f"; {len(self.departed)} spare process(es) exit" if self.W == self.P else ""
+        staying = [r for r in self.live_world if self._alive_at(r, self.start_step)]
+        print(
+            f"hpcsgd: resuming a run of {self.P} ranks on {self.W} processes at step {self.start_step}: "
+            f"rank(s) {', '.join(map(str, self.departed))} of the run departed; their chunks are re-assigned "
+            f"from the same shards ({moved}); coverage {coverage(self.P, self.cfg.q, staying, self.adopted):.0%}{extra}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _link_rates(self) -> LinkRates:
         matrix = None
@@ -256,7 +303,7 @@ class Trainer:
         """
 
         def make() -> None:
-            if self.rank == 0:
+            if self.world.rank == 0:
                 try:
                     (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
                     (self.run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -278,11 +325,12 @@ class Trainer:
     # -- faults --------------------------------------------------------------------------
     def _alive_at(self, world_rank: int, step: int) -> bool:
         fail_step = self.faults.get(world_rank)
-        return fail_step is None or step < fail_step
+        return world_rank not in self.departed and (fail_step is None or step < fail_step)
 
     def _apply_failures(self, step: int) -> None:
         """At ``step``, ranks scheduled to fail leave; survivors continue on a new comm."""
-        failing = [r for r, s in self.faults.items() if s <= step and r in self.live_world]
+        leaving = {**self.faults, **dict.fromkeys(self.departed, self.start_step)}
+        failing = [r for r, s in leaving.items() if s <= step and r in self.live_world]
         if not failing:
             return
         self.stop.drain()  # a pending flag exchange must finish on the old communicator
@@ -295,7 +343,7 @@ class Trainer:
         self.strategy.set_collectives(new_coll)
         if self.cfg.reweight:
             self._reweight()
-        if self.rank == min(self.live_world):
+        if self.rank == min(self.live_world) and set(failing) - set(self.departed):
             print(
                 f"hpcsgd: rank(s) {', '.join(map(str, failing))} failed at step {step}; "
                 f"{len(self.live_world)} live ranks, coverage {self.coverage():.0%}",
@@ -304,13 +352,13 @@ class Trainer:
             )
 
     def _reweight(self) -> None:
-        """Each covered chunk keeps its share: q*b samples per step over all its live holders."""
-        holders = chunk_holders(self.P, self.cfg.q, self.live_world)
-        b, q = self.cfg.batch_size, self.cfg.q
-        self.sampler.set_batch_per_chunk({c: max(1, round(b * q / holders[c])) for c in self.my_chunks})
+        """Give every covered chunk the weight it had before the failure (see reweighted_batches)."""
+        plan = reweighted_batches(self.P, self.cfg.q, self.cfg.batch_size, self.live_world, self.adopted)
+        batch, self.loss_scale = plan[self.rank]
+        self.sampler.set_batch_per_chunk(batch)
 
     def coverage(self) -> float:
-        return coverage(self.P, self.cfg.q, self.live_world)
+        return coverage(self.P, self.cfg.q, self.live_world, self.adopted)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -363,7 +411,7 @@ class Trainer:
         loss = F.cross_entropy(self.model(x), y)
         loss_value = float(loss.detach())
         if math.isfinite(loss_value):
-            loss.backward()
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         elif cfg.nan_policy == "stop":
             raise TrainingError(
                 f"non-finite training loss ({loss_value}) at step {step} on rank {self.rank}; "
@@ -550,7 +598,10 @@ class Trainer:
             "coverage": self.coverage(),
             "failures": {str(r): s for r, s in sorted(self.faults.items())},
             "reweight": cfg.reweight,
-            "chunk_holders": {str(k): v for k, v in chunk_holders(self.P, cfg.q, self.live_world).items()},
+            "chunk_holders": {str(k): v for k, v in chunk_holders(self.P, cfg.q, self.live_world, self.adopted).items()},
+            "world_size": self.W,
+            "departed": self.departed,
+            "adopted_chunks": {str(c): r for c, r in self.adopted.items()},
             "train_loss": avg_train["loss"],
             "train_accuracy": avg_train["accuracy"],
             "test_loss": avg_test["loss"],

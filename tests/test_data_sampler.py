@@ -118,3 +118,23 @@ def test_gather_batch():
     assert x.shape == (4, 1) and y.shape == (4,)
     assert x[:2, 0].tolist() == batch[0][1].tolist()
     assert x[2:, 0].tolist() == (-batch[1][1]).tolist()
+
+
+def test_adopted_chunk_is_drawn_and_may_be_missing_from_an_older_state():
+    s = StratifiedSampler({0: 10}, 2, seed=1, rank=0)
+    old = json.loads(json.dumps(s.state_dict()))  # before the adoption
+    s.next_batch()
+    s.adopt(3, 7, 3)
+    assert s.chunks == (0, 3) and s.batch_size == 5
+    batch = s.next_batch()
+    assert [c for c, _ in batch] == [0, 3]
+    # Its order is keyed by this rank and starts a fresh pass, as for any chunk it holds.
+    assert np.array_equal(batch[1][1], StratifiedSampler({3: 7}, 3, seed=1, rank=0).next_batch()[0][1])
+    t = StratifiedSampler({0: 10}, 2, seed=1, rank=0)
+    t.adopt(3, 7, 3)
+    with pytest.raises(CheckpointError, match="holds chunks"):
+        t.load_state_dict(old)
+    t.load_state_dict(old, fresh=[3])  # adopted since the state was saved: starts anew
+    assert [len(i) for _, i in t.next_batch()] == [2, 3]
+    with pytest.raises(ConfigError, match="already held"):
+        t.adopt(0, 10, 2)

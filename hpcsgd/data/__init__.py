@@ -3,7 +3,14 @@
 Pure numpy and h5py: no torch, no MPI, so every piece can be tested on one process.
 """
 
-from hpcsgd.data.assignment import chunk_holders, chunks_for_rank, coverage
+from hpcsgd.data.assignment import (
+    adopt_orphans,
+    chunk_holders,
+    chunks_for_rank,
+    coverage,
+    held_chunks,
+    reweighted_batches,
+)
 from hpcsgd.data.partition import parse_partition, partition_indices
 from hpcsgd.data.sampler import StratifiedSampler, gather_batch, steps_per_epoch
 from hpcsgd.data.shards import (
@@ -23,10 +30,12 @@ __all__ = [
     "Dataset",
     "ShardIndex",
     "StratifiedSampler",
+    "adopt_orphans",
     "chunk_holders",
     "chunks_for_rank",
     "coverage",
     "gather_batch",
+    "held_chunks",
     "load_chunk",
     "load_chunk_rows",
     "load_source",
@@ -34,6 +43,7 @@ __all__ = [
     "parse_partition",
     "partition_indices",
     "read_index",
+    "reweighted_batches",
     "steps_per_epoch",
     "validate_arrays",
     "write_shards",

@@ -115,6 +115,17 @@ class StratifiedSampler:
         """Local batch size: the sum of ``b`` over held chunks."""
         return sum(self._batch.values())
 
+    def adopt(self, chunk: int, size: int, batch: int) -> None:
+        """Also draw from ``chunk`` from now on (a chunk taken over from a departed rank).
+
+        Its order is keyed by this rank like any held chunk and starts at a fresh pass.
+        """
+        c = _check_int("chunk number", chunk, 0)
+        if c in self._orders:
+            raise ConfigError(f"chunk {c} is already held by this rank")
+        self._batch[c] = _check_int(f"batch per chunk (chunk {c})", batch, 1)
+        self._orders[c] = _ChunkOrder(self.seed, self.rank, c, _check_int(f"size of chunk {c}", size, 1))
+
     def set_batch_per_chunk(self, batch_per_chunk: Mapping[int, int]) -> None:
         """Change ``b`` per held chunk from the next batch on (re-weighting after a failure).
 
@@ -140,8 +151,11 @@ class StratifiedSampler:
             ],
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a sampler built the same way)."""
+    def load_state_dict(self, state: Mapping, fresh: Sequence[int] = ()) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a sampler built the same way).
+
+        Chunks in ``fresh`` (adopted since ``state`` was saved) may be absent; they start anew.
+        """
         try:
             seed, rank, entries = int(state["seed"]), int(state["rank"]), list(state["chunks"])
             got = {int(e["chunk"]): (int(e["size"]), int(e["pass_index"]), int(e["position"]))
@@ -153,7 +167,7 @@ class StratifiedSampler:
                 f"sampler state is for seed={seed}, rank={rank}; "
                 f"this sampler has seed={self.seed}, rank={self.rank}"
             )
-        if set(got) != set(self._orders):
+        if set(got) != set(self._orders) - (set(fresh) - set(got)):
             raise CheckpointError(
                 f"sampler state holds chunks {sorted(got)}, this rank holds {sorted(self._orders)}"
             )
