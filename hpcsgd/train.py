@@ -41,6 +41,7 @@ from .data import (
 from .errors import ConfigError, ShardError, TrainingError
 from .metrics import MetricsWriter, atomic_write_text, dumps
 from .models import build_model
+from .optim import ScalingSGD
 from .progress import Progress
 from .stop import StopSignal
 
@@ -150,7 +151,7 @@ class Trainer:
         self.flat = FlatParams(self.model, flat_grad=cfg.algorithm in ("sync", "lossy-allreduce"))
         self.coll = Collectives(world, self.roles)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = ScalingSGD(
             self.model.parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,
@@ -424,7 +425,7 @@ class Trainer:
         self.strategy.reduce_gradients(step)
         t3 = time.perf_counter()
         if math.isfinite(loss_value):
-            self.optimizer.step()
+            self.strategy.optimizer_step(step)
             self.loss_window.append(loss_value)
         t4 = time.perf_counter()
         self.strategy.after_step(step)

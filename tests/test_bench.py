@@ -16,13 +16,14 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
     out = tmp_path / "rows.json"
     result = mpi(2, "bench", "--quick", "--json", out, timeout=600)
     assert result.returncode == 0, result.stderr
-    for expected in ("averaging round / raw Allreduce", "RPS round, drop 0 /", "RPS round, drop 0.1 /",
+    for expected in ("averaging round / raw Allreduce", "round step's optimizer step (1/L folded in)",
+                     "round step (optimizer + average) / (optimizer + raw)", "RPS round, drop 0 /", "RPS round, drop 0.1 /",
                      "drop masks", "sync-SGD step / DDP step, MLP", "sync-SGD step / DDP step, ResNet-20",
                      "PeriodicModelAverager, MLP", "PeriodicModelAverager, ResNet-20", "HDF5 sampler",
                      "resident MB", "time to 85% test accuracy"):
         assert expected in result.stdout, expected
     rows = json.loads(out.read_text())
-    assert len(rows) == 12
+    assert len(rows) == 14
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
 
 

@@ -11,7 +11,8 @@ class Strategy:
     """Decides when and how ranks communicate around each optimizer step.
 
     The training loop calls, every step ``t``: backward, ``reduce_gradients(t)``,
-    ``optimizer.step()``, ``after_step(t)``. Strategies talk to MPI only through ``coll``.
+    ``optimizer_step(t)`` (skipped when the loss was not finite), ``after_step(t)``.
+    Strategies talk to MPI only through ``coll``.
     """
 
     name = "base"
@@ -24,6 +25,10 @@ class Strategy:
 
     def reduce_gradients(self, step: int) -> None:
         """Between backward and the optimizer step (gradient-sharing strategies)."""
+
+    def optimizer_step(self, step: int) -> None:
+        """The optimizer's step (a strategy may fold its own scaling into it)."""
+        self.optimizer.step()
 
     def after_step(self, step: int) -> None:
         """After the optimizer step (model-averaging strategies)."""

@@ -4,6 +4,7 @@ RI-SGD is this strategy run on a q-redundant data assignment; redundancy lives e
 the data layer, so the communication pattern is local SGD's.
 """
 
+from ..optim import ScalingSGD
 from .base import Strategy, average_momentum
 
 
@@ -18,11 +19,30 @@ class LocalSGD(Strategy):
     def __init__(self, *args, average_optimizer_state: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.average_optimizer_state = average_optimizer_state
+        self._prescaled = False  # this round's 1/L already applied by the optimizer step
+
+    def optimizer_step(self, step: int) -> None:
+        """On a round step, the optimizer also multiplies the model by 1/L in the same pass.
+
+        The average is then a bare Allreduce: no extra pass over the model after it (that
+        pass was the whole gap between an averaging round and a raw Allreduce).
+        """
+        size = self.coll.size
+        if not (self.is_round(step) and size > 1 and isinstance(self.optimizer, ScalingSGD)):
+            self.optimizer.step()
+            return
+        self.optimizer.step(scale=1.0 / size)
+        self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
+        self._prescaled = True
 
     def after_step(self, step: int) -> None:
         if not self.is_round(step):
             return
         # Parameters and floating buffers travel together in the one flat buffer.
-        self.coll.allreduce_mean(self.flat.flat)
+        if self._prescaled:
+            self.coll.allreduce_sum(self.flat.flat)
+            self._prescaled = False
+        else:  # a skipped (non-finite) step, or an optimizer that cannot scale
+            self.coll.allreduce_mean(self.flat.flat)
         if self.average_optimizer_state:
             average_momentum(self.coll, self.optimizer)
