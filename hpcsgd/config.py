@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
-    reweight: bool = False  # after failures, sample so every covered chunk keeps an equal share
+    reweight: bool = False  # after failures, sample and scale losses so every covered chunk keeps its weight
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
     eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)

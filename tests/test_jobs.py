@@ -133,7 +133,8 @@ def test_grid_files_cover_the_experiments():
         for tau in (1, 4, 16):
             assert f"--algorithm local --q {q} --tau {tau}" in risgd
     faults = runs["fault-tolerance.txt"]
-    assert sorted(faults) == sorted(["--q 1", "--q 2", "--q 1 --fail 3@230", "--q 2 --fail 3@230"])
+    assert sorted(faults) == sorted(["--q 1", "--q 2", "--q 1 --fail 3@230", "--q 2 --fail 3@230",
+                                     "--q 2 --fail 3@230 --reweight"])
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)
@@ -220,10 +221,25 @@ def test_sweep_sbatch_names_run_dirs_after_flags_and_checks_the_index():
     (argv,) = dry_run(SWEEP_SBATCH, grid, "--lr", "0.2", SLURM_ARRAY_TASK_ID="3", HPCSGD_SWEEP_DIR="out", **FAKE_SLURM)
     cfg = parse_train(argv)
     assert cfg.run_dir == "out/q=2_fail=3@230" and cfg.lr == 0.2 and cfg.faults == {3: 230}
-    for index in ("4", "-1"):
+    for index in ("5", "-1"):
         bad = _bash(SWEEP_SBATCH, grid, HPCSGD_DRY_RUN="1", SLURM_ARRAY_TASK_ID=index)
         assert bad.returncode == 2 and "array index" in bad.stderr
     assert _bash(SWEEP_SBATCH, grid, HPCSGD_DRY_RUN="1").returncode == 2  # not an array task
+
+
+def test_experiments_name_runs_as_the_sweep_scripts_do():
+    """tools/experiments.py skips finished runs by directory name: it must match sweep.sbatch's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiments", ROOT / "tools" / "experiments.py")
+    experiments = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiments)
+    grid = "jobs/sweeps/fault-tolerance.txt"
+    for index, line in enumerate(grid_runs(ROOT / grid)):
+        (argv,) = dry_run(SWEEP_SBATCH, grid, SLURM_ARRAY_TASK_ID=str(index), HPCSGD_SWEEP_DIR="out", **FAKE_SLURM)
+        assert parse_train(argv).run_dir == "out/" + experiments.run_name(shlex.split(line))
+    assert experiments.run_name(["--q", "2", "--reweight"]) == "q=2_reweight"
+    assert experiments.run_name([]) == "defaults"
 
 
 def test_submit_sweep_sets_the_array_from_the_grid():

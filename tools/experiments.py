@@ -58,15 +58,19 @@ def read_grid(path: Path) -> tuple[Path, list[list[str]]]:
 
 
 def run_name(flags: list[str]) -> str:
-    """The run directory name the sweep scripts use: flags joined as key=value."""
-    parts, key = [], None
+    """The run directory name jobs/local/sweep.sh and sweep.sbatch give: `--q 2 --reweight` -> q=2_reweight."""
+    name, state = "", "start"
     for token in flags:
         if token.startswith("--"):
-            key = token[2:]
-        elif key is not None:
-            parts.append(f"{key}={token}")
-            key = None
-    return "_".join(parts) or "default"
+            name += token[2:] if state == "start" else "_" + token[2:]
+            state = "flag"
+        elif state == "flag":
+            name, state = name + "=" + token, "value"
+        elif state == "start":
+            name, state = name + token, "value"
+        else:
+            name += "," + token
+    return re.sub(r"[^A-Za-z0-9._=@,+-]", "-", name) or "defaults"
 
 
 def _env() -> dict:
