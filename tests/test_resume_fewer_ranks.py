@@ -104,5 +104,16 @@ def test_resume_on_fewer_ranks_reassigns_orphaned_chunks_and_says_so(shards, tmp
 
 def test_resume_on_fewer_ranks_needs_the_checkpoint(shards, tmp_path):
     fresh = mpi(3, "train", "--data", shards, "--run-dir", tmp_path / "fresh", *FLAGS, timeout=60)
-    assert fresh.returncode != 0
+    assert fresh.returncode == 2 and fresh.seconds < 30
     assert "has P=4 chunks but the job has 3 ranks" in fresh.stderr and "--resume" in fresh.stderr
+
+    # Ranks 2 and 3 failed (simulated) before the checkpoint: it has two live ranks to resume.
+    run = tmp_path / "run"
+    _stopped_at_60(shards, run, "--q", 2, "--fail", "2@30", "--fail", "3@30")
+    three = mpi(3, "train", "--data", shards, "--run-dir", run, *FLAGS, "--q", 2, "--fail", "2@30", "--fail", "3@30",
+                "--resume", timeout=60)
+    assert three.returncode == 2 and three.seconds < 30, three.stderr
+    assert "step-00000060 has 2 live ranks of 4: launch at most 2 ranks, or 4" in three.stderr
+    two = _train(2, shards, run, "--q", 2, "--fail", "2@30", "--fail", "3@30", "--resume")
+    assert "departed" not in two.stderr  # ranks 2 and 3 failed by schedule: their data stays lost
+    assert _summary(run)["coverage"] == 0.75 and _summary(run)["live_ranks"] == 2
