@@ -190,11 +190,12 @@ class Trainer:
         self.progress = Progress(
             cfg.progress, self.schedule.total_steps, self.start_step, enabled=world.rank == 0
         )
-        if self.departed:
-            if cfg.reweight:
-                self._reweight()
-            if world.rank == 0:
-                self._say_resized()
+        if cfg.reweight and len(self.live_world) < self.P:
+            # Resumed on fewer processes: the ranks that failed or departed never join, so
+            # _apply_failures will not re-weight for them; batch sizes are not in checkpoints.
+            self._reweight()
+        if self.departed and world.rank == 0:
+            self._say_resized()
 
     def _build_model(self):
         shape = tuple(self.index.input_shape)

@@ -88,3 +88,30 @@ def test_checkpoint_from_another_config_is_refused(shared_tmp):
     with pytest.raises(CheckpointError, match="another config") as info:
         Trainer(other, comm).run()
     assert info.value.collective
+
+
+@pytest.mark.mpi(min_size=2)
+def test_resume_after_a_failure_with_reweighting_continues_bit_for_bit(shared_tmp):
+    """The failed rank leaves again at once and the survivors re-weight again on resume
+    (sampler batch sizes and loss scales are derived, not stored)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    flags = dict(algorithm="local", tau=3, q=2, fail=[f"{last}@5"], reweight=True)
+    full = Trainer(_config(shared_tmp, "run", **flags), comm)
+    full.run()
+    alive = comm.rank != last
+    expected_flat, expected = full.flat.flat.clone(), _losses(full)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(shared_tmp / "run" / "checkpoints" / "step-00000024")
+    comm.Barrier()
+    resumed = Trainer(_config(shared_tmp, "run", resume=True, **flags), comm)
+    resumed.run()
+    assert all_ranks(resumed.start_step == 16)
+    assert all_ranks(not alive or (resumed.sampler.batch_size, resumed.loss_scale) == (full.sampler.batch_size, full.loss_scale))
+    # Re-weighted: some survivor draws more than q*b, since a chunk lost one of its holders.
+    assert all_ranks(comm.allreduce(alive and resumed.sampler.batch_size != 2 * 8, op=MPI.LOR))
+    assert all_ranks(not alive or torch.equal(resumed.flat.flat, expected_flat))
+    assert all_ranks(not alive or _losses(resumed) == expected)

@@ -51,12 +51,14 @@ def _summary(run):
 
 def test_resume_on_3_of_4_ranks_equals_rank_3_leaving_at_the_checkpoint(shards, tmp_path):
     """q=2: rank 3's chunks are still held, so nothing is re-assigned, and the resumed job
-    follows bit for bit the uninterrupted run in which rank 3 fails at step 60."""
+    follows bit for bit the uninterrupted run in which rank 3 fails at step 60 (re-weighted:
+    the resumed job must re-weight at start, the uninterrupted one does so at the failure)."""
+    flags = ("--q", 2, "--fail", "3@60", "--reweight")
     reference = tmp_path / "reference"
-    _train(4, shards, reference, "--q", 2, "--fail", "3@60")
+    _train(4, shards, reference, *flags)
     run = tmp_path / "run"
-    _stopped_at_60(shards, run, "--q", 2, "--fail", "3@60")
-    resumed = _train(3, shards, run, "--q", 2, "--fail", "3@60", "--resume")
+    _stopped_at_60(shards, run, *flags)
+    resumed = _train(3, shards, run, *flags, "--resume")
     assert "departed" not in resumed.stderr  # rank 3 was scheduled to fail there: no re-assignment
     for rank in range(3):
         assert _records(run, rank) == _records(reference, rank)
