@@ -174,7 +174,7 @@ class Trainer:
         )
         sizes = {c: self.index.chunk_sizes[c] for c in chunks_for_rank(self.P, cfg.q, self.rank)}
         self.sampler = StratifiedSampler(sizes, cfg.batch_size, cfg.seed, self.rank)
-        for c in held_chunks(self.P, cfg.q, self.rank, self.adopted)[cfg.q :]:
+        for c in (c for c, r in self.adopted.items() if r == self.rank):
             self.sampler.adopt(c, self.index.chunk_sizes[c], cfg.batch_size)
         self.start_step = 0
         # Ranks failed (or departed) before a resume point leave at the first step.

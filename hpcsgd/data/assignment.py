@@ -43,13 +43,8 @@ def chunk_holders(
     _check_pq(P, q)
     holders = dict.fromkeys(range(int(P)), 0)
     # A set: a rank listed twice is still one holder.
-    live = set(live_ranks)
-    for rank in live:
-        _check_rank(P, rank)
-        for c in chunks_for_rank(P, q, rank):
-            holders[c] += 1
-    for c, rank in (adopted or {}).items():
-        if rank in live:
+    for rank in set(live_ranks):
+        for c in held_chunks(P, q, rank, adopted):
             holders[c] += 1
     return holders
 

@@ -167,7 +167,7 @@ class StratifiedSampler:
                 f"sampler state is for seed={seed}, rank={rank}; "
                 f"this sampler has seed={self.seed}, rank={self.rank}"
             )
-        if set(got) != set(self._orders) - (set(fresh) - set(got)):
+        if set(got) - set(self._orders) or set(self._orders) - set(got) - set(fresh):
             raise CheckpointError(
                 f"sampler state holds chunks {sorted(got)}, this rank holds {sorted(self._orders)}"
             )
