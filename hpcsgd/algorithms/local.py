@@ -25,7 +25,7 @@ class LocalSGD(Strategy):
         """On a round step, the optimizer also multiplies the model by 1/L in the same pass.
 
         The average is then a bare Allreduce: no extra pass over the model after it (that
-        pass was the whole gap between an averaging round and a raw Allreduce).
+        pass was most of the gap between an averaging round and a raw Allreduce).
         """
         size = self.coll.size
         if not (self.is_round(step) and size > 1 and isinstance(self.optimizer, ScalingSGD)):
