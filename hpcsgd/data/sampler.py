@@ -102,8 +102,12 @@ class StratifiedSampler:
                 b = batch_per_chunk[c]
             else:
                 b = batch_per_chunk
-            self._batch[c] = _check_int(f"batch per chunk (chunk {c})", b, 1)
-            self._orders[c] = _ChunkOrder(self.seed, self.rank, c, n)
+            self._hold(c, n, b)
+
+    def _hold(self, c: int, n: int, b: object) -> None:
+        """Start drawing ``b`` per step from chunk ``c`` of ``n`` samples, in this rank's order."""
+        self._batch[c] = _check_int(f"batch per chunk (chunk {c})", b, 1)
+        self._orders[c] = _ChunkOrder(self.seed, self.rank, c, n)
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -123,8 +127,7 @@ class StratifiedSampler:
         c = _check_int("chunk number", chunk, 0)
         if c in self._orders:
             raise ConfigError(f"chunk {c} is already held by this rank")
-        self._batch[c] = _check_int(f"batch per chunk (chunk {c})", batch, 1)
-        self._orders[c] = _ChunkOrder(self.seed, self.rank, c, _check_int(f"size of chunk {c}", size, 1))
+        self._hold(c, _check_int(f"size of chunk {c}", size, 1), batch)
 
     def set_batch_per_chunk(self, batch_per_chunk: Mapping[int, int]) -> None:
         """Change ``b`` per held chunk from the next batch on (re-weighting after a failure).
