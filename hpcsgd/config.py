@@ -27,6 +27,7 @@ ALGORITHMS = ("sync", "local", "rps", "lossy-allreduce")
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
 NAN_POLICIES = ("stop", "skip")
+CHUNK_WEIGHTINGS = ("size", "uniform")
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 _FAIL = re.compile(r"^(\d+)@(\d+)$")
@@ -52,6 +53,7 @@ class TrainConfig:
     epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
     steps: int = 0  # total steps; overrides epochs when > 0
     batch_size: int = 32  # samples drawn per held chunk per step (local batch = q * b)
+    chunk_weighting: str = "size"  # size | uniform: unequal chunks weigh by size (empirical risk) or 1/P each
     lr: float = 0.1  # base learning rate
     momentum: float = 0.0  # SGD momentum
     nesterov: bool = False  # Nesterov momentum
@@ -70,7 +72,7 @@ class TrainConfig:
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
     eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)
-    grad_diversity: bool = False  # log sum_i |g_i|^2 / |sum_i g_i|^2 at log steps (one Allreduce)
+    grad_diversity: bool = False  # log inter-worker and intra-worker (per-sample) gradient diversity at log steps
     eval_train_samples: int = 2048  # training-set sample for eval-time train loss (0: all)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the newest good checkpoint in run_dir
@@ -274,6 +276,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("model", cfg.model, MODELS)
     _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _choice("nan_policy", cfg.nan_policy, NAN_POLICIES)
+    _choice("chunk_weighting", cfg.chunk_weighting, CHUNK_WEIGHTINGS)
     _choice("progress", cfg.progress, PROGRESS)
     _choice("device", cfg.device, DEVICES)
     _at_least("q", cfg.q, 1)

@@ -1,10 +1,20 @@
 """Redundant cyclic chunk assignment and coverage (ALGORITHMS.md, "Data")."""
 
 from collections import Counter
+from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hpcsgd.data.assignment import adopt_orphans, chunk_holders, chunks_for_rank, coverage, reweighted_batches
+from hpcsgd.data.assignment import (
+    adopt_orphans,
+    chunk_holders,
+    chunks_for_rank,
+    coverage,
+    draws_per_step,
+    sample_plan,
+)
 from hpcsgd.errors import ConfigError
 
 ALL_PQ = [(P, q) for P in range(1, 9) for q in range(1, P + 1)]
@@ -95,36 +105,91 @@ def test_adoption_examples_and_stickiness():
         adopt_orphans(4, 1, [], [0, 1, 2, 3])
 
 
-def _chunk_weights(P, q, b, live, adopted=None):
-    """Weight of each chunk's mean gradient in the average of the live ranks' updates."""
-    plan = reweighted_batches(P, q, b, live, adopted)
+def _chunk_weights(P, q, b, live, adopted=None, sizes=None, **kwargs):
+    """Exact weight of each chunk's mean loss in the average of the live ranks' updates.
+
+    A rank's loss is ``sum_c a_c * sum_k loss_k``, so chunk c weighs ``(1/L) sum_r n_cr a_cr``.
+    """
+    plan = sample_plan(q, b, sizes or [100] * P, live, adopted, **kwargs)
     weights = Counter()
-    for batch, scale in plan.values():
-        size = sum(batch.values())
-        for c, n in batch.items():
-            weights[c] += scale * n / size / len(plan)
+    for chunks in plan.values():
+        for c, (n, a) in chunks.items():
+            weights[c] += Fraction(n) * a / len(plan)
     return weights
 
 
 @pytest.mark.parametrize("P,q", [(P, q) for P, q in ALL_PQ if P >= 2])
 def test_reweighting_gives_every_covered_chunk_an_equal_weight(P, q):
-    """Closed form: with all P chunks covered each weighs 1/P, as with no failure."""
-    b = 12 * 5 * 7  # divisible by every holder count up to 8: the split is exact
-    clean = _chunk_weights(P, q, b, range(P))
-    assert all(w == pytest.approx(1 / P) for w in clean.values())
-    for failed in range(P):
-        live = [r for r in range(P) if r != failed]
-        if coverage(P, q, live) == 1.0:
-            weights = _chunk_weights(P, q, b, live)
-            assert all(w == pytest.approx(1 / P) for w in weights.values()), weights
-        adopted = adopt_orphans(P, q, live, [failed])
-        weights = _chunk_weights(P, q, b, live, adopted)
-        assert sorted(weights) == list(range(P))
-        assert all(w == pytest.approx(1 / P) for w in weights.values()), weights
+    """Closed form: with all P chunks covered each weighs exactly 1/P, as with no failure,
+    whatever the rounding of the split (b=5 does not divide by most holder counts)."""
+    for b in (5, 12 * 5 * 7):
+        clean = _chunk_weights(P, q, b, range(P), reweight=True)
+        assert all(w == Fraction(1, P) for w in clean.values())
+        for failed in range(P):
+            live = [r for r in range(P) if r != failed]
+            if coverage(P, q, live) == 1.0:
+                weights = _chunk_weights(P, q, b, live, reweight=True)
+                assert all(w == Fraction(1, P) for w in weights.values()), weights
+            adopted = adopt_orphans(P, q, live, [failed])
+            weights = _chunk_weights(P, q, b, live, adopted, reweight=True)
+            assert sorted(weights) == list(range(P))
+            assert all(w == Fraction(1, P) for w in weights.values()), weights
+
+
+def test_reweighted_weights_sum_to_one_where_rounding_used_to_break_them():
+    """P=4, q=3, b=5, live [0, 2]: the old round(q*b/holders) split summed to 1.033."""
+    weights = _chunk_weights(4, 3, 5, [0, 2], reweight=True)
+    assert sum(weights.values()) == 1 and len(set(weights.values())) == 1
 
 
 def test_reweighting_example():
     """P=4, q=2, b=16, rank 3 gone: chunks 0 and 3 have one holder left, 1 and 2 two."""
-    plan = reweighted_batches(4, 2, 16, [0, 1, 2])
-    assert plan[0][0] == {0: 32, 1: 16} and plan[1][0] == {1: 16, 2: 16} and plan[2][0] == {2: 16, 3: 32}
-    assert plan[0][1] == pytest.approx(48 * 3 / (2 * 16 * 4)) and plan[1][1] == pytest.approx(32 * 3 / 128)
+    plan = sample_plan(2, 16, [100] * 4, [0, 1, 2], reweight=True)
+    draws = {r: {c: n for c, (n, _) in chunks.items()} for r, chunks in plan.items()}
+    assert draws[0] == {0: 32, 1: 16} and draws[1] == {1: 16, 2: 16} and draws[2] == {2: 16, 3: 32}
+    # a_cr = w_c L / (holders_c n_cr) = (1/4) * 3 / 32 for every sample: the batch sums differ.
+    assert all(a == Fraction(3, 128) for chunks in plan.values() for _, a in chunks.values())
+
+
+def test_without_reweighting_the_weights_stay_as_they_were():
+    """The papers' plain setting: a failure drops the failed rank's share, nothing moves."""
+    before = sample_plan(2, 16, [100] * 4, range(4))
+    after = sample_plan(2, 16, [100] * 4, [0, 1, 2])
+    assert all(after[r] == before[r] for r in after)
+    assert all(a == Fraction(1, 32) for chunks in before.values() for _, a in chunks.values())
+
+
+def test_adopted_chunk_weighs_as_one_holder_without_reweighting():
+    """q=1, rank 3 departs on resume and rank 0 adopts chunk 3: it must not get half weight."""
+    adopted = adopt_orphans(4, 1, [0, 1, 2], [3])
+    weights = _chunk_weights(4, 1, 16, [0, 1, 2], adopted)
+    assert len(set(weights.values())) == 1 and sorted(weights) == [0, 1, 2, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 500), min_size=2, max_size=8),
+    q_frac=st.floats(0, 1),
+    b=st.integers(1, 40),
+    failed=st.integers(0, 7),
+)
+def test_size_weighting_gives_every_sample_the_same_weight(sizes, q_frac, b, failed):
+    """chunk_weighting = size: chunk weight / chunk size is the same for every chunk (the
+    empirical risk), before a failure and, re-weighted, after one over the covered chunks."""
+    P = len(sizes)
+    q = 1 + round(q_frac * (P - 1))
+    weights = _chunk_weights(P, q, b, range(P), sizes=sizes, weighting="size")
+    assert {weights[c] / sizes[c] for c in range(P)} == {Fraction(1, sum(sizes))}
+    live = [r for r in range(P) if r != failed % P]
+    weights = _chunk_weights(P, q, b, live, sizes=sizes, weighting="size", reweight=True)
+    covered = [c for c in range(P) if weights[c] > 0]
+    assert {weights[c] / sizes[c] for c in covered} == {Fraction(1, sum(sizes[c] for c in covered))}
+
+
+def test_size_weighting_draws_in_proportion_to_size():
+    assert draws_per_step(16, [156, 451, 452, 379], "size") == [7, 20, 20, 17]
+    assert draws_per_step(16, [156, 451, 452, 379], "uniform") == [16] * 4
+    assert draws_per_step(16, [360, 360], "size") == [16, 16]
+    # Uniform: each chunk weighs 1/P whatever its size.
+    weights = _chunk_weights(4, 2, 16, range(4), sizes=[156, 451, 452, 379], weighting="uniform")
+    assert set(weights.values()) == {Fraction(1, 4)}

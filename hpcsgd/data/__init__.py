@@ -9,7 +9,8 @@ from hpcsgd.data.assignment import (
     chunks_for_rank,
     coverage,
     held_chunks,
-    reweighted_batches,
+    draws_per_step,
+    sample_plan,
 )
 from hpcsgd.data.partition import parse_partition, partition_indices
 from hpcsgd.data.sampler import StratifiedSampler, gather_batch, steps_per_epoch
@@ -25,6 +26,7 @@ from hpcsgd.data.shards import (
 from hpcsgd.data.sources import SOURCES, Dataset, load_source, validate_arrays
 
 __all__ = [
+    "draws_per_step",
     "FORMAT_VERSION",
     "SOURCES",
     "Dataset",
@@ -43,7 +45,7 @@ __all__ = [
     "parse_partition",
     "partition_indices",
     "read_index",
-    "reweighted_batches",
+    "sample_plan",
     "steps_per_epoch",
     "validate_arrays",
     "write_shards",

@@ -7,9 +7,11 @@ shared config, without communicating.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from numbers import Integral
 
+from hpcsgd.config import CHUNK_WEIGHTINGS
 from hpcsgd.errors import ConfigError
 
 
@@ -87,22 +89,65 @@ def held_chunks(P: int, q: int, rank: int, adopted: Mapping[int, int] | None = N
     return chunks_for_rank(P, q, rank) + tuple(c for c, r in (adopted or {}).items() if r == rank)
 
 
-def reweighted_batches(
-    P: int, q: int, b: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None
-) -> dict[int, tuple[dict[int, int], float]]:
-    """Per live rank: samples per held chunk and a loss scale giving every covered chunk equal weight.
+def draws_per_step(b: int, chunk_sizes: Sequence[int], weighting: str = "size") -> list[int]:
+    """Samples each chunk gives a holder per step, before any failure (ALGORITHMS.md, "Data").
 
-    Samples: each covered chunk keeps ``q*b`` per step, split over its live holders.
-    Loss scale: a rank's loss is a mean over its own batch ``B_r``, so after the average
-    of the L ranks' updates chunk c weighs ``sum_r n_cr / (B_r L)``; scaling rank r's loss
-    by ``B_r L / (q b K)`` (K covered chunks) makes that ``1/K`` for every chunk, the
-    weight each had before the failure (``1/P`` with all P chunks covered).
+    ``uniform`` draws ``b`` from every chunk; ``size`` draws in proportion to the chunk's size,
+    ``round(b * |C_c| / mean|C|)`` (at least 1), so that every chunk is walked about once per
+    epoch of ``ceil(mean|C| / b)`` steps. Equal chunks draw ``b`` either way.
     """
+    if weighting not in CHUNK_WEIGHTINGS:
+        raise ConfigError(f"chunk_weighting must be one of {', '.join(CHUNK_WEIGHTINGS)}, got {weighting!r}")
+    total, P = sum(chunk_sizes), len(chunk_sizes)
+    if weighting == "uniform" or len(set(chunk_sizes)) == 1:
+        return [int(b)] * P
+    return [max(1, round(Fraction(b * n * P, total))) for n in chunk_sizes]
+
+
+def sample_plan(
+    q: int,
+    b: int,
+    chunk_sizes: Sequence[int],
+    live_ranks: Iterable[int],
+    adopted: Mapping[int, int] | None = None,
+    *,
+    weighting: str = "size",
+    reweight: bool = False,
+) -> dict[int, dict[int, tuple[int, Fraction]]]:
+    """Per live rank, ``{chunk: (samples per step, loss weight per sample)}``.
+
+    A rank's loss is ``sum_c a_c * sum_k loss_k`` over its batch, and the strategies average
+    the ranks' updates, so chunk ``c`` weighs ``(1/L) sum_r n_cr a_cr`` in the mean update.
+    Weights are exact fractions chosen so that this is the chunk's target weight ``w_c``:
+    ``|C_c| / N`` under ``size`` (every sample weighs the same: the empirical risk), ``1/P``
+    under ``uniform``; with equal chunks every ``a_c`` is ``1/(q b)``, the plain batch mean.
+
+    Before any failure, and after one without ``reweight`` (the papers' plain setting), the
+    draws and per-sample weights stay as they were: a failed rank's share of its chunks is
+    lost, and a chunk adopted from a departed rank weighs as one holder. With ``reweight``,
+    each covered chunk keeps ``q * n_c`` draws per step split over its live holders and
+    ``a_cr = w_c L / (holders_c n_cr)``, ``w_c`` renormalised over the covered chunks: every
+    covered chunk gets back its target weight exactly, whatever the rounding of the split.
+    """
+    P = len(chunk_sizes)
+    _check_pq(P, q)
     live = sorted(set(live_ranks))
+    base = draws_per_step(b, chunk_sizes, weighting)
+    if weighting == "size":
+        target = [Fraction(n, sum(chunk_sizes)) for n in chunk_sizes]
+    else:
+        target = [Fraction(1, P)] * P
+    plan: dict[int, dict[int, tuple[int, Fraction]]] = {}
+    if not reweight:
+        for r in live:
+            plan[r] = {c: (base[c], target[c] * P / (q * base[c])) for c in held_chunks(P, q, r, adopted)}
+        return plan
     holders = chunk_holders(P, q, live, adopted)
-    covered = sum(1 for n in holders.values() if n > 0)
-    plan = {}
+    covered = [c for c in range(P) if holders[c] > 0]
+    norm = sum(target[c] for c in covered)
     for r in live:
-        batch = {c: max(1, round(b * q / holders[c])) for c in held_chunks(P, q, r, adopted)}
-        plan[r] = (batch, sum(batch.values()) * len(live) / (q * b * covered))
+        plan[r] = {}
+        for c in held_chunks(P, q, r, adopted):
+            n = max(1, round(Fraction(q * base[c], holders[c])))
+            plan[r][c] = (n, target[c] / norm * len(live) / (holders[c] * n))
     return plan

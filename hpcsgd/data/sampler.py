@@ -115,6 +115,11 @@ class StratifiedSampler:
         return tuple(self._orders)
 
     @property
+    def batch_per_chunk(self) -> dict[int, int]:
+        """Samples drawn per step from each held chunk, in batch order."""
+        return dict(self._batch)
+
+    @property
     def batch_size(self) -> int:
         """Local batch size: the sum of ``b`` over held chunks."""
         return sum(self._batch.values())
