@@ -80,6 +80,11 @@ def save(trainer: "Trainer", step: int) -> Path:
         f.attrs["counters"] = json.dumps(coll.counters.as_dict())
         f.attrs["timers"] = json.dumps(vars(trainer.timers))
         f.attrs["loss_window"] = json.dumps(trainer.loss_window)
+        f.attrs["run_totals"] = json.dumps({
+            "skipped_steps": trainer.skipped_steps,
+            "failed_counters": trainer.failed_counters.tolist(),
+            "diversity_sums": trainer.diversity_sums.tolist(),
+        })
         f.attrs["wall_s"] = float(_elapsed(trainer))
         f.flush()
         os.fsync(f.id.get_vfd_handle())
@@ -174,6 +179,10 @@ def restore(trainer: "Trainer", meta: dict) -> int:
             for key, value in json.loads(f.attrs["timers"]).items():
                 setattr(trainer.timers, key, value)
             trainer.resume_loss_window = json.loads(f.attrs["loss_window"])
+            totals = json.loads(f.attrs.get("run_totals", "{}"))  # absent in older checkpoints
+            trainer.skipped_steps = int(totals.get("skipped_steps", 0))
+            trainer.failed_counters = np.asarray(totals.get("failed_counters", [0.0] * 4), dtype=np.float64)
+            trainer.diversity_sums = np.asarray(totals.get("diversity_sums", [0.0] * 3), dtype=np.float64)
             return int(f.attrs["step"])
     except (OSError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None

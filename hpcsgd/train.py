@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,15 @@ from .data import (
     chunk_holders,
     chunks_for_rank,
     coverage,
+    draws_per_step,
     held_chunks,
     load_chunk,
     load_chunk_rows,
     load_test,
     read_index,
-    reweighted_batches,
+    sample_plan,
 )
+from .diversity import intra_gradient_diversity
 from .errors import ConfigError, ShardError, TrainingError
 from .metrics import MetricsWriter, atomic_write_text, dumps
 from .models import build_model
@@ -82,7 +85,11 @@ class Schedule:
         return cls(spe, total, log_every, max(eval_every, 0), cfg.checkpoint_every)
 
     def lr_at(self, cfg: TrainConfig, step: int) -> float:
-        """Learning rate of ``step``: warm-up, then constant, step decay or cosine."""
+        """Learning rate of ``step``: warm-up, then constant, step decay or cosine.
+
+        The cosine runs over the steps after the warm-up, so it starts at ``lr`` where the
+        warm-up ends (no jump) and reaches 0 at the end of the run.
+        """
         epoch = step / self.steps_per_epoch
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
         if warmup_steps > 0 and step < warmup_steps:
@@ -90,7 +97,10 @@ class Schedule:
         if cfg.lr_schedule == "step":
             return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
         if cfg.lr_schedule == "cosine":
-            return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+            span = self.total_steps - warmup_steps
+            # pi * steps / span in this order: without warm-up, exactly the old arithmetic.
+            angle = math.pi * (step - warmup_steps) / span if span > 0 else math.pi
+            return cfg.lr * 0.5 * (1 + math.cos(angle))
         return cfg.lr
 
 
@@ -124,7 +134,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.timers = Timers()
         self.alive = True
-        self.loss_scale = 1.0  # re-weighting after failures changes it (see _reweight)
+        self.skipped_steps = 0  # steps whose loss was not finite (nan_policy = skip)
+        # Traffic of ranks that failed, handed to the survivors as they left (summary totals).
+        self.failed_counters = np.zeros(4)
+        self.diversity_sums = np.zeros(3)  # inter, intra, count: summary means over log steps
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -133,7 +146,12 @@ class Trainer:
         self.P = self.index.parts
         agree(world, lambda: validate_for_world(cfg, self.P), "config")
         self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
-        self.faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
+        faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
+        # A failure scheduled at or after the last step never happens (warned about below).
+        self.faults = {r: s for r, s in faults.items() if s < self.schedule.total_steps}
+        if world.rank == 0:
+            for message in pointless_settings(cfg, self.schedule.total_steps):
+                print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
         self.resume_state = agree(world, self._find_resume, "resume")
         agree(world, self._assign_roles, "shards")
         self.device = agree(world, lambda: select_device(world, cfg.device), "device")
@@ -173,9 +191,10 @@ class Trainer:
             bucket_mb=cfg.bucket_mb,
         )
         sizes = {c: self.index.chunk_sizes[c] for c in chunks_for_rank(self.P, cfg.q, self.rank)}
-        self.sampler = StratifiedSampler(sizes, cfg.batch_size, cfg.seed, self.rank)
+        draws = draws_per_step(cfg.batch_size, self.index.chunk_sizes, cfg.chunk_weighting)
+        self.sampler = StratifiedSampler(sizes, {c: draws[c] for c in sizes}, cfg.seed, self.rank)
         for c in (c for c, r in self.adopted.items() if r == self.rank):
-            self.sampler.adopt(c, self.index.chunk_sizes[c], cfg.batch_size)
+            self.sampler.adopt(c, self.index.chunk_sizes[c], draws[c])
         self.start_step = 0
         # Ranks failed (or departed) before a resume point leave at the first step.
         self.live_world = list(self.roles)
@@ -190,10 +209,9 @@ class Trainer:
         self.progress = Progress(
             cfg.progress, self.schedule.total_steps, self.start_step, enabled=world.rank == 0
         )
-        if cfg.reweight and len(self.live_world) < self.P:
-            # Resumed on fewer processes: the ranks that failed or departed never join, so
-            # _apply_failures will not re-weight for them; batch sizes are not in checkpoints.
-            self._reweight()
+        # Resumed on fewer processes, the ranks that failed or departed never join, so
+        # _apply_failures will not re-plan for them; batch sizes are not in checkpoints.
+        self._plan_samples()
         if self.departed and world.rank == 0:
             self._say_resized()
 
@@ -336,6 +354,9 @@ class Trainer:
         if not failing:
             return
         self.stop.drain()  # a pending flag exchange must finish on the old communicator
+        c = self.coll.counters
+        mine = [c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped] if self.rank in failing else [0] * 4
+        self.failed_counters += self.coll.sum_float64(np.array(mine, dtype=np.float64))
         new_coll = self.coll.split_live(self.rank not in failing)
         self.live_world = [r for r in self.live_world if r not in failing]
         if new_coll is None:
@@ -343,8 +364,7 @@ class Trainer:
             return
         self.coll = new_coll
         self.strategy.set_collectives(new_coll)
-        if self.cfg.reweight:
-            self._reweight()
+        self._plan_samples()
         if self.rank == min(self.live_world) and set(failing) - set(self.departed):
             print(
                 f"hpcsgd: rank(s) {', '.join(map(str, failing))} failed at step {step}; "
@@ -353,11 +373,27 @@ class Trainer:
                 flush=True,
             )
 
-    def _reweight(self) -> None:
-        """Give every covered chunk the weight it had before the failure (see reweighted_batches)."""
-        plan = reweighted_batches(self.P, self.cfg.q, self.cfg.batch_size, self.live_world, self.adopted)
-        batch, self.loss_scale = plan[self.rank]
-        self.sampler.set_batch_per_chunk(batch)
+    def _plan_samples(self) -> None:
+        """Draws per held chunk and per-sample loss weights for the live ranks (see sample_plan).
+
+        When every sample of the batch weighs ``1/B`` the loss is torch's plain batch mean,
+        so equal chunks give exactly the trajectory of an unweighted loss.
+        """
+        cfg = self.cfg
+        plan = sample_plan(
+            cfg.q, cfg.batch_size, self.index.chunk_sizes, self.live_world, self.adopted,
+            weighting=cfg.chunk_weighting, reweight=cfg.reweight,
+        )[self.rank]
+        self.sampler.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
+        self.sample_weights = {c: a for c, (_, a) in plan.items()}
+        batch = self.sampler.batch_size
+        if all(a == Fraction(1, batch) for a in self.sample_weights.values()):
+            self.weight_vector = None
+        else:  # one weight per sample, in the sampler's batch order
+            self.weight_vector = torch.cat([
+                torch.full((n,), float(self.sample_weights[c]), dtype=self.flat.dtype)
+                for c, (n, _) in ((c, plan[c]) for c in self.sampler.chunks)
+            ]).to(self.device)
 
     def coverage(self) -> float:
         return coverage(self.P, self.cfg.q, self.live_world, self.adopted)
@@ -410,24 +446,28 @@ class Trainer:
         self.lr = lr
         self.flat.zero_grad()
         self.model.train()
-        loss = F.cross_entropy(self.model(x), y)
-        loss_value = float(loss.detach())
-        if math.isfinite(loss_value):
-            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+        loss, loss_value = self._loss(x, y)
+        finite = math.isfinite(loss_value)
+        if finite:
+            loss.backward()
+            self.loss_window.append(loss_value)
         elif cfg.nan_policy == "stop":
             raise TrainingError(
                 f"non-finite training loss ({loss_value}) at step {step} on rank {self.rank}; "
                 f"lower the learning rate, or set nan_policy = 'skip'"
             )
-        # else skip: no backward, so this rank contributes a zero gradient and takes no step
+        else:  # skip: no backward, so this rank's gradient stays zero; the strategy decides the rest
+            self.skipped_steps += 1
+        if cfg.nan_policy == "skip":
+            # Every rank learns who skipped (one tiny Allgather), so the averages count only
+            # the ranks that contributed (ALGORITHMS.md, "Non-finite steps").
+            self.strategy.contributors = self.coll.allgather_flags(finite)
         if cfg.grad_diversity and self._is_log_step(step):
-            self.diversity = self._gradient_diversity()  # diagnostics: not timed as compute
+            self.diversity = self._gradient_diversity(x, y)  # diagnostics: not timed as compute
         t2 = time.perf_counter()
         self.strategy.reduce_gradients(step)
         t3 = time.perf_counter()
-        if math.isfinite(loss_value):
-            self.strategy.optimizer_step(step)
-            self.loss_window.append(loss_value)
+        self.strategy.optimizer_step(step)
         t4 = time.perf_counter()
         self.strategy.after_step(step)
         t5 = time.perf_counter()
@@ -440,11 +480,30 @@ class Trainer:
         is_eval = sched.eval_every > 0 and done % sched.eval_every == 0
         return done % sched.log_every == 0 or is_eval or done == sched.total_steps
 
-    def _gradient_diversity(self) -> float:
-        """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over live ranks (RI-SGD's diversity), one Allreduce."""
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The loss to differentiate and, for the metrics, the plain batch mean.
+
+        With per-sample weights (unequal chunks, re-weighting) the loss is their weighted sum.
+        """
+        out = self.model(x)
+        if self.weight_vector is None:
+            loss = F.cross_entropy(out, y)
+            return loss, float(loss.detach())
+        losses = F.cross_entropy(out, y, reduction="none")
+        return torch.dot(losses, self.weight_vector), float(losses.detach().mean())
+
+    def _gradient_diversity(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Inter-worker and intra-worker gradient diversity (ALGORITHMS.md, "Gradient diversity").
+
+        Inter: ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over live ranks, one Allreduce. Intra: over
+        this rank's per-sample gradients of the batch, ``B sum_k ||h_k||^2 / ||sum_k h_k||^2``.
+        """
         total, squares = self.coll.sum_with_squared_norms(self.flat.gradient())
         denominator = float(np.dot(total, total))
-        return squares / denominator if denominator > 0 else float("nan")
+        inter = squares / denominator if denominator > 0 else float("nan")
+        intra = intra_gradient_diversity(self.model, x, y)
+        self.diversity_sums += np.array([inter, intra, 1.0])
+        return {"grad_diversity_inter": inter, "grad_diversity_intra": intra}
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return gather_on_device(self.sampler.next_batch(), self.data.chunks)
@@ -467,8 +526,10 @@ class Trainer:
             "coverage": self.coverage(),
             "consensus_distance": distance,
         }
+        if self.cfg.nan_policy == "skip":
+            record["skipped_steps"] = self.skipped_steps
         if self.cfg.grad_diversity:
-            record["grad_diversity"] = getattr(self, "diversity", None)
+            record.update(getattr(self, "diversity", {}))
         self.loss_window = []
         if evaluate:
             own = self.evaluate(self.data.x_test, self.data.y_test)
@@ -574,10 +635,14 @@ class Trainer:
                 self.timers.compute_s,
                 self.timers.comm_s,
                 self.timers.data_s,
+                self.skipped_steps,
+                *self.diversity_sums,
             ]
         )
         totals = coll.sum_float64(per_rank)
         L = coll.size
+        # Ranks that failed left their traffic with the survivors (each survivor holds the same sum).
+        totals[4:8] += self.failed_counters
         wall = time.perf_counter() - self.t_start
         if coll.rank != 0:
             return None
@@ -587,7 +652,7 @@ class Trainer:
             "ranks": self.P,
             "q": cfg.q,
             "tau": cfg.tau if cfg.algorithm in ("local", "rps") else 1,
-            "drop_rate": cfg.drop_rate,
+            "drop_rate": cfg.drop_rate if cfg.algorithm in LOSSY_ALGORITHMS else 0.0,
             "steps": self.schedule.total_steps,
             "epochs": round(self.schedule.total_steps / self.schedule.steps_per_epoch, 6),
             "rounds": c.rounds,
@@ -595,6 +660,7 @@ class Trainer:
             "bytes_sent": int(totals[4]),
             "bytes_saved": int(totals[5]),
             "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+            "skipped_steps": int(totals[11]),
             "live_ranks": L,
             "live_rank_ids": list(self.live_world),
             "coverage": self.coverage(),
@@ -614,6 +680,7 @@ class Trainer:
             "train_accuracy_rank_mean": totals[2] / L,
             "test_loss_rank_mean": totals[3] / L,
             "consensus_distance": distance,
+            **self._diversity_summary(totals[12:15]),
             "compute_s_mean": totals[8] / L,
             "comm_s_mean": totals[9] / L,
             "data_s_mean": totals[10] / L,
@@ -626,6 +693,40 @@ class Trainer:
         }
         atomic_write_text(self.run_dir / "summary.json", dumps(summary) + "\n")
         return summary
+
+    def _diversity_summary(self, sums: np.ndarray) -> dict:
+        """Mean diversities over log steps (inter: every rank logs the same value; intra: over ranks too)."""
+        if not self.cfg.grad_diversity or sums[2] == 0:
+            return {}
+        return {"grad_diversity_inter": float(sums[0] / sums[2]), "grad_diversity_intra": float(sums[1] / sums[2])}
+
+
+LOSSY_ALGORITHMS = ("rps", "lossy-allreduce")  # the ones whose messages go through the loss layer
+
+
+def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
+    """Settings that are legal but do nothing in this run, each as a one-line warning.
+
+    The summary records the effective values (drop rate 0, no such failure).
+    """
+    found = []
+    lossy = cfg.drop_rate or cfg.drop_rate_phase1 or cfg.drop_rate_phase2 or cfg.link_drop or cfg.link_drop_file
+    if lossy and cfg.algorithm not in LOSSY_ALGORITHMS:
+        found.append(
+            f"drop rates apply to rps and lossy-allreduce only; {cfg.algorithm} sends no block messages "
+            f"(recorded as drop_rate 0)"
+        )
+    if cfg.algorithm in ("sync", "lossy-allreduce"):
+        if cfg.tau != 1:
+            found.append(f"tau={cfg.tau} is ignored: {cfg.algorithm} communicates every step")
+        if cfg.average_optimizer_state:
+            found.append(f"average_optimizer_state does nothing under {cfg.algorithm} (replicas share every step)")
+    elif cfg.tau > total_steps:
+        found.append(f"tau={cfg.tau} exceeds the run's {total_steps} steps: no averaging round will happen")
+    for rank, step in sorted(cfg.faults.items()):
+        if step >= total_steps:
+            found.append(f"fail {rank}@{step} is at or after the run's last step ({total_steps - 1}): it never happens")
+    return found
 
 
 def gather_on_device(batch, chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -655,4 +756,4 @@ def _read_matrix(path: str) -> np.ndarray:
         raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
 
 
-__all__ = ["Schedule", "Trainer", "train"]
+__all__ = ["Schedule", "Trainer", "pointless_settings", "train"]

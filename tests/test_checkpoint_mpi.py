@@ -110,7 +110,7 @@ def test_resume_after_a_failure_with_reweighting_continues_bit_for_bit(shared_tm
     resumed = Trainer(_config(shared_tmp, "run", resume=True, **flags), comm)
     resumed.run()
     assert all_ranks(resumed.start_step == 16)
-    assert all_ranks(not alive or (resumed.sampler.batch_size, resumed.loss_scale) == (full.sampler.batch_size, full.loss_scale))
+    assert all_ranks(not alive or (resumed.sampler.batch_size, resumed.sample_weights) == (full.sampler.batch_size, full.sample_weights))
     # Re-weighted: some survivor draws more than q*b, since a chunk lost one of its holders.
     assert all_ranks(comm.allreduce(alive and resumed.sampler.batch_size != 2 * 8, op=MPI.LOR))
     assert all_ranks(not alive or torch.equal(resumed.flat.flat, expected_flat))

@@ -65,6 +65,19 @@ def test_exchange_lossless_is_exact_average(coll, d):
     assert all_ranks(torch.allclose(x, expected))
 
 
+def test_exchange_lossless_fast_path_is_the_two_phase_result_within_two_ulp(coll):
+    """At drop 0 the exchange runs one Allreduce; it equals the two-phase block average up to
+    float summation order (its docstring's promise): within 2 ulp, not bit for bit."""
+    P, r, d = coll.size, coll.rank, 4099
+    rng = np.random.default_rng(7)
+    vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
+    mine = vectors[r].clone()
+    BlockExchange(coll, d, LinkRates.build(P), seed=1).average(mine, step=0)
+    blockwise_average(vectors, 1, 0, LinkRates.build(P))
+    ulp = torch.finfo(torch.float32).eps * vectors[r].abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert all_ranks(bool(((mine - vectors[r]).abs() <= 2 * ulp).all()))
+
+
 @pytest.mark.parametrize("delta", [0.1, 0.5, 0.9])
 def test_exchange_matches_reference_with_drops(coll, delta):
     P, r, d = coll.size, coll.rank, 333

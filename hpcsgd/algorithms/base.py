@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from ..comm import Collectives, FlatParams
@@ -11,8 +14,11 @@ class Strategy:
     """Decides when and how ranks communicate around each optimizer step.
 
     The training loop calls, every step ``t``: backward, ``reduce_gradients(t)``,
-    ``optimizer_step(t)`` (skipped when the loss was not finite), ``after_step(t)``.
-    Strategies talk to MPI only through ``coll``.
+    ``optimizer_step(t)``, ``after_step(t)``. Under ``nan_policy = skip`` it first sets
+    :attr:`contributors` (which live ranks had a finite loss this step), and the strategy
+    decides what a skipping rank does (ALGORITHMS.md, "Non-finite steps"): by default it
+    takes no optimizer step and contributes its current model. Strategies talk to MPI only
+    through ``coll``.
     """
 
     name = "base"
@@ -22,13 +28,23 @@ class Strategy:
         self.flat = flat
         self.optimizer = optimizer
         self.tau = tau
+        self.contributors: np.ndarray | None = None  # bool per live rank; None: every rank
+
+    def contributes(self) -> bool:
+        """Whether this rank's own update counts this step (its loss was finite)."""
+        return self.contributors is None or bool(self.contributors[self.coll.rank])
+
+    def contributor_count(self) -> int:
+        """How many live ranks contribute this step."""
+        return self.coll.size if self.contributors is None else int(self.contributors.sum())
 
     def reduce_gradients(self, step: int) -> None:
         """Between backward and the optimizer step (gradient-sharing strategies)."""
 
     def optimizer_step(self, step: int) -> None:
-        """The optimizer's step (a strategy may fold its own scaling into it)."""
-        self.optimizer.step()
+        """The optimizer's step (a strategy may fold its own scaling into it); none when skipping."""
+        if self.contributes():
+            self.optimizer.step()
 
     def after_step(self, step: int) -> None:
         """After the optimizer step (model-averaging strategies)."""
@@ -45,17 +61,34 @@ class Strategy:
         """Release hooks or buffers the strategy holds on the model."""
 
 
-def average_momentum(coll: Collectives, optimizer: torch.optim.Optimizer) -> None:
-    """Average SGD momentum buffers over the live ranks in one packed Allreduce."""
-    buffers = [
-        state["momentum_buffer"]
-        for state in optimizer.state.values()
-        if state.get("momentum_buffer") is not None
-    ]
+def momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter's SGD momentum buffer, in parameter order (none when momentum is 0).
+
+    A parameter without one yet (no step taken, or a skipped first step) gets zeros, which
+    torch's SGD treats exactly like a fresh buffer, so every rank packs the same layout.
+    """
+    buffers = []
+    for group in optimizer.param_groups:
+        if not group.get("momentum", 0):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"])
+    return buffers
+
+
+def average_momentum(optimizer: torch.optim.Optimizer, average: Callable[[torch.Tensor], object]) -> None:
+    """Average SGD momentum buffers over the live ranks: packed into one vector, ``average``d in place.
+
+    Not a communication round of its own: it rides with the model's round.
+    """
+    buffers = momentum_buffers(optimizer)
     if not buffers:
         return
     packed = torch.cat([b.reshape(-1) for b in buffers])
-    coll.allreduce_mean(packed, tag="momentum")
+    average(packed)
     offset = 0
     for b in buffers:
         n = b.numel()

@@ -26,13 +26,18 @@ class LocalSGD(Strategy):
 
         The average is then a bare Allreduce: no extra pass over the model after it (that
         pass was most of the gap between an averaging round and a raw Allreduce).
+        A rank skipping a non-finite step takes no optimizer step but still scales, so that
+        it contributes its current model to a sum every rank has scaled alike.
         """
         size = self.coll.size
         if not (self.is_round(step) and size > 1 and isinstance(self.optimizer, ScalingSGD)):
-            self.optimizer.step()
+            super().optimizer_step(step)
             return
-        self.optimizer.step(scale=1.0 / size)
-        self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
+        if self.contributes():
+            self.optimizer.step(scale=1.0 / size)
+            self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
+        else:
+            self.flat.flat.mul_(1.0 / size)
         self._prescaled = True
 
     def after_step(self, step: int) -> None:
@@ -42,7 +47,7 @@ class LocalSGD(Strategy):
         if self._prescaled:
             self.coll.allreduce_sum(self.flat.flat)
             self._prescaled = False
-        else:  # a skipped (non-finite) step, or an optimizer that cannot scale
+        else:  # an optimizer that cannot scale (the same on every rank)
             self.coll.allreduce_mean(self.flat.flat)
         if self.average_optimizer_state:
-            average_momentum(self.coll, self.optimizer)
+            average_momentum(self.optimizer, lambda v: self.coll.allreduce_mean(v, tag="momentum", count_round=False))

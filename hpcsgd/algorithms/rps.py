@@ -8,6 +8,9 @@ class RPS(Strategy):
     """Every ``tau`` steps, after the local step, two-phase block averaging of the models.
 
     A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS).
+    With ``average_optimizer_state`` the momentum buffers go through the same lossy
+    exchange, in the same messages as the model's blocks (the same drop masks), so they are
+    counted as bytes but not as rounds of their own.
     """
 
     name = "rps"
@@ -17,15 +20,24 @@ class RPS(Strategy):
         self.rates = rates
         self.seed = seed
         self.average_optimizer_state = average_optimizer_state
-        self.exchange = BlockExchange(self.coll, self.flat.numel, rates, seed)
+        self._build_exchanges()
+
+    def _build_exchanges(self) -> None:
+        self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
+        self._momentum_exchange = None  # built at first use: momentum buffers appear with the first step
 
     def set_collectives(self, coll: Collectives) -> None:
         super().set_collectives(coll)
-        self.exchange = BlockExchange(coll, self.flat.numel, self.rates, self.seed)  # the cut adapts
+        self._build_exchanges()  # the cut adapts
+
+    def _average_momentum(self, vector, step: int) -> None:
+        if self._momentum_exchange is None or self._momentum_exchange.numel != vector.numel():
+            self._momentum_exchange = BlockExchange(self.coll, vector.numel(), self.rates, self.seed)
+        self._momentum_exchange.average(vector, step, count_round=False)
 
     def after_step(self, step: int) -> None:
         if not self.is_round(step):
             return
         self.exchange.average(self.flat.flat, step)
         if self.average_optimizer_state:
-            average_momentum(self.coll, self.optimizer)
+            average_momentum(self.optimizer, lambda v: self._average_momentum(v, step))

@@ -5,6 +5,12 @@ cut into buckets of about ``bucket_mb`` megabytes in reverse parameter order (th
 backward produces them), and each bucket's nonblocking Allreduce starts from a gradient hook
 as soon as its last gradient is accumulated. Later hooks poke the outstanding requests, so an
 MPI without a progress thread still moves them while backward runs.
+
+Floating buffers (BatchNorm running statistics) ride in the first bucket, packed behind the
+gradients (``FlatParams.packed``): they are final once forward has run, and averaging them
+every step keeps the replicas identical (consensus distance 0). A rank that skips a
+non-finite step sends zeros and the mean is over the ranks that contributed; every rank then
+applies the same averaged step.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class SyncSGD(Strategy):
         params = self.flat.parameters
         offsets = self.flat.param_offsets
         bucket_of: dict[int, int] = {}
-        hi, count, size = None, 0, 0
+        hi, count, size = self.flat.numel, 0, 0  # the first bucket also carries the buffers
         # Walk parameters backwards: contiguous ranges of the flat buffer, filled in the
         # order autograd finishes them.
         for index in reversed(range(len(params))):
@@ -71,11 +77,22 @@ class SyncSGD(Strategy):
 
     def _start(self, bucket: int) -> None:
         lo, hi = self._buckets[bucket]
-        self._requests[bucket] = self.coll.iallreduce_mean(self.flat.grad[lo:hi], tag=f"bucket{bucket}")
+        if hi > self.flat.n_params:
+            self.flat.pack_buffers(self.contributes())
+        self._requests[bucket] = self.coll.iallreduce_mean(
+            self.flat.packed[lo:hi], tag=f"bucket{bucket}", count=self.contributor_count()
+        )
+
+    def optimizer_step(self, step: int) -> None:
+        """Every rank applies the averaged gradient, a skipping one too (none if all skipped)."""
+        if self.contributor_count() > 0:
+            self.optimizer.step()
 
     def reduce_gradients(self, step: int) -> None:
         if not self.overlap:
-            self.coll.allreduce_mean(self.flat.grad, tag="grad")
+            self.flat.pack_buffers(self.contributes())
+            self.coll.allreduce_mean(self.flat.packed, tag="grad", count=self.contributor_count())
+            self._take_buffers()
             return
         for bucket in range(len(self._buckets)):
             if bucket not in self._requests:  # no backward this step (a skipped NaN loss), or unused params
@@ -86,6 +103,11 @@ class SyncSGD(Strategy):
         self.coll.counters.rounds -= len(self._buckets) - 1
         self._requests.clear()
         self._pending = list(self._counts)
+        self._take_buffers()
+
+    def _take_buffers(self) -> None:
+        if self.contributor_count() > 0:  # with no contribution the sum is zeros: keep our own
+            self.flat.unpack_buffers()
 
     def close(self) -> None:
         for handle in self._hooks:

@@ -144,14 +144,17 @@ class Collectives:
         return host.numpy(), host
 
     # -- averaging ---------------------------------------------------------------------
-    def iallreduce_mean(self, tensor: torch.Tensor, tag: str = "avg") -> AverageRequest:
-        """Start averaging ``tensor`` in place over the live ranks; finish with ``wait()``."""
+    def iallreduce_mean(self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None) -> AverageRequest:
+        """Start averaging ``tensor`` in place over the live ranks; finish with ``wait()``.
+
+        ``count``: how many ranks contributed (the others sent zeros); default all of them.
+        """
         buf, host = self.mpi_view(tensor, tag)
         request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._count_allreduce(tensor)
-        return AverageRequest(request, tensor, host, self.size)
+        return AverageRequest(request, tensor, host, self.size if count is None else max(count, 1))
 
-    def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg") -> torch.Tensor:
+    def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
         """Sum ``tensor`` in place over the live ranks (one blocking Allreduce).
 
         Blocking, not a request and ``Wait``: with nothing to overlap, MPICH's blocking
@@ -159,25 +162,31 @@ class Collectives:
         """
         buf, host = self.mpi_view(tensor, tag)
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        self._count_allreduce(tensor)
+        self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         return tensor
 
-    def allreduce_mean(self, tensor: torch.Tensor, tag: str = "avg") -> torch.Tensor:
+    def allreduce_mean(
+        self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
+    ) -> torch.Tensor:
         """Average ``tensor`` in place over the live ranks: ``(1/L) * sum``, as ALGORITHMS.md writes it.
 
         The multiply (cheaper than a divide) is one more pass over ``tensor``; local SGD
-        folds it into the optimizer step instead and calls :meth:`allreduce_sum`.
+        folds it into the optimizer step instead and calls :meth:`allreduce_sum`. ``count``:
+        how many ranks contributed (the others sent zeros); with none the sum, zero, is kept.
+        ``count_round``: whether this Allreduce is a communication round of the algorithm
+        (momentum averaged beside a model round is not one of its own).
         """
-        self.allreduce_sum(tensor, tag)
-        if self.size != 1:
-            tensor.mul_(1.0 / self.size)
+        self.allreduce_sum(tensor, tag, count_round)
+        divisor = self.size if count is None else count
+        if divisor > 1:
+            tensor.mul_(1.0 / divisor)
         return tensor
 
-    def _count_allreduce(self, tensor: torch.Tensor) -> None:
+    def _count_allreduce(self, tensor: torch.Tensor, count_round: bool = True) -> None:
         size = self.size
-        self.counters.rounds += 1
+        self.counters.rounds += int(count_round)
         if size > 1:
             self.counters.bytes_sent += int(2 * (size - 1) * tensor.numel() * tensor.element_size() // size)
 
@@ -189,6 +198,12 @@ class Collectives:
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         return tensor
+
+    def allgather_flags(self, flag: bool) -> np.ndarray:
+        """Every live rank's boolean, in live-rank order (who skipped a non-finite step)."""
+        out = np.empty(self.size, dtype=np.uint8)
+        self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
+        return out.astype(bool)
 
     def sum_float64(self, values: np.ndarray) -> np.ndarray:
         """Allreduce-sum of a float64 array (diagnostics: consensus distance, eval counts)."""

@@ -71,25 +71,48 @@ class BlockExchange:
         }
         return full[1][np.ix_(world, world)], full[2][np.ix_(world, world)]
 
-    def average(self, tensor: torch.Tensor, step: int) -> ExchangeReport:
-        """Replace ``tensor`` in place by its block-wise average over the messages that arrived."""
+    def average(
+        self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True
+    ) -> ExchangeReport:
+        """Replace ``tensor`` in place by its block-wise average over the messages that arrived.
+
+        Args:
+            contributors: bool per live rank, None for all: a block's average counts only
+                the contributing ranks among those whose message arrived (a rank that
+                skipped a non-finite step); a block with none of them has no average, and
+                every rank keeps its own values there, as where an average is lost.
+            count_round: whether this exchange is a round of its own (momentum riding with
+                the model's round is not).
+        """
         if tensor.numel() != self.numel or tensor.dtype != torch.float32:
             raise ValueError(f"exchange expects a float32 vector of {self.numel} elements")
         size, me = self.coll.size, self.coll.rank
         if size == 1:
-            self.coll.counters.rounds += 1
+            self.coll.counters.rounds += int(count_round)
             return ExchangeReport(0, 0, 0, 0)
+        if contributors is not None and not contributors.any():
+            return ExchangeReport(0, 0, 0, 0)  # nothing to average: every rank keeps its values
         buf, host = self.coll.mpi_view(tensor, "exchange")
         arrived1, arrived2 = self.masks(step)
+        if contributors is not None and not self._lossless:
+            # A block whose arrived messages all came from non-contributors has no average:
+            # its owner sends none, and every rank keeps its own values there.
+            arrived2 = arrived2 & (arrived1 & contributors[:, None]).any(axis=0)[:, None]
         if self._lossless:
-            # Nothing can be dropped: both phases together are exactly the mean of the live
-            # ranks' vectors, which the MPI library's tuned Allreduce computes faster than two
-            # Alltoallv's. Traffic is counted as the exchange's, message for message.
+            # Nothing can be dropped: both phases together are the mean of the live ranks'
+            # vectors, which the MPI library's tuned Allreduce computes faster than two
+            # Alltoallv's. It equals the two-phase result up to float summation order (the
+            # Allreduce may add in another order: 1-2 ulp apart for P=4, see the tests).
+            # Traffic is counted as the exchange's, message for message.
+            if contributors is not None and not contributors[me]:
+                buf[...] = 0  # everything arrives, so its own values are replaced anyway
             self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             if host is not None:
                 tensor.copy_(host.view_as(tensor))
-            tensor.mul_(1.0 / size)
-            return self._account(arrived1, arrived2, me, self.sizes, self._my_size, tensor.element_size())
+            count = size if contributors is None else int(contributors.sum())
+            if count > 1:
+                tensor.mul_(1.0 / count)
+            return self._account(arrived1, arrived2, me, self.sizes, self._my_size, tensor.element_size(), count_round)
         comm = self.coll.comm
         offsets, sizes, stride = self.offsets[:-1], self.sizes, self._stride
         my_size = self._my_size
@@ -106,11 +129,13 @@ class BlockExchange:
         # Sum the rows that arrived (row by row: about 20% faster than np.sum over axis 0,
         # which the profile showed as the round's third-largest cost), then divide.
         avg = self._avg[:my_size]
-        arrived_rows = np.flatnonzero(from_rows)
-        np.copyto(avg, self._recv[arrived_rows[0], :my_size])
-        for i in arrived_rows[1:]:
-            np.add(avg, self._recv[i, :my_size], out=avg)
-        np.multiply(avg, np.float32(1.0 / len(arrived_rows)), out=avg)
+        counted = from_rows if contributors is None else from_rows & contributors
+        arrived_rows = np.flatnonzero(counted)
+        if len(arrived_rows):  # else no average of this block is sent (see arrived2)
+            np.copyto(avg, self._recv[arrived_rows[0], :my_size])
+            for i in arrived_rows[1:]:
+                np.add(avg, self._recv[i, :my_size], out=avg)
+            np.multiply(avg, np.float32(1.0 / len(arrived_rows)), out=avg)
 
         # Phase 2: w_j -> every rank i, received in place into v_i[B_j] where it arrived.
         send_counts2 = np.where(arrived2[me], my_size, 0)
@@ -123,10 +148,9 @@ class BlockExchange:
         if host is not None:
             tensor.copy_(host.view_as(tensor))
 
-        report = self._account(arrived1, arrived2, me, sizes, my_size, tensor.element_size())
-        return report
+        return self._account(arrived1, arrived2, me, sizes, my_size, tensor.element_size(), count_round)
 
-    def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize) -> ExchangeReport:
+    def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> ExchangeReport:
         """Count this rank's sends: off-diagonal messages only (its own block stays home)."""
         others = np.ones(self.coll.size, dtype=bool)
         others[me] = False
@@ -139,7 +163,7 @@ class BlockExchange:
             messages_dropped=int(lost1.sum() + lost2.sum()),
         )
         c = self.coll.counters
-        c.rounds += 1
+        c.rounds += int(count_round)
         c.bytes_sent += report.bytes_sent
         c.bytes_saved += report.bytes_saved
         c.messages_sent += report.messages_sent

@@ -4,7 +4,9 @@ Every collective then runs on one buffer (no per-parameter calls), and strategie
 model as the vector ``x`` of ALGORITHMS.md: parameters first, floating buffers (BatchNorm
 running statistics) after them, in module order. Gradients live in a second flat buffer whose
 slices are the parameters' ``.grad`` (autograd accumulates into them in place, as PyTorch
-DDP's ``gradient_as_bucket_view`` relies on).
+DDP's ``gradient_as_bucket_view`` relies on); it has room after the gradients for a copy of
+the floating buffers, so gradient-sharing strategies average both in one message
+(ALGORITHMS.md: sync averages BatchNorm statistics every step, packed with the gradients).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ class FlatParams:
     Attributes:
         flat: parameters then floating buffers, the vector strategies average and exchange.
         params: the view ``flat[:n_params]``.
-        grad: flat gradient buffer (or None); ``p.grad`` of every parameter is a view into it.
+        buffers: the view ``flat[n_params:]`` (floating buffers; may be empty).
+        packed: ``[gradients | copy of the floating buffers]`` (or None), what sync and
+            lossy-allreduce communicate.
+        grad: ``packed[:n_params]`` (or None); ``p.grad`` of every parameter is a view into it.
     """
 
     def __init__(self, model: nn.Module, flat_grad: bool = True):
@@ -49,7 +54,8 @@ class FlatParams:
         self.n_params = sum(p.numel() for p in params)
         self.numel = self.n_params + sum(buf.numel() for _, _, buf in buffers)
         self.flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self.grad = torch.zeros(self.n_params, dtype=self.dtype, device=self.device) if flat_grad else None
+        self.packed = torch.zeros(self.numel, dtype=self.dtype, device=self.device) if flat_grad else None
+        self.grad = self.packed[: self.n_params] if flat_grad else None
         self.params = self.flat[: self.n_params]
         self.buffers = self.flat[self.n_params :]
 
@@ -81,6 +87,22 @@ class FlatParams:
         else:
             for p in self.parameters:
                 p.grad = None
+
+    @property
+    def n_buffers(self) -> int:
+        """Number of floating buffer values (BatchNorm statistics), 0 for most MLPs."""
+        return self.numel - self.n_params
+
+    def pack_buffers(self, contribute: bool = True) -> None:
+        """Copy the floating buffers behind the gradients in ``packed`` (zeros: no contribution)."""
+        if self.n_buffers:
+            tail = self.packed[self.n_params :]
+            tail.copy_(self.buffers) if contribute else tail.zero_()
+
+    def unpack_buffers(self) -> None:
+        """Take the (averaged) floating buffers back from ``packed``."""
+        if self.n_buffers:
+            self.buffers.copy_(self.packed[self.n_params :])
 
     def gradient(self) -> torch.Tensor:
         """The current gradient as one vector (a copy when there is no flat gradient buffer)."""
