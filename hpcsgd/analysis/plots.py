@@ -195,27 +195,39 @@ def plot_time_breakdown(runs: list[Run], out_dir: Path) -> Figure:
     return Figure(name, title, path)
 
 
+DIVERSITY_MEASURES = (("grad_diversity_intra", "intra-worker", "o-"), ("grad_diversity_inter", "inter-worker", "s--"))
+
+
 def plot_grad_diversity(runs: list[Run], out_dir: Path) -> Figure:
-    """Mean gradient diversity against the redundancy q, one line per other setting."""
+    """Mean gradient diversity against the redundancy q: both measures, one line per other setting.
+
+    Intra-worker (per-sample gradients of one batch, the RI-SGD paper's measure) solid,
+    inter-worker (the ranks' mini-batch gradients) dashed; older runs logged only the
+    inter-worker one, as ``grad_diversity``.
+    """
     name, title = "grad_diversity_vs_q", "Gradient diversity vs redundancy q"
-    have = [run for run in runs if run.has("grad_diversity") and isinstance(run.config.get("q"), int)]
+    measures = [*DIVERSITY_MEASURES, ("grad_diversity", "inter-worker", "s--")]
+    have = [run for run in runs if any(run.has(m) for m, _, _ in measures) and isinstance(run.config.get("q"), int)]
     if not have:
-        return Figure(name, title, None, "skipped: no run logged grad_diversity")
+        return Figure(name, title, None, "skipped: no run logged gradient diversity")
     others = [k for k in differing_keys(have) if k != "q"]
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
     for run in have:
         label = ", ".join(f"{k}={format_value(run.config.get(k))}" for k in others) or "all runs"
-        _, ys = run.curve("grad_diversity", x="step")
-        series.setdefault(label, []).append((run.config["q"], float(np.mean(ys))))
+        for metric, measure, style in measures:
+            if run.has(metric):
+                _, ys = run.curve(metric, x="step")
+                series.setdefault((label, measure, style), []).append((run.config["q"], float(np.nanmean(ys))))
     fig, ax = _new_figure()
-    colors = _colors(len(series))
-    for color, (label, points) in zip(colors, series.items()):
+    labels = list(dict.fromkeys(label for label, _, _ in series))
+    colors = dict(zip(labels, _colors(len(labels))))
+    for (label, measure, style), points in series.items():
         qs, values = zip(*sorted(points))
-        ax.plot(qs, values, "o-", color=color, label=label)
+        ax.plot(qs, values, style, color=colors[label], label=f"{measure}, {label}" if others else measure)
     all_q = sorted({q for points in series.values() for q, _ in points})
     ax.set_xticks(all_q)
     xlabel, ylabel = "redundancy q (chunks per rank)", "gradient diversity (mean over run)"
-    path = _finish(fig, ax, out_dir / f"{name}.png", title, xlabel, ylabel, legend=bool(others))
+    path = _finish(fig, ax, out_dir / f"{name}.png", title, xlabel, ylabel, legend=True)
     return Figure(name, title, path)
 
 
