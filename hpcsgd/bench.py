@@ -25,6 +25,7 @@ import numpy as np
 
 DEFAULT_PARAMS = 5_800_000
 SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
+SECTIONS = ("exchange", "ddp", "local", "api", "data", "accuracy")
 TABLE = Path(__file__).resolve().parents[1] / "tools" / "scaling.json"
 
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller workloads (under 2 minutes)")
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="flat model size for the exchange rows (default 5.8M)")
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per measurement (default 20, 5 with --quick)")
-    parser.add_argument("--only", choices=("exchange", "ddp", "local", "data", "accuracy"), action="append",
+    parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable; default: all)")
     parser.add_argument("--scaling", action="store_true", help="only the exchange-time vs model-size table for this rank count")
     parser.add_argument("--project", action="store_true", help="fit the cost model to a scaling table and project to 16-1024 ranks")
@@ -59,8 +60,11 @@ def time_interleaved(comm, fns: dict[str, Callable[[], object]], reps: int, warm
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _row(name: str, seconds: float, ratio: float | None, target: float | None, higher_is_better: bool = False, **extra) -> dict:
-    return {"name": name, "seconds": seconds, "ratio": ratio, "target": target, "higher_is_better": higher_is_better, **extra}
+def _row(key: str, name: str, seconds: float, ratio: float | None, target: float | None, higher_is_better: bool = False,
+         **extra) -> dict:
+    """One result; ``key`` is stable across runs and versions (``name`` is for people and may change)."""
+    return {"key": key, "name": name, "seconds": seconds, "ratio": ratio, "target": target,
+            "higher_is_better": higher_is_better, **extra}
 
 
 def _mlp(params: int):
@@ -121,13 +125,13 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     mb = f"{flat.numel / 1e6:.1f}M params"
     whole = (m["opt_round"] + m["avg"]) / (m["opt"] + m["raw"])
     return [
-        _row(f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None),
-        _row("averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.10),
-        _row("round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05),
-        _row("round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10),
-        _row("RPS round, drop 0 / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.15),
-        _row("RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15),
-        _row("drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02),
+        _row("allreduce_raw", f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None),
+        _row("avg_round_vs_allreduce", "averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.10),
+        _row("round_opt_vs_plain_opt", "round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05),
+        _row("round_step_vs_opt_allreduce", "round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10),
+        _row("rps0_vs_allreduce", "RPS round, drop 0 / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.15),
+        _row("rps10_vs_allreduce", "RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15),
+        _row("drop_masks_vs_rps10", "drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02),
     ]
 
 
@@ -212,32 +216,42 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
 
         m = time_interleaved(comm, {"h": step_h, "d": step_d}, reps, warmup)
         strategy.close()
-        rows.append(_row(f"sync-SGD step / DDP step, {name}, batch {len(x)}", m["h"], m["h"] / m["d"], 1.0, ddp_ms=m["d"] * 1e3))
+        rows.append(_row(f"sync_vs_ddp_{kind}", f"sync-SGD step / DDP step, {name}, batch {len(x)}", m["h"], m["h"] / m["d"], 1.0, ddp_ms=m["d"] * 1e3))
     return rows
 
 
 def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[dict]:
-    """Local SGD (tau 8) mean step vs torch's PeriodicModelAverager mean step."""
+    """Local SGD (tau 8) through the public API vs torch's PeriodicModelAverager: mean step.
+
+    Both sides are a user's loop over a plain ``torch.optim.SGD``: ``zero_grad``, backward,
+    then ``strategy.step()`` or ``opt.step()`` + ``average_parameters``.
+    """
     import torch
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
+    from .strategies import LocalSGD
+    from .world import init
+
     _gloo_group(comm)
+    world = init(comm, device="cpu")
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = _models(kind, quick)
-        model_h, flat, opt_h, strategy = _hpcsgd_side(comm, builder, "local", momentum=0.0, tau=tau)
+        torch.manual_seed(0)
+        model_h = builder()
+        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01)
+        strategy = LocalSGD(model_h, opt_h, world, tau=tau)
         torch.manual_seed(0)
         model_d = builder()
         opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01)
         averager = PeriodicModelAverager(period=tau, warmup_steps=0)
 
         def block_h():
-            for t in range(tau):
-                flat.zero_grad()
+            for _ in range(tau):
+                opt_h.zero_grad()
                 F.cross_entropy(model_h(x), y).backward()
-                strategy.optimizer_step(t)
-                strategy.after_step(t)
+                strategy.step()
 
         def block_d():
             for _ in range(tau):
@@ -247,8 +261,71 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
                 averager.average_parameters(model_d.parameters())
 
         m = time_interleaved(comm, {"h": block_h, "d": block_d}, max(3, reps // 2), max(1, warmup // 2))
-        rows.append(_row(f"local-SGD tau {tau} step / PeriodicModelAverager, {name}", m["h"] / tau, m["h"] / m["d"], 1.0))
+        rows.append(_row(f"local{tau}_api_vs_pma_{kind}", f"local-SGD tau {tau} step (hpcsgd.LocalSGD) / PeriodicModelAverager, {name}",
+                         m["h"] / tau, m["h"] / m["d"], 1.0))
     return rows
+
+
+def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[dict]:
+    """A user's loop step (RedundantSampler, plain SGD, ``hpcsgd.LocalSGD.step()``) vs ``hpcsgd train``'s step.
+
+    The same MLP, data, q, batch and tau on both sides; the CLI side is ``Trainer.train_step``
+    over shards of the same samples, the user side indexes a tensor data set with the
+    sampler's indices. Timed over blocks of ``tau`` steps (one averaging round each).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .config import build_config
+    from .data import load_source, write_shards
+    from .models import build_model
+    from .redundant import RedundantSampler
+    from .strategies import LocalSGD
+    from .train import Trainer
+    from .world import init
+
+    q, b = min(2, comm.size), 32
+    data = load_source("synthetic", seed=0, n_train=2048 if quick else 8192, n_test=64, num_classes=10, input_shape=(3, 32, 32))
+    tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
+    if comm.rank == 0:
+        write_shards(data, comm.size, "iid", Path(tmp) / "s", seed=0)
+    comm.Barrier()
+    cfg = build_config({"data": f"{tmp}/s", "run_dir": f"{tmp}/run", "algorithm": "local", "q": q, "tau": tau,
+                        "batch_size": b, "lr": 0.01, "steps": 10**6, "progress": "none", "model": "mlp"})
+    trainer = Trainer(cfg, comm)
+    trainer.setup()
+    trainer.loss_window = []  # run() starts it; the bench calls train_step alone
+    world = init(comm, device="cpu")
+    X, Y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    sampler = RedundantSampler(torch.utils.data.TensorDataset(X, Y), world, q=q, batch_size=b, seed=0)
+    torch.manual_seed(0)
+    model = build_model("mlp", (3, 32, 32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    strategy = LocalSGD(model, opt, world, tau=tau)
+    cli_steps = iter(range(10**9))
+
+    def user_block():
+        for _ in range(tau):
+            idx = sampler.next_indices()
+            x, y = X[idx], Y[idx]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            strategy.step()
+
+    def cli_block():
+        for _ in range(tau):
+            trainer.train_step(next(cli_steps))
+
+    m = time_interleaved(comm, {"api": user_block, "cli": cli_block}, max(3, reps // 2), max(1, warmup // 2))
+    trainer.api.close()
+    trainer.metrics.close()
+    comm.Barrier()
+    if comm.rank == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [_row("api_step_vs_cli_step", f"user-loop step (hpcsgd.LocalSGD tau {tau}) / hpcsgd train step, MLP, batch {q * b}",
+                 m["api"] / tau, m["api"] / m["cli"], 1.02)]
 
 
 def _rss_mb() -> float:
@@ -308,9 +385,9 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
         shutil.rmtree(tmp, ignore_errors=True)
     total_mb = index.train_size * (3 * 32 * 32 * 4 + 8) / 2**20
     return [
-        _row(f"HDF5 sampler batches/s / ResNet-20 steps/s (batch {q * b})", per_batch, m["step"] / per_batch, 10.0,
+        _row("sampler_vs_step_rate", f"HDF5 sampler batches/s / ResNet-20 steps/s (batch {q * b})", per_batch, m["step"] / per_batch, 10.0,
              higher_is_better=True),
-        _row(f"resident MB per rank for its data / q/P share ({share_mb:.0f} of {total_mb:.0f} MB)", grown_max,
+        _row("resident_vs_share", f"resident MB per rank for its data / q/P share ({share_mb:.0f} of {total_mb:.0f} MB)", grown_max,
              grown_max / share_mb if share_mb else None, 1.25),
     ]
 
@@ -345,7 +422,7 @@ def accuracy_rows(comm, quick: bool) -> list[dict]:
 
         shutil.rmtree(tmp, ignore_errors=True)
     s, r = times["sync"], times["risgd"]
-    return [_row(f"time to {target:.0%} test accuracy on digits: RI-SGD / sync", r if r else float("nan"),
+    return [_row("time_to_accuracy_risgd_vs_sync", f"time to {target:.0%} test accuracy on digits: RI-SGD / sync", r if r else float("nan"),
                  (r / s) if (r and s) else None, None, sync_s=s, risgd_s=r)]
 
 
@@ -494,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
                       f"alltoall {r['alltoall_s'] * 1e3:9.3f} ms", flush=True)
             _write_json(args.json, rows)
         return 0
-    sections = args.only or ["exchange", "ddp", "local", "data", "accuracy"]
+    sections = args.only or list(SECTIONS)
     rows: list[dict] = []
     start = time.perf_counter()
     if comm.rank == 0:
@@ -507,6 +584,8 @@ def run(args: argparse.Namespace) -> int:
             new = ddp_rows(comm, reps, warmup, args.quick)
         elif section == "local":
             new = local_rows(comm, reps, warmup, args.quick)
+        elif section == "api":
+            new = api_rows(comm, reps, warmup, args.quick)
         elif section == "data":
             new = data_rows(comm, reps, args.quick)
         else:

@@ -30,6 +30,8 @@ NAN_POLICIES = ("stop", "skip")
 CHUNK_WEIGHTINGS = ("size", "uniform")
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
+# A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
+_MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FAIL = re.compile(r"^(\d+)@(\d+)$")
 _STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
 
@@ -48,7 +50,7 @@ class TrainConfig:
     drop_rate_phase2: float | None = None  # override of drop_rate for RPS phase 2 (gather)
     link_drop: list[str] = field(default_factory=list)  # rules 'to:R=x', 'from:R=x', 'S->D=x'
     link_drop_file: str = ""  # P x P drop-rate matrix (.npy or .csv), rows = sender
-    model: str = "mlp"  # mlp | lenet | resnet20 | resnet56 | resnet110
+    model: str = "mlp"  # mlp | lenet | resnet20 | resnet56 | resnet110 | pkg.module:factory (your own)
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP hidden widths
     epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
     steps: int = 0  # total steps; overrides epochs when > 0
@@ -273,7 +275,8 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.run_dir:
         raise ConfigError("run_dir (--run-dir) is required")
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
-    _choice("model", cfg.model, MODELS)
+    if cfg.model not in MODELS and not _MODEL_FACTORY.match(cfg.model):
+        raise ConfigError(f"model must be one of {', '.join(MODELS)} or pkg.module:factory (your own), got {cfg.model!r}")
     _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _choice("nan_policy", cfg.nan_policy, NAN_POLICIES)
     _choice("chunk_weighting", cfg.chunk_weighting, CHUNK_WEIGHTINGS)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint as ckpt
-from .algorithms import make_strategy
-from .comm import Collectives, FlatParams, LinkRates
+from .comm import LinkRates
 from .comm.agree import agree
 from .comm.device import default_threads, local_rank_and_size, select_device
 from .config import TrainConfig, validate_for_world
@@ -47,6 +46,9 @@ from .models import build_model
 from .optim import ScalingSGD
 from .progress import Progress
 from .stop import StopSignal
+from .strategies import build as build_strategy
+from .user_model import build_user_model, is_factory_spec
+from .world import world_for_run
 
 EVAL_BATCH = 1024
 
@@ -165,10 +167,6 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = agree(world, self._build_model, "model").to(self.device)
-        # Only gradient-sharing strategies need a flat gradient buffer (see FlatParams).
-        self.flat = FlatParams(self.model, flat_grad=cfg.algorithm in ("sync", "lossy-allreduce"))
-        self.coll = Collectives(world, self.roles)
-        self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
         self.optimizer = ScalingSGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -176,20 +174,11 @@ class Trainer:
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
         )
-        self.strategy = make_strategy(
-            cfg.algorithm,
-            self.coll,
-            self.flat,
-            self.optimizer,
-            tau=cfg.tau,
-            rates=self.rates,
-            seed=cfg.seed,
-            average_optimizer_state=cfg.average_optimizer_state,
-            # Diversity needs each rank's own gradient, which an overlapped average
-            # overwrites during backward.
-            overlap=cfg.overlap and not cfg.grad_diversity,
-            bucket_mb=cfg.bucket_mb,
-        )
+        # The strategy a user would build (hpcsgd.SyncSGD, ...): it moves the model into a
+        # flat buffer, broadcasts rank 0's copy and takes every step.
+        run_world = world_for_run(world, self.roles, self.P, self.device)
+        self.api = build_strategy(cfg.algorithm, self.model, self.optimizer, run_world, **self._strategy_options())
+        self.flat, self.coll, self.strategy = self.api.flat, self.api.coll, self.api.algorithm
         sizes = {c: self.index.chunk_sizes[c] for c in chunks_for_rank(self.P, cfg.q, self.rank)}
         draws = draws_per_step(cfg.batch_size, self.index.chunk_sizes, cfg.chunk_weighting)
         self.sampler = StratifiedSampler(sizes, {c: draws[c] for c in sizes}, cfg.seed, self.rank)
@@ -204,6 +193,8 @@ class Trainer:
                 agree(world, lambda: ckpt.restore(self, self.resume_state), "resume")
             else:
                 agree(world, lambda: None, "resume")
+        self.api.steps = self.start_step
+        self.api.failed_counters = self.failed_counters  # one array: restored totals, then new failures
         self.metrics = MetricsWriter(self.run_dir, self.rank, self.start_step if self.resume_state else None)
         self.stop = StopSignal()
         self.progress = Progress(
@@ -215,8 +206,24 @@ class Trainer:
         if self.departed and world.rank == 0:
             self._say_resized()
 
+    def _strategy_options(self) -> dict:
+        """The options of ``cfg.algorithm``'s strategy, from the config."""
+        cfg = self.cfg
+        if cfg.algorithm == "sync":
+            # Diversity needs each rank's own gradient, which an overlapped average
+            # overwrites during backward.
+            return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb}
+        if cfg.algorithm == "local":
+            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state}
+        lossy = {"rates": self.rates, "seed": cfg.seed}
+        if cfg.algorithm == "rps":
+            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, **lossy}
+        return lossy
+
     def _build_model(self):
         shape = tuple(self.index.input_shape)
+        if is_factory_spec(self.cfg.model):
+            return build_user_model(self.cfg.model, shape, self.index.num_classes)
         try:
             return build_model(self.cfg.model, shape, self.index.num_classes, tuple(self.cfg.mlp_hidden))
         except ConfigError as exc:
@@ -354,16 +361,12 @@ class Trainer:
         if not failing:
             return
         self.stop.drain()  # a pending flag exchange must finish on the old communicator
-        c = self.coll.counters
-        mine = [c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped] if self.rank in failing else [0] * 4
-        self.failed_counters += self.coll.sum_float64(np.array(mine, dtype=np.float64))
-        new_coll = self.coll.split_live(self.rank not in failing)
+        still_alive = self.api.fail(failing)
         self.live_world = [r for r in self.live_world if r not in failing]
-        if new_coll is None:
+        if not still_alive:
             self.alive = False
             return
-        self.coll = new_coll
-        self.strategy.set_collectives(new_coll)
+        self.coll = self.api.coll
         self._plan_samples()
         if self.rank == min(self.live_world) and set(failing) - set(self.departed):
             print(
@@ -425,7 +428,7 @@ class Trainer:
         self.progress.close()
         ckpt.save(self, sched.total_steps)
         summary = self.finish()
-        self.strategy.close()
+        self.api.close()
         self.metrics.close()
         return summary
 
@@ -461,16 +464,13 @@ class Trainer:
         if cfg.nan_policy == "skip":
             # Every rank learns who skipped (one tiny Allgather), so the averages count only
             # the ranks that contributed (ALGORITHMS.md, "Non-finite steps").
-            self.strategy.contributors = self.coll.allgather_flags(finite)
+            self.api.set_contributors(self.coll.allgather_flags(finite))
         if cfg.grad_diversity and self._is_log_step(step):
             self.diversity = self._gradient_diversity(x, y)  # diagnostics: not timed as compute
         t2 = time.perf_counter()
-        self.strategy.reduce_gradients(step)
-        t3 = time.perf_counter()
-        self.strategy.optimizer_step(step)
-        t4 = time.perf_counter()
-        self.strategy.after_step(step)
-        t5 = time.perf_counter()
+        marks: list[float] = []
+        self.api.step(marks)  # the user's strategy.step(): exchange, optimizer step, averaging round
+        t3, t4, t5 = marks
         timers.data_s += t1 - t0
         timers.compute_s += (t2 - t1) + (t4 - t3)
         timers.comm_s += (t3 - t2) + (t5 - t4)

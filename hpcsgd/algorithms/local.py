@@ -4,7 +4,7 @@ RI-SGD is this strategy run on a q-redundant data assignment; redundancy lives e
 the data layer, so the communication pattern is local SGD's.
 """
 
-from ..optim import ScalingSGD
+from ..optim import can_scale, scaled_sgd_step
 from .base import Strategy, average_momentum
 
 
@@ -20,6 +20,7 @@ class LocalSGD(Strategy):
         super().__init__(*args, **kwargs)
         self.average_optimizer_state = average_optimizer_state
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
+        self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
 
     def optimizer_step(self, step: int) -> None:
         """On a round step, the optimizer also multiplies the model by 1/L in the same pass.
@@ -30,11 +31,11 @@ class LocalSGD(Strategy):
         it contributes its current model to a sum every rank has scaled alike.
         """
         size = self.coll.size
-        if not (self.is_round(step) and size > 1 and isinstance(self.optimizer, ScalingSGD)):
+        if not (self.is_round(step) and size > 1 and self._scales):
             super().optimizer_step(step)
             return
         if self.contributes():
-            self.optimizer.step(scale=1.0 / size)
+            scaled_sgd_step(self.optimizer, 1.0 / size)
             self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
         else:
             self.flat.flat.mul_(1.0 / size)

@@ -28,6 +28,7 @@ class LossyAllreduce(Strategy):
         self.exchange = BlockExchange(coll, self.flat.numel, self.rates, self.seed)
 
     def reduce_gradients(self, step: int) -> None:
+        self.flat.adopt_grads()  # a no-op unless the user's zero_grad set gradients to None
         self.flat.pack_buffers()
         self.exchange.average(self.flat.packed, step, contributors=self.contributors)
         self.flat.unpack_buffers()

@@ -60,13 +60,14 @@ class SyncSGD(Strategy):
         self._counts = list(self._pending)
         for index, p in enumerate(params):
             if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(bucket_of[index])))
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(bucket_of[index], index)))
             else:
                 self._counts[bucket_of[index]] -= 1  # never produces a gradient
         self._pending = list(self._counts)
 
-    def _make_hook(self, bucket: int):
+    def _make_hook(self, bucket: int, index: int):
         def hook(_param: torch.Tensor) -> None:
+            self.flat.adopt_grad(index)  # a no-op unless the user's zero_grad set it to None
             self._pending[bucket] -= 1
             if self._pending[bucket] == 0:
                 self._start(bucket)
@@ -90,12 +91,15 @@ class SyncSGD(Strategy):
 
     def reduce_gradients(self, step: int) -> None:
         if not self.overlap:
+            self.flat.adopt_grads()
             self.flat.pack_buffers(self.contributes())
             self.coll.allreduce_mean(self.flat.packed, tag="grad", count=self.contributor_count())
             self._take_buffers()
             return
         for bucket in range(len(self._buckets)):
             if bucket not in self._requests:  # no backward this step (a skipped NaN loss), or unused params
+                lo, hi = self._buckets[bucket]
+                self.flat.adopt_grads(lo, hi)
                 self._start(bucket)
         for bucket in range(len(self._buckets)):
             self._requests[bucket].wait()

@@ -88,6 +88,32 @@ class FlatParams:
             for p in self.parameters:
                 p.grad = None
 
+    def adopt_grad(self, index: int) -> None:
+        """Make parameter ``index``'s ``.grad`` the view into the flat gradient again.
+
+        A user's ``optimizer.zero_grad()`` sets gradients to None, so autograd hands the
+        parameter a fresh tensor: its values are copied into the flat buffer (zeros when the
+        parameter got no gradient) and the view put back. A no-op when ``.grad`` is the view.
+        """
+        p = self.parameters[index]
+        lo, hi = self.param_offsets[index], self.param_offsets[index + 1]
+        view = self.grad[lo:hi]
+        grad = p.grad
+        if grad is not None and grad.data_ptr() == view.data_ptr():
+            return
+        if grad is None:
+            view.zero_()
+        else:
+            view.copy_(grad.reshape(-1))
+        p.grad = view.view_as(p)
+
+    def adopt_grads(self, lo: int = 0, hi: int | None = None) -> None:
+        """:meth:`adopt_grad` for every parameter whose values lie in ``flat[lo:hi]``."""
+        hi = self.n_params if hi is None else hi
+        for index in range(len(self.parameters)):
+            if lo <= self.param_offsets[index] and self.param_offsets[index + 1] <= hi:
+                self.adopt_grad(index)
+
     @property
     def n_buffers(self) -> int:
         """Number of floating buffer values (BatchNorm statistics), 0 for most MLPs."""

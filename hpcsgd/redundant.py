@@ -1,0 +1,154 @@
+"""RedundantSampler: ALGORITHMS.md's data side for any map-style ``torch.utils.data.Dataset``.
+
+The data set is cut into P chunks (one per rank) by the same partition ``hpcsgd shard``
+uses; rank ``r`` holds chunks ``r, r+1, ..., r+q-1 (mod P)`` and each step draws from every
+held chunk the samples :func:`~hpcsgd.data.assignment.draws_per_step` gives it, in the
+order :class:`~hpcsgd.data.sampler.StratifiedSampler` walks them. So a user's loop over
+``DataLoader(dataset, batch_sampler=sampler)`` sees exactly the batches ``hpcsgd train``
+sees on the same data written as shards with the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .data.assignment import chunks_for_rank, draws_per_step, sample_plan
+from .data.partition import parse_partition, partition_indices
+from .data.sampler import StratifiedSampler
+from .errors import CheckpointError, ConfigError
+
+
+def _labels_of(dataset, labels) -> np.ndarray | None:
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        return None
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    return np.asarray(labels)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None, where: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+        allowed = f"{lo}..{hi}{where}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be an integer in {allowed}, got {value!r}" if hi is not None
+                          else f"{name} must be an integer {allowed}, got {value!r}")
+    return int(value)
+
+
+class RedundantSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for this rank: ``b`` per held chunk per step, ``q`` chunks.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)``. Every rank gets the same
+    ``len(sampler)`` (steps per epoch: ``ceil(N / P / batch_size)``, one pass over a mean
+    chunk), so ranks never wait on a rank that ran out of data.
+
+    Args:
+        dataset: any map-style data set (``len`` and ``__getitem__``).
+        world: from :func:`hpcsgd.init`; P is ``world.size``.
+        q: chunks per rank, 1..P (q = 1: plain data parallelism; q > 1: redundancy).
+        batch_size: ``b``, samples drawn per held chunk per step (local batch ``q * b``).
+        partition: ``"iid"``, ``"label"`` or ``"dirichlet:ALPHA"``.
+        labels: class labels of the samples; default ``dataset.targets`` (needed by the
+            label and dirichlet partitions only).
+        seed: seeds the partition and the sample order (as ``hpcsgd shard --seed`` and
+            ``hpcsgd train --seed`` together).
+        chunk_weighting: ``"size"`` (draws in proportion to chunk size) or ``"uniform"``.
+    """
+
+    def __init__(self, dataset, world, q: int = 1, batch_size: int = 32, partition: str = "iid",
+                 labels=None, seed: int = 0, chunk_weighting: str = "size"):
+        P = world.size
+        self.q = _check_int("q", q, 1, P, f" (P={P})")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.rank = world.rank
+        n = len(dataset)
+        if n < P:
+            raise ConfigError(f"the dataset has {n} samples, fewer than the P={P} chunks to cut")
+        kind, _ = parse_partition(partition)
+        found = _labels_of(dataset, labels)
+        if found is None and kind != "iid":
+            raise ConfigError(f"partition {partition!r} needs labels: pass labels= or give the dataset .targets")
+        if found is not None and len(found) != n:
+            raise ConfigError(f"labels has {len(found)} entries, the dataset {n} samples")
+        labels_ = found if found is not None else np.zeros(n, dtype=np.int64)
+        self.chunks = partition_indices(labels_, P, partition, self.seed)
+        self.chunk_sizes = [len(c) for c in self.chunks]
+        self.chunk_weighting = chunk_weighting
+        draws = draws_per_step(self.batch_size, self.chunk_sizes, chunk_weighting)
+        held = chunks_for_rank(P, self.q, self.rank)
+        self._stream = StratifiedSampler({c: self.chunk_sizes[c] for c in held}, {c: draws[c] for c in held},
+                                         self.seed, self.rank)
+        self.steps_per_epoch = max(1, math.ceil(n / P / self.batch_size))
+        self.steps = 0  # batches handed out so far
+        self.loss_weights = self._weights(list(range(P)))
+
+    def _weights(self, live: Sequence[int], adopted=None, reweight: bool = False) -> torch.Tensor | None:
+        """Per-sample loss weights of a batch, or None when the plain batch mean is right."""
+        plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, adopted,
+                           weighting=self.chunk_weighting, reweight=reweight)[self.rank]
+        self._stream.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
+        batch = self._stream.batch_size
+        if all(a == Fraction(1, batch) for _, a in plan.values()):
+            return None
+        return torch.cat([torch.full((plan[c][0],), float(plan[c][1])) for c in self._stream.chunks])
+
+    def set_live(self, live_ranks: Sequence[int], reweight: bool = False) -> None:
+        """After ranks failed: with ``reweight``, draws and loss weights that restore every covered chunk's weight."""
+        self.loss_weights = self._weights(list(live_ranks), reweight=reweight)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps_per_epoch):
+            yield self.next_indices()
+
+    def next_indices(self) -> list[int]:
+        """The dataset indices of the next step's batch, held chunk after held chunk."""
+        self.steps += 1
+        return np.concatenate([self.chunks[c][idx] for c, idx in self._stream.next_batch()]).tolist()
+
+    def next_chunk_batch(self) -> list[tuple[int, np.ndarray]]:
+        """The next batch as ``(chunk, indices within the chunk)`` (data already split into chunks)."""
+        self.steps += 1
+        return self._stream.next_batch()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch``: a no-op when the batches so far are exactly the earlier epochs.
+
+        Otherwise (a fresh sampler resuming at ``epoch``) every chunk's order moves to where
+        ``epoch * len(self)`` steps of the current draws leave it.
+        """
+        epoch = _check_int("epoch", epoch, 0)
+        target = epoch * self.steps_per_epoch
+        if target == self.steps:
+            return
+        state = self._stream.state_dict()
+        draws = self._stream.batch_per_chunk
+        for entry in state["chunks"]:
+            drawn = draws[entry["chunk"]] * target
+            entry["pass_index"], entry["position"] = divmod(drawn, entry["size"])
+        self._stream.load_state_dict(state)
+        self.steps = target
+
+    def state_dict(self) -> dict:
+        """Steps taken and the position in every held chunk's order."""
+        return {"steps": self.steps, "stream": self._stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            steps, stream = int(state["steps"]), state["stream"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"sampler state is malformed: {exc!r}") from None
+        self._stream.load_state_dict(stream)
+        self.steps = steps
+
+
+__all__ = ["RedundantSampler"]

@@ -1,0 +1,286 @@
+"""The four strategies as objects over a user's model and optimizer: one ``step()`` per step.
+
+A user's loop is ``opt.zero_grad(); loss.backward(); strategy.step()``. The object moves the
+model's parameters (and floating buffers) into one flat buffer, broadcasts rank 0's model, and
+around each optimizer step does what its algorithm says (ALGORITHMS.md): average gradients
+(SyncSGD), exchange gradient blocks over lossy links (LossyAllreduce), average models every
+``tau`` steps (LocalSGD) or exchange model blocks every ``tau`` steps (RPS). ``hpcsgd train``
+builds its strategy through these same classes, so a user's loop and the CLI take the same
+steps bit for bit.
+
+Arguments are checked at construction; an error names the argument and its allowed range.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .algorithms import local as _local
+from .algorithms import lossy_allreduce as _lossy
+from .algorithms import rps as _rps
+from .algorithms import sync as _sync
+from .comm import Collectives, FlatParams, LinkRates
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What an algorithm is, read by everything that needs to know (CLI, summary, bench)."""
+
+    name: str
+    cls: type
+    uses_tau: bool  # averages every tau steps (else communicates every step)
+    flat_grad: bool  # exchanges gradients, so keeps them in one flat buffer
+    lossy: bool  # its messages go through the loss layer (drop rates apply)
+
+
+def _check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_tau(tau) -> int:
+    if isinstance(tau, bool) or not isinstance(tau, (int, np.integer)) or tau < 1:
+        raise ConfigError(f"tau must be an integer >= 1, got {tau!r}")
+    return int(tau)
+
+
+class Strategy:
+    """Base of the public strategies: flat model, broadcast, step counting, failures.
+
+    Attributes:
+        model, optimizer, world: as given.
+        steps: optimizer steps taken through :meth:`step` (the ``t`` of ALGORITHMS.md).
+        live_ranks: the run ranks still training (shrinks with :meth:`fail`).
+        flat: the :class:`~hpcsgd.comm.FlatParams` holding the model's values.
+        coll: the :class:`~hpcsgd.comm.Collectives` over the live ranks.
+        algorithm: the per-step algorithm object (``hpcsgd.algorithms``).
+    """
+
+    spec: Algorithm
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world, **options):
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.world = model, optimizer, world
+        self.flat = FlatParams(model, flat_grad=self.spec.flat_grad)
+        self.coll = Collectives(world.comm, list(world.roles or range(world.size)))
+        self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
+        self.algorithm = self._build(**options)
+        self.steps = 0
+        self.live_ranks = list(world.roles or range(world.size))
+        self.failed_counters = np.zeros(4)  # traffic of failed ranks, handed to the survivors
+
+    def _build(self, **options):
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def counters(self):
+        """Traffic so far: rounds, bytes sent and saved, messages sent and dropped, ``arrival``."""
+        return self.coll.counters
+
+    def step(self, marks: list | None = None) -> None:
+        """Exchange, optimizer step, averaging round when due; after the user's ``backward()``.
+
+        ``marks``: if a list, the ``time.perf_counter()`` after each of the three phases is
+        appended to it (``hpcsgd train`` splits its compute and communication time by them).
+        """
+        t, algorithm = self.steps, self.algorithm
+        algorithm.reduce_gradients(t)
+        if marks is not None:
+            marks.append(time.perf_counter())
+        algorithm.optimizer_step(t)
+        if marks is not None:
+            marks.append(time.perf_counter())
+        algorithm.after_step(t)
+        if marks is not None:
+            marks.append(time.perf_counter())
+        self.steps = t + 1
+
+    def zero_grad(self) -> None:
+        """Clear gradients the cheapest way for this strategy (``optimizer.zero_grad()`` works too)."""
+        self.flat.zero_grad()
+
+    def set_contributors(self, flags: np.ndarray | None) -> None:
+        """Which live ranks had a finite loss this step (None: all); see ALGORITHMS.md, "Non-finite steps"."""
+        self.algorithm.contributors = flags
+
+    def mean_and_consensus(self) -> tuple[torch.Tensor, float]:
+        """The live ranks' mean model (flat) and the consensus distance (collective)."""
+        return self.coll.mean_and_consensus(self.flat.flat)
+
+    def consensus_distance(self) -> float:
+        """``(1/L) sum_i ||x_i - mean||^2`` over the live ranks (collective)."""
+        return self.mean_and_consensus()[1]
+
+    def fail(self, ranks) -> bool:
+        """Ranks ``ranks`` (run ranks) stop for good; the others go on without them (collective).
+
+        Returns whether this rank is still training. A failed rank hands its traffic counts
+        to the survivors (:attr:`failed_counters`) and must stop calling :meth:`step`.
+        """
+        failing = sorted({int(r) for r in ranks} & set(self.live_ranks))
+        if not failing:
+            return True
+        me = self.coll.world_rank
+        c = self.coll.counters
+        mine = [c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped] if me in failing else [0] * 4
+        self.failed_counters += self.coll.sum_float64(np.array(mine, dtype=np.float64))
+        new_coll = self.coll.split_live(me not in failing)
+        self.live_ranks = [r for r in self.live_ranks if r not in failing]
+        if new_coll is None:
+            return False
+        self.coll = new_coll
+        self.algorithm.set_collectives(new_coll)
+        return True
+
+    def state_dict(self) -> dict:
+        """Steps, traffic counters, live ranks and the failed ranks' traffic."""
+        return {
+            "steps": self.steps,
+            "counters": self.coll.counters.as_dict(),
+            "live_ranks": list(self.live_ranks),
+            "failed_counters": self.failed_counters.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.coll.counters.load(state["counters"])
+        self.failed_counters = np.asarray(state.get("failed_counters", [0.0] * 4), dtype=np.float64)
+
+    def close(self) -> None:
+        """Remove the hooks the strategy put on the model (sync's overlapped buckets)."""
+        self.algorithm.close()
+
+
+class SyncSGD(Strategy):
+    """Synchronous SGD: the gradient averaged over the live ranks before every optimizer step.
+
+    Args:
+        overlap: start bucket Allreduces from gradient hooks while backward runs (like DDP).
+        bucket_mb: bucket size in megabytes.
+    """
+
+    def __init__(self, model, optimizer, world, *, overlap: bool = True, bucket_mb: float = _sync.DEFAULT_BUCKET_MB):
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ConfigError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        super().__init__(model, optimizer, world, overlap=bool(overlap), bucket_mb=float(bucket_mb))
+
+    def _build(self, overlap, bucket_mb):
+        return _sync.SyncSGD(self.coll, self.flat, self.optimizer, tau=1, overlap=overlap, bucket_mb=bucket_mb)
+
+
+class LocalSGD(Strategy):
+    """Local SGD (RI-SGD on a redundant sampler): models averaged every ``tau`` steps.
+
+    Where the optimizer is a plain ``torch.optim.SGD``, a round's ``1/L`` rides in the
+    optimizer step and the average is one bare Allreduce.
+
+    Args:
+        tau: steps between averaging rounds, >= 1.
+        average_optimizer_state: average momentum buffers with the model.
+    """
+
+    def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False):
+        tau = _check_tau(tau)
+        super().__init__(model, optimizer, world, tau=tau, average_optimizer_state=bool(average_optimizer_state))
+
+    def _build(self, tau, average_optimizer_state):
+        return _local.LocalSGD(self.coll, self.flat, self.optimizer, tau=tau,
+                               average_optimizer_state=average_optimizer_state)
+
+
+def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = None,
+               drop_rate_phase2: float | None = None, link_drop=(), matrix=None) -> LinkRates:
+    """Drop rates per link, for :class:`RPS` and :class:`LossyAllreduce` (``rates=``).
+
+    Lowest precedence first: one ``drop_rate``; a rate per phase; a P x P ``matrix``; then the
+    ``link_drop`` rules, as the CLI's ``--link-drop``: ``"to:R=x"``, ``"from:R=x"``, ``"S->D=x"``.
+    Every rate must be in [0, 1).
+    """
+    return LinkRates.build(world.size, drop_rate, drop_rate_phase1, drop_rate_phase2, tuple(link_drop), matrix)
+
+
+def _rates(world, drop_rate, rates) -> LinkRates:
+    if rates is not None:
+        if not isinstance(rates, LinkRates):
+            raise ConfigError(f"rates must come from hpcsgd.link_rates(), got {type(rates).__name__}")
+        return rates
+    return link_rates(world, drop_rate)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+class RPS(Strategy):
+    """RPS: every ``tau`` steps, two-phase block averaging of the models over lossy links.
+
+    Args:
+        tau: steps between rounds, >= 1.
+        drop_rate: probability in [0, 1) that a block message is lost (every link).
+        rates: per-link rates from :func:`link_rates` instead of ``drop_rate``.
+        seed: seeds the drop masks (the same on every rank).
+        average_optimizer_state: exchange momentum buffers with the model's blocks.
+    """
+
+    def __init__(self, model, optimizer, world, *, tau: int = 1, drop_rate: float = 0.0, rates: LinkRates | None = None,
+                 seed: int = 0, average_optimizer_state: bool = False):
+        tau, seed = _check_tau(tau), _check_seed(seed)
+        rates = _rates(world, drop_rate, rates)
+        super().__init__(model, optimizer, world, tau=tau, rates=rates, seed=seed,
+                         average_optimizer_state=bool(average_optimizer_state))
+
+    def _build(self, tau, rates, seed, average_optimizer_state):
+        return _rps.RPS(self.coll, self.flat, self.optimizer, tau=tau, rates=rates, seed=seed,
+                        average_optimizer_state=average_optimizer_state)
+
+
+class LossyAllreduce(Strategy):
+    """Gradient averaging by RPS's block exchange every step: the baseline without model averaging.
+
+    Args:
+        drop_rate: probability in [0, 1) that a block message is lost.
+        rates: per-link rates from :func:`link_rates` instead of ``drop_rate``.
+        seed: seeds the drop masks.
+    """
+
+    def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None, seed: int = 0):
+        seed = _check_seed(seed)
+        rates = _rates(world, drop_rate, rates)
+        super().__init__(model, optimizer, world, rates=rates, seed=seed)
+
+    def _build(self, rates, seed):
+        return _lossy.LossyAllreduce(self.coll, self.flat, self.optimizer, tau=1, rates=rates, seed=seed)
+
+
+SyncSGD.spec = Algorithm("sync", SyncSGD, uses_tau=False, flat_grad=True, lossy=False)
+LocalSGD.spec = Algorithm("local", LocalSGD, uses_tau=True, flat_grad=False, lossy=False)
+RPS.spec = Algorithm("rps", RPS, uses_tau=True, flat_grad=False, lossy=True)
+LossyAllreduce.spec = Algorithm("lossy-allreduce", LossyAllreduce, uses_tau=False, flat_grad=True, lossy=True)
+
+# The one list of algorithms: name -> what it is.
+REGISTRY: dict[str, Algorithm] = {s.spec.name: s.spec for s in (SyncSGD, LocalSGD, RPS, LossyAllreduce)}
+
+
+def build(name: str, model, optimizer, world, **options) -> Strategy:
+    """The strategy ``name`` (``sync``, ``local``, ``rps``, ``lossy-allreduce``) with its own options."""
+    if name not in REGISTRY:
+        raise ConfigError(f"algorithm must be one of {', '.join(REGISTRY)}, got {name!r}")
+    return REGISTRY[name].cls(model, optimizer, world, **options)
+
+
+__all__ = ["Algorithm", "LocalSGD", "LossyAllreduce", "REGISTRY", "RPS", "Strategy", "SyncSGD", "build", "link_rates"]

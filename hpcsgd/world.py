@@ -1,0 +1,83 @@
+"""The MPI world a training script runs in: which rank, how many, which device.
+
+:func:`init` is the first call of a user's script (and of ``hpcsgd train``). It is idempotent:
+every call with the same communicator returns the same :class:`World`, so library code can
+call it again without duplicating communicators or re-binding devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_WORLDS: dict[int, "World"] = {}  # by id of the communicator: init() is idempotent
+
+
+@dataclass(frozen=True)
+class World:
+    """One process's place in the job.
+
+    Attributes:
+        comm: the MPI communicator of the ranks that train together.
+        rank: this process's rank in the run (0..size-1).
+        size: the run's number of ranks P (data chunks, model replicas).
+        local_rank: this process's index among the ranks on its node (GPU binding).
+        local_size: how many ranks share this node.
+        device: the torch device this rank trains on (a GPU of its own, else the CPU).
+        roles: the run rank each member of ``comm`` plays, in ``comm`` order; ``range(size)``
+            unless ``hpcsgd train`` resumed a run of P ranks on fewer processes.
+    """
+
+    comm: object
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    device: torch.device
+    roles: tuple[int, ...] = field(default=())
+
+    @property
+    def is_root(self) -> bool:
+        """Whether this is the process that writes shared files (rank 0 of ``comm``)."""
+        return self.comm.rank == 0
+
+
+def init(comm=None, device: str = "auto") -> World:
+    """Join the MPI world (``MPI.COMM_WORLD`` unless ``comm``) and bind this rank's device.
+
+    Args:
+        comm: an mpi4py communicator; default ``MPI.COMM_WORLD``.
+        device: ``"auto"`` (a GPU per rank, ``local_rank % device_count``, when there is one),
+            ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The :class:`World`; calling again with the same communicator returns the same one.
+    """
+    from mpi4py import MPI  # imported here: importing hpcsgd must not start MPI
+
+    from .comm.device import local_rank_and_size, select_device
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    known = _WORLDS.get(id(comm))
+    if known is not None and known.comm is comm:
+        return known
+    local_rank, local_size = local_rank_and_size(comm)
+    world = World(comm, comm.rank, comm.size, local_rank, local_size, select_device(comm, device),
+                  tuple(range(comm.size)))
+    _WORLDS[id(comm)] = world
+    return world
+
+
+def world_for_run(comm, roles: list[int], run_size: int, device: torch.device) -> World:
+    """The world of a run of ``run_size`` ranks played by ``comm``'s members as ``roles``.
+
+    ``hpcsgd train`` uses it when a run resumes on fewer processes than it started with.
+    """
+    from .comm.device import local_rank_and_size
+
+    local_rank, local_size = local_rank_and_size(comm)
+    return World(comm, roles[comm.rank], run_size, local_rank, local_size, device, tuple(roles))
+
+
+__all__ = ["World", "init", "world_for_run"]
