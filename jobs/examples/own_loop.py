@@ -25,7 +25,7 @@ class Net(nn.Module):
 def blobs(n, seed):
     """Five Gaussian blobs in 20 dimensions: a TensorDataset with .tensors = (x, y)."""
     g = torch.Generator().manual_seed(seed)
-    centres = 2 * torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    centres = 0.4 * torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (n,), generator=g)
     return torch.utils.data.TensorDataset(centres[y] + torch.randn(n, 20, generator=g), y)
 

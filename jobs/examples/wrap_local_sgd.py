@@ -22,7 +22,7 @@ model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 world = hpcsgd.init()  # added (2)
 strategy = hpcsgd.LocalSGD(model, opt, world, tau=8)  # added (3)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=hpcsgd.RedundantSampler(dataset, world, batch_size=32))  # changed
+loader = torch.utils.data.DataLoader(dataset, batch_sampler=hpcsgd.RedundantSampler(dataset, world, batch_size=30))  # changed
 
 for epoch in range(3):
     for xb, yb in loader:
