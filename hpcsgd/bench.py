@@ -173,41 +173,32 @@ def _models(kind: str, quick: bool):
     return name, builder, x, y
 
 
-def _hpcsgd_side(comm, builder, algorithm: str, momentum: float, **strategy_args):
-    """Model, flat buffer, optimizer and strategy, built as the trainer builds them."""
-    import torch
-
-    from .algorithms import make_strategy
-    from .comm import Collectives, FlatParams
-    from .optim import ScalingSGD
-
-    torch.manual_seed(0)
-    model = builder()
-    flat = FlatParams(model, flat_grad=algorithm in ("sync", "lossy-allreduce"))
-    opt = ScalingSGD(model.parameters(), lr=0.01, momentum=momentum)
-    return model, flat, opt, make_strategy(algorithm, Collectives(comm), flat, opt, **strategy_args)
-
-
 def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     """hpcsgd sync-SGD step vs PyTorch DDP (gloo) step: same model, batch and ranks."""
     import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
+    from .strategies import SyncSGD
+    from .world import init
+
     _gloo_group(comm)
+    world = init(comm, device="cpu")
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = _models(kind, quick)
-        model_h, flat, opt_h, strategy = _hpcsgd_side(comm, builder, "sync", momentum=0.9)
+        torch.manual_seed(0)
+        model_h = builder()
+        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01, momentum=0.9)
+        strategy = SyncSGD(model_h, opt_h, world)
         torch.manual_seed(0)
         model_d = DistributedDataParallel(builder())
         opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01, momentum=0.9)
 
         def step_h():
-            flat.zero_grad()
+            strategy.zero_grad()  # keeps the gradients in the flat buffer (opt.zero_grad() costs a copy)
             F.cross_entropy(model_h(x), y).backward()
-            strategy.reduce_gradients(0)
-            opt_h.step()
+            strategy.step()
 
         def step_d():
             opt_d.zero_grad()

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .registry import ALGORITHMS
 
-ALGORITHMS = ("sync", "local", "rps", "lossy-allreduce")
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
 NAN_POLICIES = ("stop", "skip")

@@ -14,8 +14,6 @@ Arguments are checked at construction; an error names the argument and its allow
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -25,23 +23,7 @@ from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
 from .errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What an algorithm is, read by everything that needs to know (CLI, summary, bench)."""
-
-    name: str
-    cls: type
-    uses_tau: bool  # averages every tau steps (else communicates every step)
-    flat_grad: bool  # exchanges gradients, so keeps them in one flat buffer
-    lossy: bool  # its messages go through the loss layer (drop rates apply)
-
-
-def _check_rate(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+from .registry import REGISTRY, Algorithm, algorithm
 
 
 def _check_tau(tau) -> int:
@@ -267,20 +249,13 @@ class LossyAllreduce(Strategy):
         return _lossy.LossyAllreduce(self.coll, self.flat, self.optimizer, tau=1, rates=rates, seed=seed)
 
 
-SyncSGD.spec = Algorithm("sync", SyncSGD, uses_tau=False, flat_grad=True, lossy=False)
-LocalSGD.spec = Algorithm("local", LocalSGD, uses_tau=True, flat_grad=False, lossy=False)
-RPS.spec = Algorithm("rps", RPS, uses_tau=True, flat_grad=False, lossy=True)
-LossyAllreduce.spec = Algorithm("lossy-allreduce", LossyAllreduce, uses_tau=False, flat_grad=True, lossy=True)
-
-# The one list of algorithms: name -> what it is.
-REGISTRY: dict[str, Algorithm] = {s.spec.name: s.spec for s in (SyncSGD, LocalSGD, RPS, LossyAllreduce)}
+for _cls in (SyncSGD, LocalSGD, RPS, LossyAllreduce):
+    _cls.spec = next(a for a in REGISTRY.values() if a.strategy == _cls.__name__)
 
 
 def build(name: str, model, optimizer, world, **options) -> Strategy:
     """The strategy ``name`` (``sync``, ``local``, ``rps``, ``lossy-allreduce``) with its own options."""
-    if name not in REGISTRY:
-        raise ConfigError(f"algorithm must be one of {', '.join(REGISTRY)}, got {name!r}")
-    return REGISTRY[name].cls(model, optimizer, world, **options)
+    return globals()[algorithm(name).strategy](model, optimizer, world, **options)
 
 
-__all__ = ["Algorithm", "LocalSGD", "LossyAllreduce", "REGISTRY", "RPS", "Strategy", "SyncSGD", "build", "link_rates"]
+__all__ = ["LocalSGD", "LossyAllreduce", "RPS", "Strategy", "SyncSGD", "build", "link_rates"]

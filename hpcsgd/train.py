@@ -45,6 +45,7 @@ from .metrics import MetricsWriter, atomic_write_text, dumps
 from .models import build_model
 from .optim import ScalingSGD
 from .progress import Progress
+from .registry import REGISTRY
 from .stop import StopSignal
 from .strategies import build as build_strategy
 from .user_model import build_user_model, is_factory_spec
@@ -651,8 +652,8 @@ class Trainer:
             "algorithm": cfg.algorithm,
             "ranks": self.P,
             "q": cfg.q,
-            "tau": cfg.tau if cfg.algorithm in ("local", "rps") else 1,
-            "drop_rate": cfg.drop_rate if cfg.algorithm in LOSSY_ALGORITHMS else 0.0,
+            "tau": cfg.tau if REGISTRY[cfg.algorithm].uses_tau else 1,
+            "drop_rate": cfg.drop_rate if REGISTRY[cfg.algorithm].lossy else 0.0,
             "steps": self.schedule.total_steps,
             "epochs": round(self.schedule.total_steps / self.schedule.steps_per_epoch, 6),
             "rounds": c.rounds,
@@ -701,9 +702,6 @@ class Trainer:
         return {"grad_diversity_inter": float(sums[0] / sums[2]), "grad_diversity_intra": float(sums[1] / sums[2])}
 
 
-LOSSY_ALGORITHMS = ("rps", "lossy-allreduce")  # the ones whose messages go through the loss layer
-
-
 def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
     """Settings that are legal but do nothing in this run, each as a one-line warning.
 
@@ -711,12 +709,12 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
     """
     found = []
     lossy = cfg.drop_rate or cfg.drop_rate_phase1 or cfg.drop_rate_phase2 or cfg.link_drop or cfg.link_drop_file
-    if lossy and cfg.algorithm not in LOSSY_ALGORITHMS:
+    if lossy and not REGISTRY[cfg.algorithm].lossy:
         found.append(
             f"drop rates apply to rps and lossy-allreduce only; {cfg.algorithm} sends no block messages "
             f"(recorded as drop_rate 0)"
         )
-    if cfg.algorithm in ("sync", "lossy-allreduce"):
+    if REGISTRY[cfg.algorithm].every_step:
         if cfg.tau != 1:
             found.append(f"tau={cfg.tau} is ignored: {cfg.algorithm} communicates every step")
         if cfg.average_optimizer_state:

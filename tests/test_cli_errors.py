@@ -196,3 +196,19 @@ def test_fail_every_rank_is_refused(shards, tmp_path):
 
 def test_bad_link_drop_rule(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--algorithm", "rps", "--link-drop", "to:7=0.3"), "names a rank outside 0..3")
+
+
+def test_model_factory_module_cannot_be_imported(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--model", "nosuch.mod:make"),
+            "model 'nosuch.mod:make': cannot import module 'nosuch.mod': ModuleNotFoundError: No module named 'nosuch' (ranks 0, 1, 2, 3)")
+
+
+def test_model_factory_not_callable(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--model", "tests.user_models:WIDTH"),
+            "model 'tests.user_models:WIDTH': 'WIDTH' is a int, not callable (ranks 0, 1, 2, 3)")
+
+
+def test_model_factory_output_does_not_fit_the_shards(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--model", "tests.user_models:wrong_classes"),
+            "model 'tests.user_models:wrong_classes' does not fit the shards: it maps a batch of 2 samples of shape (8,) "
+            "to (2, 3), expected (2, 4) for 4 classes (ranks 0, 1, 2, 3)")

@@ -80,8 +80,9 @@ class SyncSGD(Strategy):
         lo, hi = self._buckets[bucket]
         if hi > self.flat.n_params:
             self.flat.pack_buffers(self.contributes())
+        # The buckets of a step are one round of the algorithm: bucket 0 (started every step) counts it.
         self._requests[bucket] = self.coll.iallreduce_mean(
-            self.flat.packed[lo:hi], tag=f"bucket{bucket}", count=self.contributor_count()
+            self.flat.packed[lo:hi], tag=f"bucket{bucket}", count=self.contributor_count(), count_round=bucket == 0
         )
 
     def optimizer_step(self, step: int) -> None:
@@ -103,8 +104,6 @@ class SyncSGD(Strategy):
                 self._start(bucket)
         for bucket in range(len(self._buckets)):
             self._requests[bucket].wait()
-        # Many buckets are one communication round of the algorithm, counted once.
-        self.coll.counters.rounds -= len(self._buckets) - 1
         self._requests.clear()
         self._pending = list(self._counts)
         self._take_buffers()

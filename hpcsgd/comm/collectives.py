@@ -144,14 +144,18 @@ class Collectives:
         return host.numpy(), host
 
     # -- averaging ---------------------------------------------------------------------
-    def iallreduce_mean(self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None) -> AverageRequest:
+    def iallreduce_mean(
+        self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
+    ) -> AverageRequest:
         """Start averaging ``tensor`` in place over the live ranks; finish with ``wait()``.
 
         ``count``: how many ranks contributed (the others sent zeros); default all of them.
+        ``count_round``: whether this starts a communication round of the algorithm (one
+        bucket of several is not a round of its own).
         """
         buf, host = self.mpi_view(tensor, tag)
         request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        self._count_allreduce(tensor)
+        self._count_allreduce(tensor, count_round)
         return AverageRequest(request, tensor, host, self.size if count is None else max(count, 1))
 
     def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
