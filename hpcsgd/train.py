@@ -616,13 +616,20 @@ class Trainer:
     # -- the end -------------------------------------------------------------------------
     def finish(self) -> dict | None:
         """Final evaluation of the averaged and the per-rank models; summary.json on rank 0."""
-        cfg, coll = self.cfg, self.coll
-        mean, distance = coll.mean_and_consensus(self.flat.flat)
+        mean, distance = self.coll.mean_and_consensus(self.flat.flat)
         avg_train = self.evaluate_averaged(mean)
         avg_test = self.evaluate_averaged(mean, self.data.x_test, self.data.y_test)
-        own_train = self.evaluate_own_on_train()
-        own_test = self.evaluate(self.data.x_test, self.data.y_test)
-        c = coll.counters
+        totals = self._run_totals(self.evaluate_own_on_train(), self.evaluate(self.data.x_test, self.data.y_test))
+        wall = time.perf_counter() - self.t_start
+        if self.coll.rank != 0:
+            return None
+        summary = self._summary(totals, avg_train, avg_test, distance, wall)
+        atomic_write_text(self.run_dir / "summary.json", dumps(summary) + "\n")
+        return summary
+
+    def _run_totals(self, own_train: dict, own_test: dict) -> np.ndarray:
+        """This rank's figures packed in one vector, summed over the live ranks by one Allreduce."""
+        c = self.coll.counters
         per_rank = np.array(
             [
                 own_train["loss"],
@@ -640,15 +647,16 @@ class Trainer:
                 *self.diversity_sums,
             ]
         )
-        totals = coll.sum_float64(per_rank)
-        L = coll.size
+        totals = self.coll.sum_float64(per_rank)
         # Ranks that failed left their traffic with the survivors (each survivor holds the same sum).
         totals[4:8] += self.failed_counters
-        wall = time.perf_counter() - self.t_start
-        if coll.rank != 0:
-            return None
+        return totals
+
+    def _summary(self, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
+        """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures."""
+        cfg, c, L = self.cfg, self.coll.counters, self.coll.size
         messages = totals[6] + totals[7]
-        summary = {
+        return {
             "algorithm": cfg.algorithm,
             "ranks": self.P,
             "q": cfg.q,
@@ -692,8 +700,6 @@ class Trainer:
             "lr": cfg.lr,
             "steps_per_epoch": self.schedule.steps_per_epoch,
         }
-        atomic_write_text(self.run_dir / "summary.json", dumps(summary) + "\n")
-        return summary
 
     def _diversity_summary(self, sums: np.ndarray) -> dict:
         """Mean diversities over log steps (inter: every rank logs the same value; intra: over ranks too)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..registry import REGISTRY
 
 FINISHED, UNFINISHED = "finished", "running/crashed"
 
@@ -331,7 +332,10 @@ def format_value(value) -> str:
     return str(value)
 
 
-_EVERY_STEP = ("sync", "lossy-allreduce")  # strategies that communicate every step
+def _every_step(algorithm) -> bool:
+    """Whether ``algorithm`` communicates every step (then tau means nothing); unknown names: no."""
+    known = REGISTRY.get(algorithm) if isinstance(algorithm, str) else None
+    return known is not None and known.every_step
 
 
 def label_runs(runs: list[Run]) -> list[str]:
@@ -345,7 +349,7 @@ def label_runs(runs: list[Run]) -> list[str]:
         parts = [
             format_value(run.config.get(k)) if k == "algorithm" else f"{k}={format_value(run.config.get(k))}"
             for k in keys
-            if not (k == "tau" and run.config.get("algorithm") in _EVERY_STEP)  # tau means nothing there
+            if not (k == "tau" and _every_step(run.config.get("algorithm")))  # tau means nothing there
         ]
         run.label = ", ".join(parts) or run.name
     counts: dict[str, int] = {}

@@ -1,77 +1,30 @@
-"""Benchmarks against the physical floor and the tools users would pick instead.
+"""The bench's sections: each measures hpcsgd against a floor or a tool users would pick instead.
 
-Launch under MPI: ``mpiexec -n 4 python -m mpi4py -m hpcsgd bench [--quick]``. Every figure
-is a ratio of medians measured interleaved in the same run (A B A B ...) after warm-up, each
-round timed as the slowest rank's time between two barriers, so a noisy shared machine moves
-both sides alike. ``--scaling`` measures exchange time against model size for this job's rank
-count (tools/bench --scaling repeats it for 1..16 ranks); ``--project`` fits a
-latency-bandwidth model to such a table and projects rounds to 16-1024 ranks on a cluster
-fabric (no MPI needed).
+Every function runs on every rank of ``comm`` and returns result rows (see :func:`.timing.row`).
+The user-facing sides go through the public API (``hpcsgd.LocalSGD``, ``hpcsgd.SyncSGD``,
+``hpcsgd.RedundantSampler``) over plain torch optimizers, as a user's script would.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from .timing import row, rss_mb, time_interleaved
+
 DEFAULT_PARAMS = 5_800_000
 SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
-SECTIONS = ("exchange", "ddp", "local", "api", "data", "accuracy")
-TABLE = Path(__file__).resolve().parents[1] / "tools" / "scaling.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller workloads (under 2 minutes)")
-    parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="flat model size for the exchange rows (default 5.8M)")
-    parser.add_argument("--reps", type=int, default=0, help="timed rounds per measurement (default 20, 5 with --quick)")
-    parser.add_argument("--only", choices=SECTIONS, action="append",
-                        help="run only these sections (repeatable; default: all)")
-    parser.add_argument("--scaling", action="store_true", help="only the exchange-time vs model-size table for this rank count")
-    parser.add_argument("--project", action="store_true", help="fit the cost model to a scaling table and project to 16-1024 ranks")
-    parser.add_argument("--table", type=Path, default=TABLE, help=f"scaling table for --project (default {TABLE})")
-    parser.add_argument("--fabric-gbps", type=float, default=100.0, help="--project: link bandwidth in Gb/s (default 100)")
-    parser.add_argument("--fabric-latency-us", type=float, default=2.0, help="--project: per-message latency in us (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
-
-
-# -- timing ----------------------------------------------------------------------------------
-def time_interleaved(comm, fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved, each round the slowest rank's time."""
-    from mpi4py import MPI
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + reps):
-        for name, fn in fns.items():
-            comm.Barrier()
-            t0 = time.perf_counter()
-            fn()
-            elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-            if i >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _row(key: str, name: str, seconds: float, ratio: float | None, target: float | None, higher_is_better: bool = False,
-         **extra) -> dict:
-    """One result; ``key`` is stable across runs and versions (``name`` is for people and may change)."""
-    return {"key": key, "name": name, "seconds": seconds, "ratio": ratio, "target": target,
-            "higher_is_better": higher_is_better, **extra}
 
 
 def _mlp(params: int):
     import torch
 
-    from .comm import FlatParams
-    from .models import build_model, mlp_hidden_for_params
+    from ..comm import FlatParams
+    from ..models import build_model, mlp_hidden_for_params
 
     torch.manual_seed(0)
     model = build_model("mlp", (3072,), 10, mlp_hidden_for_params(3072, 10, params))
@@ -93,9 +46,9 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     import torch
     from mpi4py import MPI
 
-    from .algorithms import LocalSGD
-    from .comm import BlockExchange, Collectives, LinkRates
-    from .optim import ScalingSGD
+    from ..algorithms import LocalSGD
+    from ..comm import BlockExchange, Collectives, LinkRates
+    from ..optim import ScalingSGD
 
     model, flat = _mlp(params)
     coll = Collectives(comm)
@@ -125,13 +78,13 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     mb = f"{flat.numel / 1e6:.1f}M params"
     whole = (m["opt_round"] + m["avg"]) / (m["opt"] + m["raw"])
     return [
-        _row("allreduce_raw", f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None),
-        _row("avg_round_vs_allreduce", "averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.10),
-        _row("round_opt_vs_plain_opt", "round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05),
-        _row("round_step_vs_opt_allreduce", "round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10),
-        _row("rps0_vs_allreduce", "RPS round, drop 0 / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.15),
-        _row("rps10_vs_allreduce", "RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15),
-        _row("drop_masks_vs_rps10", "drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02),
+        row("allreduce_raw", f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None),
+        row("avg_round_vs_allreduce", "averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.10),
+        row("round_opt_vs_plain_opt", "round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05),
+        row("round_step_vs_opt_allreduce", "round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10),
+        row("rps0_vs_allreduce", "RPS round, drop 0 / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.15),
+        row("rps10_vs_allreduce", "RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15),
+        row("drop_masks_vs_rps10", "drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02),
     ]
 
 
@@ -157,7 +110,7 @@ def _models(kind: str, quick: bool):
     """(name, builder, input batch, labels) for the DDP and averager comparisons."""
     import torch
 
-    from .models import build_model, mlp_hidden_for_params
+    from ..models import build_model, mlp_hidden_for_params
 
     g = torch.Generator().manual_seed(0)
     if kind == "mlp":
@@ -179,8 +132,8 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from .strategies import SyncSGD
-    from .world import init
+    from ..strategies import SyncSGD
+    from ..world import init
 
     _gloo_group(comm)
     world = init(comm, device="cpu")
@@ -207,7 +160,7 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
 
         m = time_interleaved(comm, {"h": step_h, "d": step_d}, reps, warmup)
         strategy.close()
-        rows.append(_row(f"sync_vs_ddp_{kind}", f"sync-SGD step / DDP step, {name}, batch {len(x)}", m["h"], m["h"] / m["d"], 1.0, ddp_ms=m["d"] * 1e3))
+        rows.append(row(f"sync_vs_ddp_{kind}", f"sync-SGD step / DDP step, {name}, batch {len(x)}", m["h"], m["h"] / m["d"], 1.0, ddp_ms=m["d"] * 1e3))
     return rows
 
 
@@ -221,8 +174,8 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-    from .strategies import LocalSGD
-    from .world import init
+    from ..strategies import LocalSGD
+    from ..world import init
 
     _gloo_group(comm)
     world = init(comm, device="cpu")
@@ -252,7 +205,7 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
                 averager.average_parameters(model_d.parameters())
 
         m = time_interleaved(comm, {"h": block_h, "d": block_d}, max(3, reps // 2), max(1, warmup // 2))
-        rows.append(_row(f"local{tau}_api_vs_pma_{kind}", f"local-SGD tau {tau} step (hpcsgd.LocalSGD) / PeriodicModelAverager, {name}",
+        rows.append(row(f"local{tau}_api_vs_pma_{kind}", f"local-SGD tau {tau} step (hpcsgd.LocalSGD) / PeriodicModelAverager, {name}",
                          m["h"] / tau, m["h"] / m["d"], 1.0))
     return rows
 
@@ -267,13 +220,13 @@ def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[di
     import torch
     import torch.nn.functional as F
 
-    from .config import build_config
-    from .data import load_source, write_shards
-    from .models import build_model
-    from .redundant import RedundantSampler
-    from .strategies import LocalSGD
-    from .train import Trainer
-    from .world import init
+    from ..config import build_config
+    from ..data import load_source, write_shards
+    from ..models import build_model
+    from ..redundant import RedundantSampler
+    from ..strategies import LocalSGD
+    from ..train import Trainer
+    from ..world import init
 
     q, b = min(2, comm.size), 32
     data = load_source("synthetic", seed=0, n_train=2048 if quick else 8192, n_test=64, num_classes=10, input_shape=(3, 32, 32))
@@ -315,16 +268,8 @@ def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[di
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    return [_row("api_step_vs_cli_step", f"user-loop step (hpcsgd.LocalSGD tau {tau}) / hpcsgd train step, MLP, batch {q * b}",
+    return [row("api_step_vs_cli_step", f"user-loop step (hpcsgd.LocalSGD tau {tau}) / hpcsgd train step, MLP, batch {q * b}",
                  m["api"] / tau, m["api"] / m["cli"], 1.02)]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def data_rows(comm, reps: int, quick: bool) -> list[dict]:
@@ -333,9 +278,9 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
     from mpi4py import MPI
     import torch.nn.functional as F
 
-    from .data import StratifiedSampler, chunks_for_rank, load_chunk, load_source, read_index, write_shards
-    from .models import build_model
-    from .train import gather_on_device
+    from ..data import StratifiedSampler, chunks_for_rank, load_chunk, load_source, read_index, write_shards
+    from ..models import build_model
+    from ..train import gather_on_device
 
     P, q, b = comm.size, min(2, comm.size), 32
     tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
@@ -346,10 +291,10 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
         del data
     comm.Barrier()
     index = read_index(Path(tmp) / "s")
-    before = _rss_mb()
+    before = rss_mb()
     mine = chunks_for_rank(P, q, comm.rank)
     chunks = {c: tuple(torch.from_numpy(a) for a in load_chunk(index, c)) for c in mine}
-    grown = _rss_mb() - before
+    grown = rss_mb() - before
     share_mb = sum(index.chunk_sizes[c] for c in mine) * (3 * 32 * 32 * 4 + 8) / 2**20
     sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in mine}, b, 0, comm.rank)
 
@@ -376,18 +321,18 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
         shutil.rmtree(tmp, ignore_errors=True)
     total_mb = index.train_size * (3 * 32 * 32 * 4 + 8) / 2**20
     return [
-        _row("sampler_vs_step_rate", f"HDF5 sampler batches/s / ResNet-20 steps/s (batch {q * b})", per_batch, m["step"] / per_batch, 10.0,
+        row("sampler_vs_step_rate", f"HDF5 sampler batches/s / ResNet-20 steps/s (batch {q * b})", per_batch, m["step"] / per_batch, 10.0,
              higher_is_better=True),
-        _row("resident_vs_share", f"resident MB per rank for its data / q/P share ({share_mb:.0f} of {total_mb:.0f} MB)", grown_max,
+        row("resident_vs_share", f"resident MB per rank for its data / q/P share ({share_mb:.0f} of {total_mb:.0f} MB)", grown_max,
              grown_max / share_mb if share_mb else None, 1.25),
     ]
 
 
 def accuracy_rows(comm, quick: bool) -> list[dict]:
     """Wall time to a target test accuracy on digits: RI-SGD (q=2, tau 8) vs sync SGD."""
-    from .config import build_config
-    from .data import load_source, write_shards
-    from .train import Trainer
+    from ..config import build_config
+    from ..data import load_source, write_shards
+    from ..train import Trainer
 
     tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
     if comm.rank == 0:
@@ -413,7 +358,7 @@ def accuracy_rows(comm, quick: bool) -> list[dict]:
 
         shutil.rmtree(tmp, ignore_errors=True)
     s, r = times["sync"], times["risgd"]
-    return [_row("time_to_accuracy_risgd_vs_sync", f"time to {target:.0%} test accuracy on digits: RI-SGD / sync", r if r else float("nan"),
+    return [row("time_to_accuracy_risgd_vs_sync", f"time to {target:.0%} test accuracy on digits: RI-SGD / sync", r if r else float("nan"),
                  (r / s) if (r and s) else None, None, sync_s=s, risgd_s=r)]
 
 
@@ -443,7 +388,7 @@ def _node_cores(comm) -> int:
     """Cores the ranks of this node share (for the oversubscription factor of the model)."""
     import os
 
-    from .comm.device import local_rank_and_size
+    from ..comm.device import local_rank_and_size
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = local_rank_and_size(comm)[1]
@@ -452,148 +397,3 @@ def _node_cores(comm) -> int:
 
 
 # -- the cost model ----------------------------------------------------------------------------
-def _features(kind: str, P: np.ndarray, nbytes: np.ndarray, cores: np.ndarray | None = None) -> np.ndarray:
-    """Columns of the latency-bandwidth model: time = (alpha * f(P) + beta * bytes * g(P)) * s.
-
-    ``s = max(1, P / cores)`` is the oversubscription of the measuring node (ranks sharing a
-    core each get a share of it); on a cluster with a core or more per rank it is 1.
-    """
-    if kind == "allreduce":  # reduce-scatter + allgather (ring/Rabenseifner)
-        f, g = 2 * np.log2(np.maximum(P, 1)), 2 * (P - 1) / P
-    else:  # alltoall of d/P blocks: P-1 messages, (P-1)/P of the bytes
-        f, g = P - 1, (P - 1) / P
-    share = np.ones_like(P) if cores is None else np.maximum(1.0, P / cores)
-    return np.stack([f * share, nbytes * g * share], axis=1)
-
-
-def fit_cost_model(rows: list[dict]) -> dict:
-    """Least-squares alpha, beta per collective; relative error on the measurements."""
-    fitted = {}
-    multi = [r for r in rows if r["ranks"] > 1]
-    P = np.array([r["ranks"] for r in multi], dtype=float)
-    nbytes = np.array([r["bytes"] for r in multi], dtype=float)
-    cores = np.array([r.get("cores", 10**6) for r in multi], dtype=float)
-    for kind in ("allreduce", "alltoall"):
-        t = np.array([r[f"{kind}_s"] for r in multi])
-        A = _features(kind, P, nbytes, cores)
-        w = 1 / t  # relative least squares: small and large messages count alike
-        coef, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
-        coef = np.maximum(coef, 0)
-        pred = A @ coef
-        err = np.abs(pred - t) / t
-        fitted[kind] = {"alpha_s": float(coef[0]), "beta_s_per_byte": float(coef[1]),
-                        "median_rel_error": float(np.median(err)), "max_rel_error": float(err.max())}
-    return fitted
-
-
-def project(fabric_gbps: float, latency_us: float) -> list[dict]:
-    """Per-round times at 16-1024 ranks on the stated fabric, with the fitted model's form."""
-    alpha, beta = latency_us * 1e-6, 8 / (fabric_gbps * 1e9)
-    models = {"ResNet-110 (1.7M)": 1_727_962, "100M-parameter model": 100_000_000}
-    out = []
-    for label, params in models.items():
-        nbytes = 4.0 * params
-        for P in (16, 64, 256, 1024):
-            Pa, nb = np.array([P], float), np.array([nbytes])
-            allreduce = (_features("allreduce", Pa, nb) @ np.array([alpha, beta])).item()
-            alltoall = (_features("alltoall", Pa, nb) @ np.array([alpha, beta])).item()
-            out.append({"model": label, "ranks": P, "averaging_round_s": allreduce,
-                        "rps_round_s": 2 * alltoall,  # scatter, then gather of the averages
-                        "ddp_step_comm_s": allreduce})  # one gradient Allreduce per step, before overlap
-    return out
-
-
-def print_projection(args) -> int:
-    rows = json.loads(Path(args.table).read_text()) if Path(args.table).exists() else []
-    if rows:
-        fitted = fit_cost_model(rows)
-        print(f"cost model fitted to {len(rows)} measurements in {args.table} (time = (alpha*f(P) + beta*bytes*g(P)) * max(1, P/cores)):")
-        for kind, f in fitted.items():
-            print(f"  {kind:<9} alpha {f['alpha_s'] * 1e6:8.2f} us  beta {f['beta_s_per_byte'] * 1e9:7.3f} ns/byte  "
-                  f"error median {f['median_rel_error']:.0%}, max {f['max_rel_error']:.0%}")
-    else:
-        print(f"no scaling table at {args.table}: run tools/bench --scaling first; projecting with the model form only")
-    print(f"\nprojection on a {args.fabric_gbps:g} Gb/s, {args.fabric_latency_us:g} us fabric (per round, before overlap):")
-    print(f"{'model':<22} {'ranks':>6} {'averaging ms':>13} {'RPS round ms':>13} {'DDP step comm ms':>17}")
-    for r in project(args.fabric_gbps, args.fabric_latency_us):
-        print(f"{r['model']:<22} {r['ranks']:>6} {r['averaging_round_s'] * 1e3:>13.2f} {r['rps_round_s'] * 1e3:>13.2f} "
-              f"{r['ddp_step_comm_s'] * 1e3:>17.2f}")
-    print("\nlocal SGD / RI-SGD pay the averaging round once per tau steps; RPS pays its round once per tau steps;\n"
-          "sync SGD and DDP pay the gradient Allreduce every step (hidden only as far as backward overlaps it).")
-    return 0
-
-
-# -- output ------------------------------------------------------------------------------------
-def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'measurement':<72} {'median ms':>10} {'ratio':>8} {'target':>8}  met"]
-    for r in rows:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        if r["target"] is None:
-            target, ok = "", ""
-        else:
-            target = (">=" if r["higher_is_better"] else "<=") + f"{r['target']:g}"
-            ok = "" if r["ratio"] is None else (
-                "yes" if (r["ratio"] >= r["target"] if r["higher_is_better"] else r["ratio"] <= r["target"]) else "NO")
-        seconds = r["seconds"]
-        ms = f"{seconds * 1e3:.2f}" if seconds == seconds and r["name"].find("resident") < 0 else f"{seconds:.1f}MB"
-        lines.append(f"{r['name']:<72} {ms:>10} {ratio:>8} {target:>8}  {ok}")
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.project:
-        return print_projection(args)
-    from mpi4py import MPI
-
-    import torch
-
-    from .comm.device import default_threads, local_rank_and_size
-
-    comm = MPI.COMM_WORLD
-    torch.set_num_threads(default_threads(local_rank_and_size(comm)[1]))  # as training does
-    reps = args.reps or (5 if args.quick else 20)
-    warmup = 2 if args.quick else 4
-    if args.scaling:
-        sizes = SCALING_SIZES[:3] if args.quick else SCALING_SIZES
-        rows = scaling_rows(comm, reps, warmup, sizes)
-        if comm.rank == 0:
-            for r in rows:
-                print(f"ranks {r['ranks']:>3} params {r['params']:>11,} allreduce {r['allreduce_s'] * 1e3:9.3f} ms "
-                      f"alltoall {r['alltoall_s'] * 1e3:9.3f} ms", flush=True)
-            _write_json(args.json, rows)
-        return 0
-    sections = args.only or list(SECTIONS)
-    rows: list[dict] = []
-    start = time.perf_counter()
-    if comm.rank == 0:
-        print(f"hpcsgd bench: {comm.size} ranks, median of {reps} interleaved rounds after {warmup} warm-up"
-              f"{' (quick)' if args.quick else ''}", flush=True)
-    for section in sections:
-        if section == "exchange":
-            new = exchange_rows(comm, 1_000_000 if args.quick and args.params == DEFAULT_PARAMS else args.params, reps, warmup)
-        elif section == "ddp":
-            new = ddp_rows(comm, reps, warmup, args.quick)
-        elif section == "local":
-            new = local_rows(comm, reps, warmup, args.quick)
-        elif section == "api":
-            new = api_rows(comm, reps, warmup, args.quick)
-        elif section == "data":
-            new = data_rows(comm, reps, args.quick)
-        else:
-            new = accuracy_rows(comm, args.quick)
-        rows += new
-        if comm.rank == 0:
-            print(format_rows(new).split("\n", 1)[1] if rows != new else format_rows(new), flush=True)
-    if comm.rank == 0:
-        print(f"({time.perf_counter() - start:.0f}s)", file=sys.stderr)
-        _write_json(args.json, rows)
-    return 0
-
-
-def _write_json(path, rows) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(rows, fh, indent=1)
-
-
-__all__ = ["add_arguments", "run", "fit_cost_model", "project", "time_interleaved"]
