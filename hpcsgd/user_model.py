@@ -45,7 +45,8 @@ def build_user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) 
     try:
         model = factory(tuple(input_shape), int(num_classes))
     except Exception as exc:
-        raise ConfigError(f"model {spec!r}: factory{tuple(input_shape), num_classes} raised {type(exc).__name__}: {exc}") from None
+        call = f"factory({tuple(input_shape)}, {num_classes})"
+        raise ConfigError(f"model {spec!r}: {call} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
