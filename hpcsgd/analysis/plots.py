@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .runs import FINISHED, Band, Group, Run, aggregate, differing_keys, diversity, format_value, group_curve, group_runs
+from .runs import (
+    FINISHED, Band, Group, Run, aggregate, differing_keys, diversity, format_value, group_curve, group_runs,
+)
 
 X_LABELS = {
     "epoch": "epoch",
@@ -48,7 +50,8 @@ class Figure:
     name: str
     title: str
     path: Path | None
-    note: str = ""
+    note: str = ""  # why it was skipped; for a figure of panels, what they show
+    legend: list[str] = field(default_factory=list)  # the legend's entries, as drawn
 
 
 def _new_figure(width: float = 7.0, height: float = 4.5, ncols: int | None = None):
@@ -88,18 +91,23 @@ def _band_handle(groups: list[Group], band: str):
     return [Patch(facecolor="0.5", alpha=BAND_ALPHA * 1.5, label=f"line: mean; band: {BANDS[band]}")]
 
 
-def _legend(ax, handles: list, loc: str = "best") -> None:
-    """Inside the axes when short; beside them in columns of :data:`LEGEND_ROWS` when long."""
+def _legend(ax, handles: list, loc: str = "best") -> list[str]:
+    """Inside the axes when short; beside them in columns of :data:`LEGEND_ROWS` when long.
+
+    Returns the entries' labels.
+    """
+    labels = [h.get_label() for h in handles]
     if not handles:
-        return
+        return labels
     if len(handles) <= LEGEND_INSIDE_MAX:
         ax.legend(handles=handles, fontsize=9, loc=loc, framealpha=0.85)
-        return
+        return labels
     fontsize = 9 if len(handles) <= 12 else 8 if len(handles) <= 30 else 7
     ax.legend(
         handles=handles, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0),
         frameon=False, ncol=math.ceil(len(handles) / LEGEND_ROWS),
     )
+    return labels
 
 
 def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
@@ -163,9 +171,9 @@ def plot_loss(groups: list[Group], out_dir: Path, x: str, band: str = "minmax") 
     colors = _colors(len(groups))
     marker = "." if key != "loss" else None
     handles = [_draw(ax, b, colors[i], band, _legend_label(g), marker=marker) for i, g, b in data]
-    _legend(ax, handles + _band_handle([g for _, g, _ in data], band))
+    legend = _legend(ax, handles + _band_handle([g for _, g, _ in data], band))
     path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], ylabel)
-    return Figure(name, title, path)
+    return Figure(name, title, path, legend=legend)
 
 
 def plot_accuracy(groups: list[Group], out_dir: Path, x: str, band: str = "minmax") -> Figure:
@@ -200,12 +208,14 @@ def plot_accuracy(groups: list[Group], out_dir: Path, x: str, band: str = "minma
     if show_own:
         keys.append(Line2D([], [], color="0.3", ls="--", label="own model, rank mean"))
     elif own:
-        keys.append(Line2D([], [], color="none", label=f"(own-model curves left out above {OWN_CURVES_MAX} groups)"))
+        note = f"(own-model curves left out above {OWN_CURVES_MAX} groups)"
+        keys.append(Line2D([], [], color="none", label=note))
     ax.set_ylim(top=min(1.02, ax.get_ylim()[1]))  # no room above a perfect score
     drawn = [g for _, g, _ in avg + own]
-    _legend(ax, [handles[i] for i in sorted(handles)] + keys + _band_handle(drawn, band), loc="lower right")
+    entries = [handles[i] for i in sorted(handles)] + keys + _band_handle(drawn, band)
+    legend = _legend(ax, entries, loc="lower right")
     path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], "test accuracy (whole test split)")
-    return Figure(name, title, path)
+    return Figure(name, title, path, legend=legend)
 
 
 def plot_consensus(groups: list[Group], out_dir: Path, x: str, band: str = "minmax") -> Figure:
@@ -221,10 +231,10 @@ def plot_consensus(groups: list[Group], out_dir: Path, x: str, band: str = "minm
     handles = [_draw(ax, b, colors[i], band, _legend_label(g), log=log, linewidth=1.2) for i, g, b in data]
     if log:
         ax.set_yscale("log")
-    _legend(ax, handles + _band_handle([g for _, g, _ in data], band))
+    legend = _legend(ax, handles + _band_handle([g for _, g, _ in data], band))
     ylabel = "consensus distance" + (" (log scale)" if log else "")
     path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], ylabel)
-    return Figure(name, title, path)
+    return Figure(name, title, path, legend=legend)
 
 
 def _time_parts(run: Run) -> dict[str, float] | None:
@@ -282,7 +292,7 @@ def plot_time_breakdown(groups: list[Group], out_dir: Path, band: str = "minmax"
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     xlabel = "seconds" + (" (mean over seeds)" if any(g.n > 1 for g, _ in data) else "")
     path = _finish(fig, ax, out_dir / f"{name}.png", title, xlabel, "")
-    return Figure(name, title, path)
+    return Figure(name, title, path, legend=labels + [h.get_label() for h in handles])
 
 
 DIVERSITY_TITLES = {
@@ -310,10 +320,10 @@ def plot_grad_diversity(groups: list[Group], out_dir: Path, band: str = "minmax"
         from matplotlib.lines import Line2D
 
         handles.append(Line2D([], [], color="0.3", marker="|", ls="none", label=f"bars: {BANDS[band]}"))
-    if others or several:
-        _legend(axes[-1], handles)
+    legend = _legend(axes[-1], handles) if others or several else []
     fig.savefig(out_dir / f"{name}.png", bbox_inches="tight")
-    return Figure(name, title, out_dir / f"{name}.png")
+    panels = [DIVERSITY_TITLES[m] for m in measures]
+    return Figure(name, title, out_dir / f"{name}.png", note="; ".join(panels), legend=legend)
 
 
 def _diversity_panel(ax, runs: list[Run], measure: str, others: list[str], band: str) -> bool:
@@ -339,7 +349,9 @@ def _diversity_panel(ax, runs: list[Run], measure: str, others: list[str], band:
     return several
 
 
-def make_figures(runs: list[Run], out_dir: str | Path, x: str = "epoch", band: str = "minmax") -> list[Figure]:
+def make_figures(
+    runs: list[Run], out_dir: str | Path, x: str = "epoch", band: str = "minmax"
+) -> list[Figure]:
     """Every figure for ``runs`` in ``out_dir``; ``x`` is the x axis of accuracy and consensus.
 
     Runs that differ only in their seed are drawn as one group (mean line, ``band``:

@@ -59,12 +59,16 @@ def run(args: argparse.Namespace) -> int:
     """The `hpcsgd report` subcommand; returns the exit code."""
     if args.target is not None and not 0.0 < args.target <= 1.0:
         raise ConfigError(f"--target must be in (0, 1], got {args.target}")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
     if getattr(args, "follow", False):
         from .follow import run_follow
 
-        if run_follow(args) != 0 or args.out is None:
-            return 0
-        args.follow = False  # the run has ended: write its report as asked
+        finished = run_follow(args)
+        if not finished or args.out is None:
+            return 0  # Ctrl-C leaves a running job alone: not an error
+        # The run has ended: write its report, as --out asked.
     if args.out is None:
         raise ConfigError("--out REPORT_DIR is required (or --follow to watch a running job)")
     return write_report(args)
@@ -77,8 +81,6 @@ def write_report(args: argparse.Namespace) -> int:
         for warning in r.warnings:
             print(f"hpcsgd report: warning: {r.path}: {warning}", file=sys.stderr)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     table = build_table(runs, target=args.target)
@@ -95,13 +97,16 @@ def write_report(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(report_markdown(runs, table, markdown, figures, band))
     written = sum(f.path is not None for f in figures)
     groups = f" in {len(table.groups)} group(s) of seeds" if table.grouped else ""
-    print(f"hpcsgd report: {len(runs)} run(s){groups}, {written} figure(s) -> {out / 'report.md'}", file=sys.stderr)
+    print(f"hpcsgd report: {len(runs)} run(s){groups}, {written} figure(s) -> {out / 'report.md'}",
+          file=sys.stderr)
     # Printed last, so that a reader closing the pipe early (`| head`) costs no file.
     print(markdown)
     return 0
 
 
-def report_markdown(runs: list[Run], table: Table, table_md: str, figures: list[Figure], band: str = "minmax") -> str:
+def report_markdown(
+    runs: list[Run], table: Table, table_md: str, figures: list[Figure], band: str = "minmax"
+) -> str:
     """report.md: the runs (by group), the tables, the figures (relative links), the warnings."""
     lines = ["# hpcsgd report", "", "## Runs", ""]
     for group in group_runs(runs):
@@ -112,7 +117,8 @@ def report_markdown(runs: list[Run], table: Table, table_md: str, figures: list[
             lines.append(f"{indent}- **{r.label}**: `{r.path}` ({r.status}, {len(r.records)} rank file(s))")
     lines += ["", "## Tables", "", table_md, "## Figures", ""]
     if table.grouped:
-        lines += [f"Runs that differ only in their seed are one line: their mean; the band is the {BANDS[band]}.", ""]
+        band_note = f"the band is the {BANDS[band]}"
+        lines += [f"Runs that differ only in their seed are one line: their mean; {band_note}.", ""]
     for fig in figures:
         if fig.path is not None:
             lines += [f"### {fig.title}", "", f"![{fig.title}]({fig.path.name})", ""]

@@ -94,7 +94,9 @@ class Run:
         _, xs, ys = self.series(key, x, ranks)
         return xs, ys
 
-    def series(self, key: str, x: str = "epoch", ranks: int | str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def series(
+        self, key: str, x: str = "epoch", ranks: int | str = "mean"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(steps, x, rank-mean ``key``) as :meth:`curve` has them, with the steps they belong to."""
         if ranks == "mean":
             sources = list(self._steps.values())

@@ -154,7 +154,7 @@ def to_target(run: Run, target: float | None) -> dict:
     out = dict.fromkeys(("epochs_to_target", "rounds_to_target", "wall_s_to_target"))
     if target is None:
         return out
-    for name, x in (("epochs_to_target", "epoch"), ("rounds_to_target", "rounds"), ("wall_s_to_target", "wall_s")):
+    for name, x in zip(out, ("epoch", "rounds", "wall_s")):
         _, xs, acc = run.eval_series("avg_test_accuracy", x=x)
         reached = xs[acc >= target]
         out[name] = float(reached[0]) if len(reached) else None
@@ -204,8 +204,9 @@ def run_row(run: Run, keys: list[str], target: float | None) -> dict:
 def group_row(group: Group, keys: list[str], rows: dict[int, dict]) -> dict:
     """One row for ``group``: per column the mean, sample std and count of its runs' values.
 
-    ``rows`` maps ``id(run)`` to its :func:`run_row` (names repeat across sweeps: seed0/, seed1/). A value a run lacks (an accuracy never
-    reached, a summary not yet written) leaves that run out of that column's mean.
+    ``rows`` maps ``id(run)`` to its :func:`run_row` (names repeat across sweeps: seed0/,
+    seed1/). A value a run lacks (an accuracy never reached, a summary not yet written)
+    leaves that run out of that column's mean.
     """
     members = [rows[id(r)] for r in group.runs]
     out = {
