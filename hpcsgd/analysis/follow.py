@@ -18,6 +18,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class RankTail:
         self.inode: int | None = None
         self.partial = b""  # the start of a line whose newline has not been written yet
         self.bad = 0  # complete lines that were no JSON object
+        self.mtime: float | None = None  # when the file was last written
 
     def read(self) -> tuple[list[dict], bool]:
         """(new records, whether the file was rewritten and must be read again from its start).
@@ -65,6 +67,7 @@ class RankTail:
         """
         try:
             st = self.path.stat()
+            self.mtime = st.st_mtime
             with open(self.path, "rb") as fh:
                 restart = st.st_ino != self.inode or st.st_size < self.offset
                 if restart:
@@ -103,7 +106,6 @@ class Follower:
     tails: dict[int, RankTail] = field(default_factory=dict)
     steps: dict[int, dict[int, dict]] = field(default_factory=dict)  # step -> rank -> record
     last_step: dict[int, int] = field(default_factory=dict)  # rank -> its latest step
-    last_change: float = field(default_factory=time.monotonic)
     rewritten: bool = False  # a rank file started over at the last poll (the run resumed)
 
     def poll(self) -> None:
@@ -128,12 +130,16 @@ class Follower:
                 step = int(rec["step"])
                 self.steps.setdefault(step, {})[rank] = rec
                 self.last_step[rank] = max(self.last_step.get(rank, 0), step)
-                self.last_change = time.monotonic()
 
     def _forget(self, rank: int) -> None:
         for by_rank in self.steps.values():
             by_rank.pop(rank, None)
         self.last_step.pop(rank, None)
+
+    def idle_s(self) -> float | None:
+        """Seconds since any rank file was last written (a stalled or hung job shows here)."""
+        times = [t.mtime for t in self.tails.values() if t.mtime is not None]
+        return max(0.0, time.time() - max(times)) if times else None
 
     @property
     def bad_lines(self) -> int:
@@ -227,6 +233,18 @@ def format_row(row: dict, total: int | None) -> str:
     return "  ".join(cells)
 
 
+def duration(seconds: float) -> str:
+    """0.5s, 42s, 3m07s, 2h05m: as precise as a glance at a running job needs."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def progress_line(f: Follower, rows: list[dict], total: int | None) -> str:
     """Bar, steps, epochs, wall time, estimated time left, and how fresh the last line is."""
     if not rows:
@@ -245,10 +263,12 @@ def progress_line(f: Follower, rows: list[dict], total: int | None) -> str:
     if last.get("epoch") is not None:
         parts.append(f"epoch {last['epoch']:.2f}" + (f"/{epochs:g}" if epochs else ""))
     if wall is not None:
-        parts.append(f"wall {wall:.1f}s")
+        parts.append(f"wall {duration(wall)}")
         if total and step and f.summary is None:
-            parts.append(f"eta {wall / step * (total - step):.0f}s")
-    parts.append(f"last line {time.monotonic() - f.last_change:.0f}s ago")
+            parts.append(f"eta {duration(wall / step * (total - step))}")  # at the mean pace so far
+    idle = f.idle_s()
+    if idle is not None and f.summary is None:
+        parts.append(f"last line {duration(idle)} ago")
     return "  ".join(parts)
 
 
@@ -314,13 +334,13 @@ class ScreenView:
         rows = [f.row(s) for s in f.complete_steps()]
         size = shutil.get_terminal_size()
         lines = [
-            f"hpcsgd report --follow {f.run_dir}   {f.describe()}   "
-            f"(every {self.interval:g}s, Ctrl-C to stop)",
+            f"hpcsgd report --follow {f.run_dir}",
+            f"{f.describe()}   (refreshed every {self.interval:g}s, Ctrl-C to stop following)",
             progress_line(f, rows, total),
             "",
             header_line(total),
         ]
-        footer = ["", ranks_line(f), LEGEND]
+        footer = ["", ranks_line(f), *textwrap.wrap(LEGEND, max(40, size.columns - 1))]
         if f.bad_lines:
             footer.append(f"skipped {f.bad_lines} unreadable metrics line(s)")
         room = max(1, size.lines - len(lines) - len(footer) - 1)
