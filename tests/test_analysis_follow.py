@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcsgd.analysis.follow import CLEAR, Follower, RankTail, duration, follow
+from hpcsgd.analysis.follow import CLEAR, Follower, RankTail, duration, follow, header_line
 from hpcsgd.cli import done_line
 from hpcsgd.progress import Progress
 
@@ -140,6 +140,8 @@ def test_follow_prints_each_step_once_as_the_files_grow(tmp_path):
     assert sleeps == [0.5] * 5
     assert "following" in text and "local, q=2, tau=2" in text
     assert "batch loss" in text.splitlines()[1] and "test acc" in text
+    # The header is as wide as the rows: printed once the total (10 steps) is known.
+    assert text.splitlines()[2] == header_line(10) and len(header_line(10)) == len(text.splitlines()[3])
     row5 = next(ln for ln in text.splitlines() if ln.split()[0] == "5/10").split()
     assert row5[1] == "50.0%" and row5[2] == "1.00" and float(row5[3]) == pytest.approx(1.55)
     assert row5[5] == "0.5000"  # the averaged model's test accuracy at the evaluation step
@@ -168,8 +170,7 @@ def test_follow_on_a_terminal_redraws_the_screen(tmp_path, monkeypatch):
 
 
 def test_follow_waits_for_a_job_that_has_not_written_yet(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir = tmp_path / "run"  # not even created: the job is still queued
     plan = [
         lambda: write_steps(start_job(run_dir), [1, 2]),
         lambda: (run_dir / "summary.json").write_text(json.dumps(SUMMARY)),
@@ -245,14 +246,15 @@ def test_cli_follow_ctrl_c_exits_zero(tmp_path):
         (["A", "B", "--follow"], "--follow watches one run directory, got 2"),
         (["A", "--follow", "--interval", "0"], "--interval must be > 0"),
         (["SWEEP", "--follow"], "holds 1 run directories"),
-        (["MISSING", "--follow"], "does not exist"),
+        (["MISSING/run", "--follow"], "does not exist, nor does its parent"),
+        (["A/config.toml", "--follow"], "is not a directory"),
         (["A"], "--out REPORT_DIR is required"),
     ],
 )
 def test_cli_follow_bad_input_exits_2(tmp_path, argv, message):
     for name in ("A", "B", "SWEEP/one"):
         start_job(tmp_path / name)
-    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    argv = [str(tmp_path / a) if a[0].isupper() else a for a in argv]
     proc = _report(*argv)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err

@@ -298,7 +298,7 @@ class LineView:
     def __init__(self, out):
         self.out = out
         self.shown = 0  # the last step printed
-        self.started = False
+        self.started = self.headed = False
 
     def show(self, f: Follower) -> None:
         total = f.total_steps()
@@ -307,6 +307,10 @@ class LineView:
             self.started = True
             print(f"following {f.run_dir} ({f.describe()})", file=self.out)
             print(LEGEND, file=self.out)
+        if not self.headed and steps:
+            # With the first rows: the total steps (and so the width of the step column) may
+            # need a record's steps per epoch.
+            self.headed = True
             print(header_line(total), file=self.out)
         if f.rewritten:
             # A resume dropped the lines after its checkpoint: print the steps again from there.
@@ -383,13 +387,18 @@ def run_follow(args: argparse.Namespace) -> bool:
     if not args.interval > 0:
         raise ConfigError(f"--interval must be > 0 seconds, got {args.interval}")
     path = Path(args.runs[0])
-    if not path.is_dir():
-        what = "does not exist" if not path.exists() else "is not a directory"
-        raise ConfigError(f"run directory {path} {what}")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run directory {path} is not a directory")
+    if not path.exists() and not path.parent.is_dir():
+        raise ConfigError(f"run directory {path} does not exist, nor does its parent {path.parent}")
     if not is_run_dir(path) and (inside := find_run_dirs(path)):
         raise ConfigError(
             f"{path} holds {len(inside)} run directories; --follow watches one, e.g. {inside[0]}"
         )
-    # An empty directory may be a job that has not started writing yet: wait for it.
+    # A missing or empty directory may be a job that has not started yet (queued, or importing
+    # torch): wait for it, and say so, so that a mistyped name does not wait unnoticed.
+    if not path.exists() or not is_run_dir(path):
+        print(f"hpcsgd report: waiting for {path} to get config.toml or metrics/ (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
     return follow(path, args.interval)
 

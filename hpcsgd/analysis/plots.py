@@ -91,7 +91,7 @@ def _band_handle(groups: list[Group], band: str):
     return [Patch(facecolor="0.5", alpha=BAND_ALPHA * 1.5, label=f"line: mean; band: {BANDS[band]}")]
 
 
-def _legend(ax, handles: list, loc: str = "best") -> list[str]:
+def _legend(ax, handles: list, loc: str = "best", inside_max: int = LEGEND_INSIDE_MAX) -> list[str]:
     """Inside the axes when short; beside them in columns of :data:`LEGEND_ROWS` when long.
 
     Returns the entries' labels.
@@ -99,7 +99,7 @@ def _legend(ax, handles: list, loc: str = "best") -> list[str]:
     labels = [h.get_label() for h in handles]
     if not handles:
         return labels
-    if len(handles) <= LEGEND_INSIDE_MAX:
+    if len(handles) <= inside_max:
         ax.legend(handles=handles, fontsize=9, loc=loc, framealpha=0.85)
         return labels
     fontsize = 9 if len(handles) <= 12 else 8 if len(handles) <= 30 else 7
@@ -137,8 +137,12 @@ def _draw(ax, band: Band, color, kind: str, label: str | None = None, style: str
     several = band.count > 1
     if several.any():
         lower, upper = _spread(band, kind, log)
-        ax.fill_between(band.x, lower, upper, where=several, color=color, alpha=BAND_ALPHA,
-                        linewidth=0, interpolate=False)
+        if len(band.x) == 1:  # a band one point wide has no area: an error bar shows the spread
+            ax.errorbar(band.x, band.mean, yerr=[band.mean - lower, upper - band.mean], fmt="none",
+                        ecolor=color, capsize=4, linewidth=1.2)
+        else:
+            ax.fill_between(band.x, lower, upper, where=several, color=color, alpha=BAND_ALPHA,
+                            linewidth=0, interpolate=False)
     return line
 
 
@@ -213,7 +217,8 @@ def plot_accuracy(groups: list[Group], out_dir: Path, x: str, band: str = "minma
     ax.set_ylim(top=min(1.02, ax.get_ylim()[1]))  # no room above a perfect score
     drawn = [g for _, g, _ in avg + own]
     entries = [handles[i] for i in sorted(handles)] + keys + _band_handle(drawn, band)
-    legend = _legend(ax, entries, loc="lower right")
+    # Accuracy curves fill the top of the axes, where a legend would go: only a short one inside.
+    legend = _legend(ax, entries, inside_max=4)
     path = _finish(fig, ax, out_dir / f"{name}.png", title, X_LABELS[x], "test accuracy (whole test split)")
     return Figure(name, title, path, legend=legend)
 
