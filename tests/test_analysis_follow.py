@@ -163,7 +163,8 @@ def test_follow_on_a_terminal_redraws_the_screen(tmp_path, monkeypatch):
     assert len(screens) == 2
     first = screens[0]
     assert "[" + "#" * 24 + "-" * 6 + "]  8/10 steps (80.0%)" in first and "epoch 1.60/2" in first
-    assert "wall 2.0s" in first and "eta 0.5s" in first and "ranks (rank@latest step): 0@8 1@8" in first
+    assert "wall 2.0s" in first and "eta 0.5s" in first
+    assert "last evaluation: step 5, test accuracy 0.5000 (averaged model)" in first and "ranks (rank@latest step): 0@8 1@8" in first
     # 12 lines of terminal: the latest rows that fit under the header, not all eight.
     assert rows_of(first)[-1] == "8/10" and len(rows_of(first)) < 8
     assert screens[1].rstrip().endswith("test accuracy 0.8765")

@@ -272,6 +272,18 @@ def progress_line(f: Follower, rows: list[dict], total: int | None) -> str:
     return "  ".join(parts)
 
 
+def eval_line(rows: list[dict]) -> str:
+    """The latest evaluation: on a screen it scrolls out of the table between evaluations."""
+    for row in reversed(rows):
+        if row.get("avg_test_accuracy") is not None or row.get("test_accuracy") is not None:
+            return (
+                f"last evaluation: step {row['step']:.0f}, test accuracy "
+                f"{_fmt(row.get('avg_test_accuracy'), '{:.4f}')} (averaged model), "
+                f"{_fmt(row.get('test_accuracy'), '{:.4f}')} (own models, rank mean)"
+            )
+    return "last evaluation: none yet (every eval_every epochs, and at the end)"
+
+
 def ranks_line(f: Follower) -> str:
     """Each rank's latest step; a rank behind the others has stopped (failed) or lags."""
     latest = max(f.last_step.values(), default=0)
@@ -341,6 +353,7 @@ class ScreenView:
             f"hpcsgd report --follow {f.run_dir}",
             f"{f.describe()}   (refreshed every {self.interval:g}s, Ctrl-C to stop following)",
             progress_line(f, rows, total),
+            eval_line(rows),
             "",
             header_line(total),
         ]
