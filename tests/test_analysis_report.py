@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hpcsgd.analysis import load_run, load_runs
-from hpcsgd.analysis import report
+from hpcsgd.analysis import plots, report
 from hpcsgd.analysis.plots import make_figures
 from hpcsgd.analysis.runs import FINISHED, UNFINISHED, differing_keys, diversity, group_curve, group_runs
 from hpcsgd.analysis.tables import build_table, default_target, to_markdown, write_csv, write_runs_csv
@@ -436,13 +436,13 @@ def test_report_of_seeds_draws_mean_lines_and_bands(seeds, tmp_path, capsys):
     assert "- **q=1**: 3 runs, seeds 0-2" in text and "mean ± 1 sample std over seeds" in text
     with open(out / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 6
-    figures = {f.name: f for f in make_figures(load_runs([seeds]), tmp_path, band="minmax")}
-    for name in ("loss_vs_epoch", "accuracy_vs_epoch", "consensus_vs_epoch"):
-        legend = figures[name].legend
-        assert "q=1 (n=3)" in legend and "q=2 (n=3)" in legend, name
-        assert "line: mean; band: min-max over seeds" in legend, name
-    assert "total: min-max over seeds" in figures["time_breakdown"].legend
-    assert "bars: min-max over seeds" in figures["grad_diversity_vs_q"].legend
+    groups = group_runs(load_runs([seeds]))
+    for figure in (plots.plot_loss(groups, tmp_path, "epoch"), plots.plot_accuracy(groups, tmp_path, "epoch"),
+                   plots.plot_consensus(groups, tmp_path, "epoch")):
+        assert "q=1 (n=3)" in figure.legend and "q=2 (n=3)" in figure.legend, figure.name
+        assert "line: mean; band: min-max over seeds" in figure.legend, figure.name
+    assert "total: min-max over seeds" in plots.plot_time_breakdown(groups, tmp_path).legend
+    assert "bars: min-max over seeds" in plots.plot_grad_diversity(groups, tmp_path).legend
 
 
 @pytest.mark.parametrize("configs, seeds_per", [(10, 5), (50, 1)])
@@ -451,17 +451,17 @@ def test_legends_at_fifty_runs_name_groups_by_the_keys_that_differ(tmp_path, con
     for i in range(configs):
         for s in range(seeds_per):
             make_run(tmp_path, f"c{i}-s{s}", q=1 + i % 5, lr=0.1 * (1 + i // 5), seed=s, shift=0.01 * s)
-    figures = {f.name: f for f in make_figures(load_runs([tmp_path]), tmp_path)}
-    legend = figures["loss_vs_epoch"].legend
-    groups = [e for e in legend if e.startswith("q=")]
-    assert len(groups) == configs
-    assert all("seed" not in e and "tau" not in e and "drop_rate" not in e for e in groups)
+    groups = group_runs(load_runs([tmp_path]))
+    legend = plots.plot_loss(groups, tmp_path, "epoch").legend
+    entries = [e for e in legend if e.startswith("q=")]
+    assert len(entries) == configs
+    assert all("seed" not in e and "tau" not in e and "drop_rate" not in e for e in entries)
     if seeds_per > 1:
-        assert groups[0] == "q=1, lr=0.1 (n=5)" and legend[-1].startswith("line: mean; band:")
+        assert entries[0] == "q=1, lr=0.1 (n=5)" and legend[-1].startswith("line: mean; band:")
     else:
-        assert groups[0] == "q=1, lr=0.1" and not any("band" in e for e in legend)
+        assert entries[0] == "q=1, lr=0.1" and not any("band" in e for e in legend)
     # Own-model curves would double 10+ lines: left out, and the legend says so.
-    assert any("own-model curves left out" in e for e in figures["accuracy_vs_epoch"].legend)
+    assert any("own-model curves left out" in e for e in plots.plot_accuracy(groups, tmp_path, "epoch").legend)
 
 
 def test_band_must_be_known(tmp_path):
@@ -523,7 +523,7 @@ def test_both_diversity_measures_are_read_from_records_or_summary(tmp_path):
 
     markdown = to_markdown(build_table(runs))
     assert "grad diversity (intra)" in markdown and "skipped steps" in markdown
-    figure = {f.name: f for f in make_figures(runs, tmp_path)}["grad_diversity_vs_q"]
+    figure = plots.plot_grad_diversity(group_runs(runs), tmp_path)
     assert figure.path is not None and "intra" in figure.note and "inter" in figure.note
 
 
