@@ -293,7 +293,7 @@ def plot_time_breakdown(groups: list[Group], out_dir: Path, band: str = "minmax"
 
         handles.append(Line2D([], [], color="0.2", marker="|", ls="none", label=f"total: {BANDS[band]}"))
     ax.set_yticks(ypos, labels, fontsize=9 if len(data) <= 20 else 7)
-    ax.invert_yaxis()  # first group on top, as in the table
+    ax.set_ylim(len(data) - 0.5, -0.5)  # first group on top, as in the table; no empty margin
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     xlabel = "seconds" + (" (mean over seeds)" if any(g.n > 1 for g, _ in data) else "")
     path = _finish(fig, ax, out_dir / f"{name}.png", title, xlabel, "")

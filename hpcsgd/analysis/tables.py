@@ -63,7 +63,7 @@ COLUMNS = (
     Column("consensus_distance", "consensus dist", "{:.3g}", "cost"),
     Column("skipped_steps", "skipped steps", "{:.0f}", "cost", optional=True),
 )
-# What each column measures, for the note above the tables (report.md and stdout).
+# What each column measures, for the note under the tables (report.md and stdout).
 LEGEND = (
     '"batch loss" is the training loss of the batches each rank trained on, averaged over the '
     "last (or best) logging window and over the ranks: the progress lines show rank 0's share "
