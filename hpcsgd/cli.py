@@ -80,13 +80,21 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_PREEMPTED
     if summary is not None:
-        print(
-            f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
-            f"test accuracy {summary['test_accuracy']:.4f}, {summary['rounds']} rounds, "
-            f"{summary['wall_s']:.1f}s -> {cfg.run_dir}/summary.json",
-            file=sys.stderr,
-        )
+        print(done_line(summary, cfg.run_dir), file=sys.stderr)
     return EXIT_OK
+
+
+def done_line(summary: dict, run_dir) -> str:
+    """The last line of a run: the averaged model evaluated on the whole train and test splits.
+
+    Not the progress lines' loss (rank 0's batches, last window) nor the report's batch-loss
+    columns (rank means of those): it says which model and which data it is.
+    """
+    return (
+        f"done: {summary['steps']} steps, {summary['rounds']} rounds, {summary['wall_s']:.1f}s; "
+        f"averaged model: train loss {summary['train_loss']:.4f} (full train set), "
+        f"test accuracy {summary['test_accuracy']:.4f} -> {run_dir}/summary.json"
+    )
 
 
 def run_report(args: argparse.Namespace) -> int:
