@@ -174,6 +174,15 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+            f"TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
@@ -244,6 +253,9 @@ def _scalar(key: str, value, kind: type, origin: str):
             return value
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > (SEED_MAX if key == "seed" else INT_MAX):
+                top = "2**64-1" if key == "seed" else "2**63-1"
+                raise ConfigError(f"config key {key!r} ({origin}) must be at most {top}, got {value}")
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -319,7 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
         if not _FAIL.match(rule):
-            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP, e.g. 3@500")
+            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500")
     if len(cfg.faults) != len(cfg.fail):
         raise ConfigError(f"fail names a rank twice: {cfg.fail}")
     for rule in cfg.straggle:
