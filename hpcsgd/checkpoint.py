@@ -127,6 +127,8 @@ def save(trainer: "Trainer", step: int) -> Path:
     except CheckpointError:
         if coll.rank == 0:
             shutil.rmtree(directory, ignore_errors=True)  # incomplete: no COMPLETE, so never resumed from
+        if getattr(trainer, "stop", None) is not None:
+            trainer.stop.drain()  # every rank is here: finish the step's stop-flag exchange, leave none pending
         raise
     return directory
 
@@ -179,7 +181,9 @@ def _digest(arrays: dict) -> str:
 
 def _cannot_write(path: Path, exc: BaseException, run_dir: Path) -> str:
     """Why a checkpoint write failed, what is left, and what to do."""
-    reason = getattr(exc, "strerror", None) or str(exc)
+    code = getattr(exc, "errno", None)
+    # h5py's strerror is a long multi-line HDF5 trace; the errno says it in three words.
+    reason = os.strerror(code) if code else (getattr(exc, "strerror", None) or str(exc))
     try:
         free = f"; {shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free / 2**20:.1f} MiB free there"
     except OSError:

@@ -76,7 +76,8 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_the_resume_is_bit_exact
     message = str(info.value)
     assert info.value.collective
     assert message.startswith("checkpoint at step 16: cannot write") and "No space left on device" in message
-    assert "the previous checkpoint step-00000008 is intact" in message and f"(rank {comm.size - 1})" in message
+    assert "the previous checkpoint step-00000008 is intact" in message
+    assert comm.size == 1 or message.endswith(f"(rank {comm.size - 1})")  # the rank whose disk was full
     run = shared_tmp / "run"
     comm.Barrier()
     assert all_ranks(_leftovers(run) == [])

@@ -170,8 +170,11 @@ class Watchdog:
         replies = self._collect([r for r in members if r != me]) if self._multiple else None
         arrived = [me] + sorted(r for r, s in (replies or {}).items() if s[:2] == (call.op, call.step))
         message = self._message(call, members, arrived, replies)
-        if me != min(arrived):
-            time.sleep(self._grace() + 5)  # the lowest rank that arrived reports; speak only if it could not
+        if me != min(arrived):  # the lowest rank that arrived reports; speak only if it could not
+            deadline = time.monotonic() + self._grace() + 5
+            while time.monotonic() < deadline:
+                self._answer_alarms()  # ranks that time out later still learn that this one arrived
+                time.sleep(0.05)
         sys.stderr.write(f"hpcsgd: error: {message}\n")
         sys.stderr.flush()
         world.Abort(EXIT_TIMEOUT)
