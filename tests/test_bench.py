@@ -20,10 +20,14 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
                      "round step (optimizer + average) / (optimizer + raw)", "RPS round, drop 0 /", "RPS round, drop 0.1 /",
                      "drop masks", "sync-SGD step / DDP step, MLP", "sync-SGD step / DDP step, ResNet-20",
                      "PeriodicModelAverager, MLP", "PeriodicModelAverager, ResNet-20", "HDF5 sampler",
-                     "resident MB", "time to 85% test accuracy"):
+                     "resident MB", "time to 85% test accuracy", "collective watchdog on / off",
+                     "Iallreduce + Test polling"):
         assert expected in result.stdout, expected
     rows = json.loads(out.read_text())
-    assert len(rows) == 14
+    assert len(rows) == 16
+    keyed = {r["key"]: r for r in rows if "key" in r}
+    assert set(keyed) == {"watchdog_overhead", "watchdog_polling_alternative"}
+    assert keyed["watchdog_overhead"]["target"] == 1.01 and keyed["watchdog_overhead"]["guard_us"] > 0
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
 
 

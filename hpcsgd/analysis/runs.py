@@ -25,7 +25,8 @@ FINISHED, UNFINISHED = "finished", "running/crashed"
 
 # Keys that say where or how a run was executed, not what was trained.
 IGNORED_KEYS = frozenset(
-    {"run_dir", "data", "progress", "threads", "resume", "log_every", "eval_every", "checkpoint_every"}
+    {"run_dir", "data", "progress", "threads", "resume", "overwrite", "log_every", "eval_every", "checkpoint_every",
+     "collective_timeout"}
 )
 # What names a run when nothing differs among the runs compared (a single run, say).
 DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
