@@ -211,7 +211,8 @@ class Collectives:
     def allgather_flags(self, flag: bool) -> np.ndarray:
         """Every live rank's boolean, in live-rank order (who skipped a non-finite step)."""
         out = np.empty(self.size, dtype=np.uint8)
-        self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
+        with WATCHDOG.guard("Allgather [who skipped a non-finite step]", self.comm):
+            self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
         return out.astype(bool)
 
     def sum_float64(self, values: np.ndarray) -> np.ndarray:
