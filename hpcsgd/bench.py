@@ -60,6 +60,29 @@ def time_interleaved(comm, fns: dict[str, Callable[[], object]], reps: int, warm
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def ratio_paired(comm, a: Callable[[], object], b: Callable[[], object], reps: int, warmup: int) -> tuple[float, float]:
+    """(median seconds of ``a``, median of the per-round ratios a/b), timed as above.
+
+    Each round times ``a`` and ``b`` back to back, in alternating order, and takes their
+    ratio: a difference far below the machine's noise (a watchdog's two attribute writes)
+    shows in the median of paired ratios long before it shows in a ratio of two medians.
+    """
+    from mpi4py import MPI
+
+    ratios, times = [], []
+    for i in range(warmup + reps):
+        pair = {}
+        for name, fn in ((("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a))):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            pair[name] = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        if i >= warmup:
+            ratios.append(pair["a"] / pair["b"])
+            times.append(pair["a"])
+    return statistics.median(times), statistics.median(ratios)
+
+
 def _row(name: str, seconds: float, ratio: float | None, target: float | None, higher_is_better: bool = False, *,
          key: str, **extra) -> dict:
     """One result; ``key`` is stable across runs and versions (``name`` is for people and may change)."""
@@ -135,6 +158,57 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
         _row("RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15, key="rps10_vs_allreduce"),
         _row("drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02,
              key="drop_masks_vs_rps10"),
+    ]
+
+
+def watchdog_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
+    """What the collective watchdog costs when nothing is wrong, and what the alternative would.
+
+    ``watchdog_overhead``: local SGD's averaging round (``allreduce_sum`` of the flat model, a
+    blocking Allreduce under the guard, the monitor thread running) with the watchdog on / off. ``watchdog_polling_alternative``:
+    the same Allreduce started nonblocking and polled with ``Test`` against a deadline (a
+    watchdog without a thread) / the blocking Allreduce.
+    """
+    from mpi4py import MPI
+
+    from .comm import Collectives
+    from .comm.watchdog import WATCHDOG
+
+    _, flat = _mlp(params)
+    flat.flat.detach().zero_()  # sums of zeros stay zero: no rescaling pass between rounds
+    coll = Collectives(comm)
+    buffer = flat.flat.detach().numpy()
+    timeout = 600.0
+    WATCHDOG.arm(comm, timeout)
+
+    def round_with(seconds: float):
+        WATCHDOG.timeout = seconds
+        coll.allreduce_sum(flat.flat)  # what LocalSGD.after_step runs on a round step
+
+    def polled():
+        request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                comm.Abort(4)
+
+    def blocking():
+        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+
+    # Paired, and three times the rounds of the other rows: the difference sought is far below the noise.
+    on, on_ratio = ratio_paired(comm, lambda: round_with(timeout), lambda: round_with(0.0), 3 * reps, warmup)
+    poll, poll_ratio = ratio_paired(comm, polled, blocking, reps, warmup)
+    t0, calls = time.perf_counter(), 20_000
+    for _ in range(calls):
+        with WATCHDOG.guard("Allreduce [avg]", comm):
+            pass
+    guard_us = (time.perf_counter() - t0) / calls * 1e6  # what the watchdog adds to every collective
+    WATCHDOG.disarm()
+    return [
+        _row("averaging round, collective watchdog on / off", on, on_ratio, 1.01, key="watchdog_overhead",
+             guard_us=guard_us),
+        _row("Iallreduce + Test polling / blocking Allreduce (the watchdog not chosen)", poll, poll_ratio, None,
+             key="watchdog_polling_alternative"),
     ]
 
 
@@ -574,7 +648,8 @@ def run(args: argparse.Namespace) -> int:
               f"{' (quick)' if args.quick else ''}", flush=True)
     for section in sections:
         if section == "exchange":
-            new = exchange_rows(comm, 1_000_000 if args.quick and args.params == DEFAULT_PARAMS else args.params, reps, warmup)
+            params = 1_000_000 if args.quick and args.params == DEFAULT_PARAMS else args.params
+            new = exchange_rows(comm, params, reps, warmup) + watchdog_rows(comm, params, reps, warmup)
         elif section == "ddp":
             new = ddp_rows(comm, reps, warmup, args.quick)
         elif section == "local":

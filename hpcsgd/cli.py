@@ -1,14 +1,17 @@
 """`hpcsgd shard | train | report | bench` (also `python -m hpcsgd`).
 
 Exit codes: 0 done; 2 a problem with the input, reported on stderr (on every rank together
-for collective checks); 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
-`--resume`); 1 an unexpected error, after which the whole MPI job is aborted.
+for collective checks); 3 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (resume
+with `--resume`); 4 a collective did not complete within collective_timeout (the job is
+aborted; see hpcsgd/comm/watchdog.py); 1 an unexpected error, after which the whole MPI job is
+aborted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 import types
@@ -23,8 +26,9 @@ TRAIN_EPILOG = """\
 Every flag is also a TOML key in CONFIG (dashes become underscores); a flag overrides the file.
 Launch under MPI, one rank per GPU (or CPU process):
   mpiexec -n 4 python -m mpi4py -m hpcsgd train run.toml --data shards --run-dir runs/a
-Exit codes: 0 done, 2 bad input (message on stderr), 3 stopped by SIGTERM/SIGUSR1 after a
-checkpoint (rerun with --resume), 1 unexpected error (the job is aborted).
+Exit codes: 0 done, 2 bad input (message on stderr), 3 stopped by SIGTERM/SIGUSR1/SIGINT after
+a checkpoint (rerun with --resume), 4 a collective timed out (a rank stopped or hung; the job is
+aborted), 1 unexpected error (the job is aborted).
 """
 
 
@@ -69,6 +73,11 @@ def run_train(args: argparse.Namespace) -> int:
     except HpcsgdError as exc:
         exc.collective = True  # every rank read the same file and flags: one message, no abort
         raise
+    from mpi4py import MPI
+
+    from .rundir import claim
+
+    claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
     from .checkpoint import EXIT_PREEMPTED, Preempted
     from .train import train
     try:
@@ -80,13 +89,21 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_PREEMPTED
     if summary is not None:
-        print(
-            f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
-            f"test accuracy {summary['test_accuracy']:.4f}, {summary['rounds']} rounds, "
-            f"{summary['wall_s']:.1f}s -> {cfg.run_dir}/summary.json",
-            file=sys.stderr,
-        )
+        print(done_line(summary, cfg.run_dir), file=sys.stderr)
     return EXIT_OK
+
+
+def done_line(summary: dict, run_dir) -> str:
+    """The last line of a run: the averaged model evaluated on the whole train and test splits.
+
+    Not the progress lines' loss (rank 0's batches, last window) nor the report's batch-loss
+    columns (rank means of those): it says which model and which data it is.
+    """
+    return (
+        f"done: {summary['steps']} steps, {summary['rounds']} rounds, {summary['wall_s']:.1f}s; "
+        f"averaged model: train loss {summary['train_loss']:.4f} (full train set), "
+        f"test accuracy {summary['test_accuracy']:.4f} -> {run_dir}/summary.json"
+    )
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -123,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_train_arguments(p)
+    # `--fail -1@5` is a (bad) value, not an unknown option: let the config check name it.
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+@")
     p.set_defaults(func=run_train)
 
     try:

@@ -32,6 +32,8 @@ PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
 _MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
+INT_MAX = 2**63 - 1  # every other integer key must fit a signed 64-bit integer (TOML's, torch's)
 _FAIL = re.compile(r"^(\d+)@(\d+)$")
 _STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
 
@@ -78,7 +80,9 @@ class TrainConfig:
     eval_train_samples: int = 2048  # training-set sample for eval-time train loss (0: all)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the newest good checkpoint in run_dir
+    overwrite: bool = False  # move a run already in run_dir aside (to run_dir/replaced/) and start afresh
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    collective_timeout: float = 600.0  # seconds any collective may take before the job aborts with exit 4 (0: off)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per rank (0: cores / ranks per node)
     progress: str = "auto"  # auto | bar | lines | none (auto: bar on a terminal)
@@ -174,6 +178,15 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+            f"TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
@@ -244,6 +257,9 @@ def _scalar(key: str, value, kind: type, origin: str):
             return value
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > (SEED_MAX if key == "seed" else INT_MAX):
+                top = "2**64-1" if key == "seed" else "2**63-1"
+                raise ConfigError(f"config key {key!r} ({origin}) must be at most {top}, got {value}")
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -297,6 +313,12 @@ def validate(cfg: TrainConfig) -> None:
     _at_least("eval_every", cfg.eval_every, 0.0)
     if cfg.steps == 0 and not cfg.epochs > 0:
         raise ConfigError(f"epochs must be > 0 (or set steps), got {cfg.epochs}")
+    if cfg.seed > SEED_MAX:
+        raise ConfigError(f"seed must be in 0..2**64-1, got {cfg.seed}")
+    if cfg.collective_timeout < 0:
+        raise ConfigError(f"collective_timeout must be >= 0 seconds (0: no watchdog), got {cfg.collective_timeout}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("give --resume (continue the run in run_dir) or --overwrite (replace it), not both")
     if not cfg.bucket_mb > 0:
         raise ConfigError(f"bucket_mb must be > 0, got {cfg.bucket_mb}")
     if not cfg.lr > 0:
@@ -315,7 +337,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
         if not _FAIL.match(rule):
-            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP, e.g. 3@500")
+            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500")
     if len(cfg.faults) != len(cfg.fail):
         raise ConfigError(f"fail names a rank twice: {cfg.fail}")
     for rule in cfg.straggle:
@@ -324,10 +346,18 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"straggle entry {rule!r} must look like RANK@STEP[-END]:SECONDS, e.g. 1@10-20:0.5")
 
 
-def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
-    """Checks that need the number of ranks P."""
+def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int, ...] | None = None) -> None:
+    """Checks that need the number of ranks P (and, given them, the shards' chunk sizes)."""
     if not 1 <= cfg.q <= world_size:
         raise ConfigError(f"q must be in 1..P={world_size}, got {cfg.q}")
+    if chunk_sizes:
+        smallest = min(range(len(chunk_sizes)), key=lambda c: chunk_sizes[c])
+        if cfg.batch_size > chunk_sizes[smallest]:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} (samples per chunk per step) is larger than chunk {smallest}'s "
+                f"{chunk_sizes[smallest]} samples: one step would pass over it more than once and epochs would "
+                f"lose their meaning; use at most {chunk_sizes[smallest]}"
+            )
     for rank, step in cfg.faults.items():
         if rank >= world_size:
             raise ConfigError(f"fail entry {rank}@{step} names rank {rank}, but ranks are 0..{world_size - 1}")

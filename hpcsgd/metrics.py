@@ -16,11 +16,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave the temporary behind
+        except OSError:
+            pass
+        raise
 
 
 def _clean(value):
@@ -66,8 +73,13 @@ class MetricsWriter:
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
-        self._fh.write(dumps(record) + "\n")
-        self._fh.flush()  # a crashed run keeps every line it logged
+        try:
+            self._fh.write(dumps(record) + "\n")
+            self._fh.flush()  # a crashed run keeps every line it logged
+        except OSError as exc:  # a full disk: one clean message from this rank, not a traceback
+            from .errors import TrainingError
+
+            raise TrainingError(f"cannot write metrics to {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         self._fh.close()

@@ -1,8 +1,28 @@
-"""Progress on rank 0: a tqdm bar on a terminal, plain periodic lines in batch jobs."""
+"""Progress on rank 0: a tqdm bar on a terminal, plain periodic lines in batch jobs.
+
+The loss shown is rank 0's training-batch loss, the mean over the last logging window: a
+quick, noisy figure, and not the one the `done:` line (the averaged model on the whole
+training set) or `hpcsgd report` (rank means) give, so its label says whose and which it is.
+"""
 
 from __future__ import annotations
 
 import sys
+
+
+LOSS_LABEL = "loss (rank 0 batches, last window)"
+ACC_LABEL = "test acc (averaged model)"
+BAR_KEYS = {LOSS_LABEL: "r0_batch_loss", ACC_LABEL: "avg_model_test_acc"}
+
+
+def progress_fields(record: dict) -> dict[str, str]:
+    """The labelled figures of a progress line: rank 0's batch loss, the averaged model's test
+    accuracy at evaluation steps."""
+    loss = record.get("loss")
+    fields = {LOSS_LABEL: f"{loss:.4f}" if loss is not None else "-"}
+    if record.get("avg_test_accuracy") is not None:
+        fields[ACC_LABEL] = f"{record['avg_test_accuracy']:.3f}"
+    return fields
 
 
 class Progress:
@@ -34,13 +54,11 @@ class Progress:
     def update(self, done: int, record: dict) -> None:
         if self.mode == "none":
             return
-        loss = record.get("loss")
-        fields = {"loss": f"{loss:.4f}" if loss is not None else "-"}
-        if record.get("avg_test_accuracy") is not None:
-            fields["test_acc"] = f"{record['avg_test_accuracy']:.3f}"
+        fields = progress_fields(record)
         if self.bar is not None:
             self.bar.update(done - self._last)
-            self.bar.set_postfix(fields, refresh=False)
+            # tqdm prints "key=value": short keys keep the bar on one line.
+            self.bar.set_postfix({BAR_KEYS[k]: v for k, v in fields.items()}, refresh=False)
         elif done - self._last_line >= self._every or done == self.total or "test_loss" in record:
             self._last_line = done
             extra = " ".join(f"{k} {v}" for k, v in fields.items())

@@ -1,7 +1,8 @@
-"""SIGTERM/SIGUSR1 -> a checkpoint at the next step boundary and exit code 3.
+"""SIGTERM/SIGUSR1/SIGINT -> a checkpoint at the next step boundary and exit code 3.
 
-Slurm sends one of these before a time limit or a preemption. The handler only sets a flag;
-the ranks agree on it collectively, so they all stop after the same step. This module imports
+Slurm sends one of the first two before a time limit or a preemption; Ctrl-C sends SIGINT.
+The handler only sets a flag; the ranks agree on it collectively, so they all stop after the
+same step. This module imports
 nothing heavy, so the command line installs the handlers before torch is imported.
 """
 
@@ -23,7 +24,7 @@ def _handle_stop(signum, frame) -> None:
 
 
 def install_stop_handlers() -> None:
-    """Route SIGTERM/SIGUSR1 to the stop flag; call early, before the slow imports.
+    """Route SIGTERM/SIGUSR1/SIGINT to the stop flag; call early, before the slow imports.
 
     A signal that arrives while torch is still importing then still ends in a checkpoint
     instead of killing the rank.
@@ -36,14 +37,14 @@ def install_stop_handlers() -> None:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; ranks agree on it one step later, without a lockstep.
+    """SIGTERM/SIGUSR1/SIGINT set a flag; ranks agree on it one step later, without a lockstep.
 
     Every step starts a nonblocking MAX-Allreduce of the local flag and reads the one started
     the step before, so all ranks see the same answer at the same step and no rank waits
     on a collective it would not otherwise wait on.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.flag = _STOP_FLAG
@@ -54,15 +55,20 @@ class StopSignal:
     def requested(self, coll: "Collectives") -> bool:
         from mpi4py import MPI
 
+        from .comm.watchdog import WATCHDOG
+
         stop = False
         if self._request is not None:
-            self._request.Wait()
+            WATCHDOG.wait(self._request, "Iallreduce [stop flag]", self._comm)
             stop = bool(self._result[0])
         self._send = self.flag.copy()  # MPI reads it until the request completes
+        self._comm = coll.comm
         self._request = coll.comm.Iallreduce(self._send, self._result, op=MPI.MAX)
         return stop
 
     def drain(self) -> None:
         if self._request is not None:
-            self._request.Wait()
+            from .comm.watchdog import WATCHDOG
+
+            WATCHDOG.wait(self._request, "Iallreduce [stop flag]", self._comm)
             self._request = None

@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .comm import LinkRates
 from .comm.agree import agree
 from .comm.device import default_threads, local_rank_and_size, select_device
+from .comm.watchdog import WATCHDOG
 from .config import TrainConfig, validate_for_world
 from .data import (
     StratifiedSampler,
@@ -46,6 +47,7 @@ from .models import build_model
 from .optim import ScalingSGD
 from .progress import Progress
 from .registry import REGISTRY
+from .rundir import claim, prepare
 from .stop import StopSignal
 from .strategies import build as build_strategy
 from .user_model import build_user_model, is_factory_spec
@@ -145,9 +147,11 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
+        WATCHDOG.arm(world, cfg.collective_timeout)  # an untimed rendezvous; collectives from here on are timed
+        claim(cfg, world)  # this job's lock; refuses a run directory that holds a run
         self.index = agree(world, lambda: read_index(cfg.data), "shards")
         self.P = self.index.parts
-        agree(world, lambda: validate_for_world(cfg, self.P), "config")
+        agree(world, lambda: validate_for_world(cfg, self.P, self.index.chunk_sizes), "config")
         self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
         faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
         # A failure scheduled at or after the last step never happens (warned about below).
@@ -321,34 +325,11 @@ class Trainer:
     def _find_resume(self):
         if not self.cfg.resume:
             return None
-        return ckpt.find_latest(self.run_dir, self.cfg, self.P)
+        return ckpt.find_latest(self.run_dir, self.cfg, self.P, self.index, self.world)
 
     def _prepare_run_dir(self) -> None:
-        """Rank 0 makes the directories; then every rank checks it can write there.
-
-        Two agreements, so that rank 0 failing to create the directory is reported by every
-        rank instead of leaving the others waiting for it.
-        """
-
-        def make() -> None:
-            if self.world.rank == 0:
-                try:
-                    (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                    (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-                    atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
-                except OSError as exc:
-                    raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
-
-        def probe() -> None:
-            try:
-                path = self.run_dir / "metrics" / f".probe-{self.rank}"
-                path.write_text("")
-                path.unlink()
-            except OSError as exc:
-                raise ConfigError(f"cannot write the run directory {self.run_dir}: {exc.strerror}") from None
-
-        agree(self.world, make, "run directory")
-        agree(self.world, probe, "run directory")
+        """Move an old run aside (--overwrite), make the folders, write config.toml (see rundir)."""
+        prepare(self.world, self.run_dir, self.cfg, self.rank)
 
     # -- faults --------------------------------------------------------------------------
     def _alive_at(self, world_rank: int, step: int) -> bool:
@@ -409,6 +390,7 @@ class Trainer:
         self.loss_window: list[float] = getattr(self, "resume_loss_window", [])
         sched = self.schedule
         for step in range(self.start_step, sched.total_steps):
+            WATCHDOG.step = step + 1  # named, as metrics count steps, if a collective times out
             self._apply_failures(step)
             if not self.alive:
                 self.metrics.close()

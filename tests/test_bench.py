@@ -20,13 +20,16 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
                      "round step (optimizer + average) / (optimizer + raw)", "RPS round, drop 0 /", "RPS round, drop 0.1 /",
                      "drop masks", "sync-SGD step / DDP step, MLP", "sync-SGD step / DDP step, ResNet-20",
                      "PeriodicModelAverager, MLP", "PeriodicModelAverager, ResNet-20", "HDF5 sampler",
-                     "resident MB", "time to 85% test accuracy", "user-loop step (hpcsgd.LocalSGD tau 8) / hpcsgd train step"):
+                     "resident MB", "time to 85% test accuracy", "collective watchdog on / off",
+                     "Iallreduce + Test polling", "user-loop step (hpcsgd.LocalSGD tau 8) / hpcsgd train step"):
         assert expected in result.stdout, expected
     rows = json.loads(out.read_text())
-    assert len(rows) == 15
-    keys = [r["key"] for r in rows]
-    assert len(set(keys)) == len(keys)  # stable and unique: tools compare runs by key
-    assert {"api_step_vs_cli_step", "local8_api_vs_pma_mlp", "local8_api_vs_pma_resnet20", "sync_vs_ddp_mlp"} <= set(keys)
+    assert len(rows) == 17
+    keyed = {r["key"]: r for r in rows}
+    assert len(keyed) == len(rows)  # every row has a key, and keys are unique: tools compare runs by key
+    assert {"watchdog_overhead", "watchdog_polling_alternative", "api_step_vs_cli_step", "local8_api_vs_pma_mlp",
+            "local8_api_vs_pma_resnet20", "sync_vs_ddp_mlp"} <= set(keyed)
+    assert keyed["watchdog_overhead"]["target"] == 1.01 and keyed["watchdog_overhead"]["guard_us"] > 0
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
 
 

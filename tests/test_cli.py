@@ -28,6 +28,9 @@ def test_shard_then_train_writes_run_directory(tmp_path):
     result = mpi(2, "train", cfg, "--data", tmp_path / "s", "--run-dir", run, "--q", 2, "--lr", 0.1, "--progress", "lines")
     assert result.returncode == 0, result.stderr
     assert "step 6/6" in result.stderr
+    # Each printed loss says whose it is: rank 0's batches, or the averaged model's on the train set.
+    assert "loss (rank 0 batches, last window)" in result.stderr
+    assert "averaged model: train loss" in result.stderr and "(full train set)" in result.stderr
     summary = json.loads((run / "summary.json").read_text())
     for key in ("algorithm", "ranks", "q", "tau", "drop_rate", "steps", "epochs", "rounds", "wall_s",
                 "bytes_sent", "bytes_saved", "arrival_realised", "live_ranks", "coverage", "train_loss",

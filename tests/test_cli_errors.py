@@ -212,3 +212,130 @@ def test_model_factory_output_does_not_fit_the_shards(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--model", "tests.user_models:wrong_classes"),
             "model 'tests.user_models:wrong_classes' does not fit the shards: it maps a batch of 2 samples of shape (8,) "
             "to (2, 3), expected (2, 4) for 4 classes (ranks 0, 1, 2, 3)")
+
+
+# -- run directories, resumes, and inputs found by a hostile review (README, "Bad input") -------
+
+
+def test_config_path_is_a_directory(shards, tmp_path):
+    _expect(_train(shards, tmp_path, tmp_path), f"config file {tmp_path} is a directory, not a TOML file")
+
+
+def test_config_not_utf8(shards, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_bytes(b"lr = 0.1\n# caf\xe9\n")
+    _expect(_train(shards, tmp_path, cfg), "is not UTF-8 text (byte 0xe9 at offset 14)")
+
+
+def test_seed_beyond_64_bits(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--seed", 2**64), "config key 'seed' (command line) must be at most 2**64-1")
+
+
+def test_batch_larger_than_a_chunk(shards, tmp_path):
+    # 128 samples in 4 chunks of 32: a batch of 100 per chunk would count one step as three passes.
+    _expect(_train(shards, tmp_path, "--batch-size", 100), "batch_size 100 (samples per chunk per step) is larger than chunk")
+
+
+def test_fail_with_a_negative_rank(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--fail", "-1@5"), "fail entry '-1@5' must look like RANK@STEP with RANK, STEP >= 0")
+
+
+def test_run_directory_that_holds_a_run(shards, tmp_path):
+    first = _train(shards, tmp_path)
+    assert first.returncode == 0, first.stderr
+    _expect(_train(shards, tmp_path, "--lr", 0.05), "already holds a run (config.toml, summary.json, metrics/, checkpoints/)")
+
+
+def test_resume_and_overwrite_together(shards, tmp_path):
+    _expect(_train(shards, tmp_path, "--resume", "--overwrite"), "give --resume (continue the run in run_dir) or --overwrite")
+
+
+def test_resume_on_other_shards_names_both(shards, tmp_path):
+    first = _train(shards, tmp_path)
+    assert first.returncode == 0, first.stderr
+    other = tmp_path / "label"
+    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "label", other, seed=0)
+    result = _train(other, tmp_path, "--resume")
+    _expect(result, "was written on other shards: ")
+    assert f"{shards} (synthetic, iid, seed 0, P=4" in result.stderr and f"this run reads {other} (synthetic, label" in result.stderr
+
+
+def test_resume_on_shards_of_another_input_shape(shards, tmp_path):
+    first = _train(shards, tmp_path)
+    assert first.returncode == 0, first.stderr
+    wide = tmp_path / "wide"
+    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=16), 4, "iid", wide, seed=0)
+    _expect(_train(wide, tmp_path, "--resume"), "was written on other shards: ")  # not a parameter-count mismatch
+
+
+def test_resume_with_no_intact_checkpoint(shards, tmp_path):
+    first = _train(shards, tmp_path, "--checkpoint-every", 1)
+    assert first.returncode == 0, first.stderr
+    for rank_file in (tmp_path / "run" / "checkpoints").glob("step-*/rank-2.h5"):
+        rank_file.write_bytes(rank_file.read_bytes()[:1000])
+    result = _train(shards, tmp_path, "--resume")
+    _expect(result, "resume: no intact checkpoint in ")
+    assert "step-00000003: rank-2.h5 is unreadable or truncated" in result.stderr
+    assert "step-00000002: rank-2.h5 is unreadable or truncated" in result.stderr
+
+
+def _shard_npz(tmp_path, **arrays):
+    np.savez(tmp_path / "d.npz", **arrays)
+    return hpcsgd("shard", "--source", "npz", "--path", tmp_path / "d.npz", "--parts", 2, "--out", tmp_path / "s")
+
+
+def _expect_shard_error(result, message):
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+X, Y = np.zeros((20, 3), np.float32), np.arange(20) % 2
+
+
+def test_npz_that_is_no_zip(tmp_path):
+    (tmp_path / "d.npz").write_bytes(b"plain text")
+    result = hpcsgd("shard", "--source", "npz", "--path", tmp_path / "d.npz", "--parts", 2, "--out", tmp_path / "s")
+    _expect_shard_error(result, "is not a .npz archive (a zip of .npy arrays, as np.savez writes)")
+
+
+def test_npz_with_an_object_array(tmp_path):
+    objects = np.array([{"x": 1}] * 20, dtype=object)
+    _expect_shard_error(_shard_npz(tmp_path, x_train=objects, y_train=Y, x_test=X, y_test=Y),
+                        "array 'x_train' holds Python objects (dtype=object); hpcsgd never unpickles data files")
+
+
+def test_npz_with_one_based_labels(tmp_path):
+    _expect_shard_error(_shard_npz(tmp_path, x_train=X, y_train=Y + 1, x_test=X, y_test=Y + 1),
+                        "labels start at 1, so class 0 would have no sample; labels must be 0-based class indices: subtract 1")
+
+
+def test_npz_with_labels_near_a_million(tmp_path):
+    _expect_shard_error(_shard_npz(tmp_path, x_train=X, y_train=Y + 999_990, x_test=X, y_test=Y + 999_990),
+                        "labels start at 999990")
+    # Kept on purpose with a num_classes array: a million classes shard without HDF5's header limit.
+    result = _shard_npz(tmp_path, x_train=X, y_train=Y + 999_990, x_test=X, y_test=Y, num_classes=1_000_000)
+    assert result.returncode == 0, result.stderr
+    assert read_index(tmp_path / "s").num_classes == 1_000_000
+
+
+def test_shard_seed_beyond_64_bits(tmp_path):
+    result = hpcsgd("shard", "--source", "synthetic", "--parts", 2, "--out", tmp_path / "s", "--seed", 2**64)
+    _expect_shard_error(result, "argument --seed: must be an integer in 0..2**64-1")
+
+
+def test_crafted_cifar_batch_runs_nothing(tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}, protocol=2))
+    result = hpcsgd("shard", "--source", "cifar10", "--path", d, "--parts", 2, "--out", tmp_path / "s")
+    _expect_shard_error(result, "cannot read CIFAR batch")
+    assert "refusing posix.system" in result.stderr and not marker.exists()

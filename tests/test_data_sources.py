@@ -219,3 +219,28 @@ def test_validate_arrays():
         validate_arrays(x[:0], y[:0], 3, "here")
     with pytest.raises(ShardError, match="3 feature rows but 2 labels"):
         validate_arrays(x, y[:2], 3, "here")
+
+
+def test_cifar_batch_pickled_as_the_official_python2_files_loads(tmp_path):
+    """Protocol 2 and numpy 1's module name, as in cifar-10-batches-py: the restricted unpickler admits it."""
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 5), ("test", 2)):
+        batch = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), b"fine_labels": list(range(n)),
+                 b"coarse_labels": [0] * n, b"filenames": [b"x.png"] * n, b"batch_label": b"training batch 1 of 1"}
+        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (d / name).write_bytes(raw)
+    assert b"numpy.core.multiarray\n_reconstruct" in (d / "train").read_bytes()
+    ds = load_source("cifar100", tmp_path)
+    assert ds.x_train.shape == (5, 3, 32, 32) and ds.y_train.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cifar_unpickler_refuses_every_other_global(tmp_path):
+    import io
+
+    from hpcsgd.data.sources import CifarUnpickler
+
+    for obj in (print, pickle.Pickler, np.random.default_rng):
+        with pytest.raises(pickle.UnpicklingError, match="refusing"):
+            CifarUnpickler(io.BytesIO(pickle.dumps({b"data": obj}, protocol=2)), encoding="bytes").load()

@@ -92,8 +92,10 @@ def train(run_dir: Path, config: Path, shards: Path, ranks: int, flags: list[str
     """One run under mpiexec; returns wall seconds (0 when it had already finished)."""
     if (run_dir / "summary.json").exists():
         return 0.0
+    # --resume: an unfinished run (interrupted, crashed) continues from its checkpoint, or starts afresh.
     cmd = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
-           str(config), "--data", str(shards), "--run-dir", str(run_dir), "--progress", "none", *flags, *extra]
+           str(config), "--data", str(shards), "--run-dir", str(run_dir), "--progress", "none", "--resume",
+           *flags, *extra]
     start = time.perf_counter()
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,10 +1,14 @@
 """Compare finished, running or crashed runs: tables and figures from their run directories.
 
 Prints the comparison table (Markdown) on stdout and writes REPORT_DIR/table.md, table.csv,
-one PNG per figure and report.md, which embeds them. Runs are told apart by the config keys
-that differ among them. Problems inside a run (a torn metrics line, a missing rank file, no
-summary.json) are warnings on stderr, never a failed report; a path that is no run directory
-is an error (exit 2).
+runs.csv, one PNG per figure and report.md, which embeds them. Runs are told apart by the
+config keys that differ among them; runs that differ only in their seed are grouped: the
+table gives mean ± std over the group, the figures a mean line and a band. Problems inside a
+run (a torn metrics line, a missing rank file, no summary.json) are warnings on stderr, never
+a failed report; a path that is no run directory is an error (exit 2).
+
+`hpcsgd report --follow RUN_DIR` watches one running job instead: a table of its logged steps,
+refreshed every --interval seconds, until summary.json appears (or Ctrl-C; both exit 0).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .plots import X_LABELS, Figure, make_figures
-from .runs import Run, load_runs
-from .tables import Table, build_table, to_markdown, write_csv
+from .plots import BANDS, X_LABELS, Figure, make_figures
+from .runs import Run, group_runs, load_runs
+from .tables import Table, build_table, to_markdown, write_csv, write_runs_csv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs", nargs="+", metavar="RUN_DIR",
         help="run directories (the --run-dir of `hpcsgd train`), or folders holding several",
     )
-    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="where the report is written")
+    parser.add_argument(
+        "--out", metavar="REPORT_DIR",
+        help="where the report is written (required, except with --follow: then written when the run ends)",
+    )
     parser.add_argument(
         "--target", type=float, default=None, metavar="ACC",
         help="test accuracy (0..1] the to-target columns measure (default: 0.9 x the best final accuracy)",
@@ -33,44 +40,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--x", choices=tuple(X_LABELS), default="epoch",
         help="x axis of the accuracy and consensus figures (default: epoch)",
     )
+    parser.add_argument(
+        "--band", choices=tuple(BANDS), default="minmax",
+        help="spread drawn around the mean of runs that differ only in seed: min-max over the "
+        "seeds, or mean ± one sample std (default: minmax)",
+    )
+    parser.add_argument(
+        "--follow", action="store_true",
+        help="watch one running job: a table of its steps, refreshed until summary.json appears",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS",
+        help="with --follow: seconds between refreshes (default: 2)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """The `hpcsgd report` subcommand; returns the exit code."""
     if args.target is not None and not 0.0 < args.target <= 1.0:
         raise ConfigError(f"--target must be in (0, 1], got {args.target}")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if getattr(args, "follow", False):
+        from .follow import run_follow
+
+        finished = run_follow(args)
+        if not finished or args.out is None:
+            return 0  # Ctrl-C leaves a running job alone: not an error
+        # The run has ended: write its report, as --out asked.
+    if args.out is None:
+        raise ConfigError("--out REPORT_DIR is required (or --follow to watch a running job)")
+    return write_report(args)
+
+
+def write_report(args: argparse.Namespace) -> int:
+    """Tables, figures and report.md for ``args.runs`` in ``args.out``."""
     runs = load_runs(args.runs)
     for r in runs:
         for warning in r.warnings:
             print(f"hpcsgd report: warning: {r.path}: {warning}", file=sys.stderr)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     table = build_table(runs, target=args.target)
     markdown = to_markdown(table)
     (out / "table.md").write_text(markdown)
     write_csv(table, out / "table.csv")
+    write_runs_csv(table, out / "runs.csv")
 
-    figures = make_figures(runs, out, x=args.x)
+    band = getattr(args, "band", "minmax")
+    figures = make_figures(runs, out, x=args.x, band=band)
     for fig in figures:
         if fig.path is None:
             print(f"hpcsgd report: {fig.title}: {fig.note}", file=sys.stderr)
-    (out / "report.md").write_text(report_markdown(runs, table, markdown, figures))
+    (out / "report.md").write_text(report_markdown(runs, table, markdown, figures, band))
     written = sum(f.path is not None for f in figures)
-    print(f"hpcsgd report: {len(runs)} run(s), {written} figure(s) -> {out / 'report.md'}", file=sys.stderr)
+    groups = f" in {len(table.groups)} group(s) of seeds" if table.grouped else ""
+    print(f"hpcsgd report: {len(runs)} run(s){groups}, {written} figure(s) -> {out / 'report.md'}",
+          file=sys.stderr)
     # Printed last, so that a reader closing the pipe early (`| head`) costs no file.
     print(markdown)
     return 0
 
 
-def report_markdown(runs: list[Run], table: Table, table_md: str, figures: list[Figure]) -> str:
-    """report.md: the runs, the tables, the figures (relative links) and the warnings."""
+def report_markdown(
+    runs: list[Run], table: Table, table_md: str, figures: list[Figure], band: str = "minmax"
+) -> str:
+    """report.md: the runs (by group), the tables, the figures (relative links), the warnings."""
     lines = ["# hpcsgd report", "", "## Runs", ""]
-    for r in runs:
-        lines.append(f"- **{r.label}**: `{r.path}` ({r.status}, {len(r.records)} rank file(s))")
+    for group in group_runs(runs):
+        if group.n > 1:
+            lines.append(f"- **{group.label}**: {group.n} runs, seeds {group.seeds}")
+        for r in group.runs:
+            indent = "  " if group.n > 1 else ""
+            lines.append(f"{indent}- **{r.label}**: `{r.path}` ({r.status}, {len(r.records)} rank file(s))")
     lines += ["", "## Tables", "", table_md, "## Figures", ""]
+    if table.grouped:
+        band_note = f"the band is the {BANDS[band]}"
+        lines += [f"Runs that differ only in their seed are one line: their mean; {band_note}.", ""]
     for fig in figures:
         if fig.path is not None:
             lines += [f"### {fig.title}", "", f"![{fig.title}]({fig.path.name})", ""]

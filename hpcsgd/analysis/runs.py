@@ -26,13 +26,24 @@ FINISHED, UNFINISHED = "finished", "running/crashed"
 
 # Keys that say where or how a run was executed, not what was trained.
 IGNORED_KEYS = frozenset(
-    {"run_dir", "data", "progress", "threads", "resume", "log_every", "eval_every", "checkpoint_every"}
+    {"run_dir", "data", "progress", "threads", "resume", "overwrite", "log_every", "eval_every", "checkpoint_every",
+     "collective_timeout"}
 )
 # What names a run when nothing differs among the runs compared (a single run, say).
 DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
 # summary.json keys that stand in for the config when config.toml is missing.
 _SUMMARY_CONFIG_KEYS = ("algorithm", "q", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
+# Evaluation record key -> the summary.json key of the same quantity at the end of the run
+# (same model, same split: the logged test evaluation uses the whole test split too).
+_SUMMARY_EVAL = {
+    "avg_test_accuracy": "test_accuracy",
+    "avg_test_loss": "test_loss",
+    "test_accuracy": "test_accuracy_rank_mean",
+    "test_loss": "test_loss_rank_mean",
+}
+# Record key on the x axis -> its summary.json key at the end of the run.
+_SUMMARY_X = {"epoch": "epochs", "rounds": "rounds", "wall_s": "wall_s"}
 
 
 @dataclass
@@ -82,6 +93,13 @@ class Run:
         Steps where no rank has a number for ``key`` or ``x`` are left out, so an
         evaluation-only key gives the evaluation steps.
         """
+        _, xs, ys = self.series(key, x, ranks)
+        return xs, ys
+
+    def series(
+        self, key: str, x: str = "epoch", ranks: int | str = "mean"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, x, rank-mean ``key``) as :meth:`curve` has them, with the steps they belong to."""
         if ranks == "mean":
             sources = list(self._steps.values())
         else:
@@ -97,9 +115,34 @@ class Run:
                 ys.setdefault(step, []).append(yv)
         steps = sorted(ys)
         return (
+            np.array(steps, dtype=float),
             np.array([np.mean(xs[s]) for s in steps], dtype=float),
             np.array([np.mean(ys[s]) for s in steps], dtype=float),
         )
+
+    def eval_series(self, key: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`series` of an evaluation key, ending with the end-of-run evaluation.
+
+        Training evaluates every ``eval_every`` epochs and once more at the end (summary.json).
+        A run shorter than ``eval_every``, or whose last step is no evaluation step, has its
+        last evaluation only in the summary: it is appended here, at the summary's step, so
+        that "last evaluation" means the same thing for every run.
+        """
+        steps, xs, ys = self.series(key, x)
+        end = self._summary_end(key, x)
+        if end is not None and (not len(steps) or end[0] > steps[-1]):
+            steps, xs, ys = (np.append(a, v) for a, v in zip((steps, xs, ys), end))
+        return steps, xs, ys
+
+    def _summary_end(self, key: str, x: str) -> tuple[float, float, float] | None:
+        """(step, x, value) of ``key`` from summary.json's end-of-run evaluation, or None."""
+        summary = self.summary or {}
+        step = _number(summary.get("steps"))
+        xv = step if x == "step" else _number(summary.get(_SUMMARY_X.get(x, x)))
+        value = _number(summary.get(_SUMMARY_EVAL.get(key, "")))
+        if step is None or xv is None or value is None:
+            return None
+        return step, xv, value
 
     def final(self, key: str) -> float | None:
         """Rank mean of ``key`` at the last step that logged it, or None."""
@@ -338,20 +381,27 @@ def _every_step(algorithm) -> bool:
     return known is not None and known.every_step
 
 
+def config_label(config: dict, keys: list[str]) -> str:
+    """``config`` named by ``keys``: the algorithm bare ("rps, q=2"), other keys as key=value."""
+    return ", ".join(
+        format_value(config.get(k)) if k == "algorithm" else f"{k}={format_value(config.get(k))}"
+        for k in keys
+        if not (k == "tau" and _every_step(config.get("algorithm")))  # tau means nothing there
+    )
+
+
+def _label_keys(runs: list[Run], keys: list[str]) -> list[str]:
+    return keys or [k for k in DEFAULT_LABEL_KEYS if any(k in r.config for r in runs)]
+
+
 def label_runs(runs: list[Run]) -> list[str]:
     """Name each run by the config keys that differ among ``runs``; returns the keys used.
 
-    The algorithm is shown bare ("rps, q=2"), other keys as key=value. Runs whose labels
-    still collide (identical configs) get their directory name appended.
+    Runs whose labels still collide (identical configs) get their directory name appended.
     """
-    keys = differing_keys(runs) or [k for k in DEFAULT_LABEL_KEYS if any(k in r.config for r in runs)]
+    keys = _label_keys(runs, differing_keys(runs))
     for run in runs:
-        parts = [
-            format_value(run.config.get(k)) if k == "algorithm" else f"{k}={format_value(run.config.get(k))}"
-            for k in keys
-            if not (k == "tau" and _every_step(run.config.get("algorithm")))  # tau means nothing there
-        ]
-        run.label = ", ".join(parts) or run.name
+        run.label = config_label(run.config, keys) or run.name
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
@@ -359,3 +409,150 @@ def label_runs(runs: list[Run]) -> list[str]:
         if counts[run.label] > 1:
             run.label = f"{run.label} ({run.name})"
     return keys
+
+
+# -- groups of seeds -------------------------------------------------------------------------
+SEED_KEYS = frozenset({"seed"})  # what repeats of one experiment may differ in
+
+
+@dataclass
+class Group:
+    """Runs whose configs differ only in :data:`SEED_KEYS` (one run when nothing repeats)."""
+
+    runs: list[Run]
+    label: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def config(self) -> dict:
+        """The first run's config: every key but the seed is the same in all runs."""
+        return self.runs[0].config
+
+    @property
+    def seeds(self) -> str:
+        """The runs' seeds, compact ("0-4", "1,3,7"); "-" where a config has none."""
+        seeds = [r.config.get("seed") for r in self.runs]
+        if any(not isinstance(s, int) for s in seeds):
+            return ",".join(format_value(s) for s in seeds)
+        seeds = sorted(seeds)
+        if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+            return f"{seeds[0]}-{seeds[-1]}"
+        return ",".join(map(str, seeds))
+
+    @property
+    def status(self) -> str:
+        finished = sum(r.status == FINISHED for r in self.runs)
+        if finished == self.n:
+            return FINISHED
+        return UNFINISHED if finished == 0 else f"{finished}/{self.n} {FINISHED}"
+
+    @property
+    def legend(self) -> str:
+        """The label with the number of runs when there is more than one."""
+        return self.label if self.n == 1 else f"{self.label} (n={self.n})"
+
+
+def sort_key(config: dict, keys: list[str], name: str = ""):
+    """Order of rows and legend entries: numbers as numbers (q=2 before q=10), None last."""
+
+    def one(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (0, float(v), "")
+        return (1 if v is not None else 2, 0.0, json.dumps(v, sort_keys=True, default=str))
+
+    return tuple(one(config.get(k)) for k in keys) + ((3, 0.0, name),)
+
+
+def group_keys(runs: list[Run]) -> list[str]:
+    """The config keys that tell groups apart: those that differ, less the seed."""
+    return [k for k in differing_keys(runs) if k not in SEED_KEYS]
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped by every config key but the seed, sorted by the keys that differ.
+
+    A group of one run is labelled like the run itself (``Run.label``), so a report of runs
+    without repeats reads as before; a group of repeats is named by the keys that differ
+    among the groups.
+    """
+    keys = group_keys(runs)
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_hashable(run.config.get(k)) for k in keys), []).append(run)
+    label_keys = _label_keys(runs, keys)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda r: sort_key(r.config, ["seed"], r.name))
+        label = members[0].label if len(members) == 1 else config_label(members[0].config, label_keys)
+        out.append(Group(members, label or members[0].name))
+    out.sort(key=lambda g: sort_key(g.config, keys, g.runs[0].name))
+    return out
+
+
+def aggregate(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, sample std, min, max) of ``values``; the std of a single value is 0."""
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), std, float(a.min()), float(a.max())
+
+
+@dataclass
+class Band:
+    """A group's curve: the mean over runs, its spread, and how many runs each point has."""
+
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    count: np.ndarray
+
+
+def group_curve(group: Group, key: str, x: str = "epoch", evaluation: bool = False) -> Band:
+    """Mean and spread of ``key`` against ``x`` over the runs of ``group``, step by step.
+
+    Runs are aligned by step (the x of a step is the mean over the runs that logged it): a run
+    that stopped early leaves the later points to the others, as a failed rank does for the
+    rank mean. ``evaluation`` reads :meth:`Run.eval_series` (with the end-of-run evaluation).
+    """
+    xs: dict[float, list[float]] = {}
+    ys: dict[float, list[float]] = {}
+    for run in group.runs:
+        steps, rx, ry = run.eval_series(key, x) if evaluation else run.series(key, x)
+        for s, xv, yv in zip(steps, rx, ry):
+            xs.setdefault(s, []).append(xv)
+            ys.setdefault(s, []).append(yv)
+    steps = sorted(ys)
+    stats = np.array([aggregate(ys[s]) for s in steps]).reshape(-1, 4)
+    return Band(
+        x=np.array([np.mean(xs[s]) for s in steps], dtype=float),
+        mean=stats[:, 0], std=stats[:, 1], lo=stats[:, 2], hi=stats[:, 3],
+        count=np.array([len(ys[s]) for s in steps], dtype=int),
+    )
+
+
+# -- gradient diversity ----------------------------------------------------------------------
+# Measure -> (record keys, summary.json keys), first found wins. "grad_diversity" is the
+# inter-worker measure under its older name.
+DIVERSITY = {
+    "inter": (("grad_diversity_inter", "grad_diversity"), ("grad_diversity_inter", "grad_diversity_mean")),
+    "intra": (("grad_diversity_intra",), ("grad_diversity_intra",)),
+}
+
+
+def diversity(run: Run, measure: str) -> float | None:
+    """A run's gradient diversity (``"inter"`` or ``"intra"``): the mean over its logged
+    steps, else the number summary.json gives; None if the run has neither."""
+    record_keys, summary_keys = DIVERSITY[measure]
+    for key in record_keys:
+        _, ys = run.curve(key, x="step")
+        if len(ys):
+            return float(np.mean(ys))
+    for key in summary_keys:
+        value = _number((run.summary or {}).get(key))
+        if value is not None:
+            return value
+    return None

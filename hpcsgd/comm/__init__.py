@@ -1,21 +1,30 @@
 """The MPI layer: flat parameter buffer, averaging collectives, the lossy block exchange.
 
-It never imports models or data code; strategies reach MPI only through it.
+It never imports models or data code; strategies reach MPI only through it. Names load on
+first use (PEP 562), so ``hpcsgd.comm.agree`` and ``hpcsgd.comm.watchdog`` import without
+torch: the command line claims the run directory before torch's slow import.
 """
 
-from .blocks import block_offsets
-from .collectives import Collectives, CommCounters
-from .exchange import BlockExchange
-from .flat import FlatParams
-from .lossy import LinkRates, arrival_mask, uniforms
+from __future__ import annotations
 
-__all__ = [
-    "BlockExchange",
-    "Collectives",
-    "CommCounters",
-    "FlatParams",
-    "LinkRates",
-    "arrival_mask",
-    "block_offsets",
-    "uniforms",
-]
+import importlib
+
+_EXPORTS = {
+    "BlockExchange": ".exchange",
+    "Collectives": ".collectives",
+    "CommCounters": ".collectives",
+    "FlatParams": ".flat",
+    "LinkRates": ".lossy",
+    "arrival_mask": ".lossy",
+    "block_offsets": ".blocks",
+    "uniforms": ".lossy",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -12,6 +12,7 @@ from typing import Callable, TypeVar
 from mpi4py import MPI
 
 from ..errors import HpcsgdError
+from .watchdog import WATCHDOG
 
 T = TypeVar("T")
 
@@ -31,7 +32,8 @@ def agree(comm: MPI.Comm, fn: Callable[[], T], what: str = "") -> T:
         result = fn()
     except HpcsgdError as exc:
         error = exc
-    messages = comm.allgather(None if error is None else (type(error), str(error)))
+    with WATCHDOG.guard(f"Allgather [agreement: {what or 'checks'}]", comm):
+        messages = comm.allgather(None if error is None else (type(error), str(error)))
     failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
     if not failed:
         return result  # type: ignore[return-value]

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .watchdog import WATCHDOG
+
 
 @dataclass
 class CommCounters:
@@ -72,8 +74,11 @@ class HostStaging:
 class AverageRequest:
     """A pending in-place average; owns its staging buffer; ``wait()``/``test()`` like MPI."""
 
-    def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int):
+    def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int,
+                 comm: MPI.Comm | None = None, op: str = "Iallreduce"):
         self._request = request
+        self._comm = comm if comm is not None else MPI.COMM_WORLD
+        self._op = op
         self._tensor = tensor
         self._host = host
         self._divisor = divisor
@@ -86,7 +91,7 @@ class AverageRequest:
 
     def wait(self) -> torch.Tensor:
         if not self._done:
-            self._request.Wait()
+            WATCHDOG.wait(self._request, self._op, self._comm)
             self._finish()
         return self._tensor
 
@@ -156,7 +161,9 @@ class Collectives:
         buf, host = self.mpi_view(tensor, tag)
         request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._count_allreduce(tensor, count_round)
-        return AverageRequest(request, tensor, host, self.size if count is None else max(count, 1))
+        return AverageRequest(
+            request, tensor, host, self.size if count is None else max(count, 1), self.comm, f"Iallreduce [{tag}]"
+        )
 
     def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
         """Sum ``tensor`` in place over the live ranks (one blocking Allreduce).
@@ -165,7 +172,8 @@ class Collectives:
         Allreduce of a large buffer measured about 10% faster than Iallreduce + Wait.
         """
         buf, host = self.mpi_view(tensor, tag)
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
@@ -198,7 +206,8 @@ class Collectives:
     def bcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with root's copy (identical initialisation)."""
         buf, host = self.mpi_view(tensor, "bcast")
-        self.comm.Bcast(buf, root=root)
+        with WATCHDOG.guard("Bcast [model]", self.comm):
+            self.comm.Bcast(buf, root=root)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         return tensor
@@ -206,14 +215,16 @@ class Collectives:
     def allgather_flags(self, flag: bool) -> np.ndarray:
         """Every live rank's boolean, in live-rank order (who skipped a non-finite step)."""
         out = np.empty(self.size, dtype=np.uint8)
-        self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
+        with WATCHDOG.guard("Allgather [who skipped a non-finite step]", self.comm):
+            self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
         return out.astype(bool)
 
     def sum_float64(self, values: np.ndarray) -> np.ndarray:
         """Allreduce-sum of a float64 array (diagnostics: consensus distance, eval counts)."""
         values = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty_like(values)
-        self.comm.Allreduce(values, out, op=MPI.SUM)
+        with WATCHDOG.guard("Allreduce [float64 sums: evaluation, consensus distance]", self.comm):
+            self.comm.Allreduce(values, out, op=MPI.SUM)
         return out
 
     def sum_with_squared_norms(self, vector: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -240,8 +251,9 @@ class Collectives:
     def split_live(self, alive: bool) -> "Collectives | None":
         """Collective over the current ranks: a new layer over those still alive (None if not)."""
         color = 0 if alive else MPI.UNDEFINED
-        new_comm = self.comm.Split(color, key=self.comm.rank)
-        flags = np.array(self.comm.allgather(alive), dtype=bool)
+        with WATCHDOG.guard("Split [the live ranks, after a failure]", self.comm):
+            new_comm = self.comm.Split(color, key=self.comm.rank)
+            flags = np.array(self.comm.allgather(alive), dtype=bool)
         if not alive:
             return None
         live = Collectives(new_comm, list(self.world_ranks[flags]), self.cuda_aware)

@@ -12,11 +12,13 @@ import torch
 from mpi4py import MPI
 
 from ..errors import ConfigError
+from .watchdog import WATCHDOG
 
 
 def local_rank_and_size(comm: MPI.Comm) -> tuple[int, int]:
     """This rank's index among the ranks on its node, and how many share the node."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    with WATCHDOG.guard("Split_type [ranks per node]", comm):
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     try:
         return node.rank, node.size
     finally:

@@ -25,6 +25,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**64-1, got {text!r}") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**64-1, got {v}")
+    return v
+
+
 def _partition(text: str) -> str:
     try:
         parse_partition(text)
@@ -52,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="SHARD_DIR",
                         help="directory to write index.h5 and chunk-NNNNN.h5 into (new, empty "
                              "or an earlier shard directory, which is overwritten)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--seed", type=_seed, default=0, metavar="S",
                         help="seed of the partition (and of the synthetic data); default: 0")
     parser.add_argument("--synthetic-samples", type=_positive_int, default=None, metavar="N",
                         help="synthetic: number of training samples (default 2048)")

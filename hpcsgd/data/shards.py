@@ -144,7 +144,8 @@ def write_shards(
         y = np.ascontiguousarray(dataset.y_train[idx], dtype=np.int64)
         cs = checksum(x, y)
         cc = np.bincount(y, minlength=K).astype(np.int64)
-        with _atomic_h5(out / chunk_name(c)) as f:
+        # libver v108+ stores a large class_counts attribute densely (many classes), as in the index.
+        with _atomic_h5(out / chunk_name(c), libver=("v108", "latest")) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["chunk"] = c
             f.attrs["checksum"] = cs

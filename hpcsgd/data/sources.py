@@ -12,6 +12,7 @@ import gzip
 import math
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,7 @@ def _load_digits(path: Path | None, seed: int) -> Dataset:
 def _load_npz(path: Path, seed: int, num_classes: int | None = None) -> Dataset:
     if not path.is_file():
         raise ConfigError(f"npz source: no file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ShardError(f"npz source: cannot read {path} as a .npz archive: {e}") from e
+    arrays = _read_npz(path)
     need = ("x_train", "y_train", "x_test", "y_test")
     missing = [k for k in need if k not in arrays]
     if missing:
@@ -149,6 +146,7 @@ def _load_npz(path: Path, seed: int, num_classes: int | None = None) -> Dataset:
         num_classes = int(np.asarray(arrays["num_classes"]).reshape(()))
     if num_classes is None:
         num_classes = int(max(ys["y_train"].max(initial=0), ys["y_test"].max(initial=0))) + 1
+        _check_inferred_classes(ys["y_train"], num_classes, path)
     if num_classes < 1:
         raise ConfigError(f"npz source {path}: num_classes must be >= 1, got {num_classes}")
     x_train = np.ascontiguousarray(arrays["x_train"], dtype=np.float32)
@@ -162,6 +160,53 @@ def _load_npz(path: Path, seed: int, num_classes: int | None = None) -> Dataset:
         "npz", x_train, ys["y_train"], x_test, ys["y_test"], num_classes,
         tuple(int(s) for s in x_train.shape[1:]),
     )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz archive, numeric only: object arrays would need unpickling."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        hint = " (it is a single .npy array: save the four arrays with np.savez)" if npy else ""
+        raise ShardError(f"npz source: {path} is not a .npz archive (a zip of .npy arrays, as np.savez writes){hint}")
+    arrays = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                try:
+                    arrays[key] = z[key]
+                except ValueError as e:
+                    if "pickle" not in str(e) and "Object arrays" not in str(e):
+                        raise
+                    raise ShardError(
+                        f"npz source {path}: array {key!r} holds Python objects (dtype=object); hpcsgd never "
+                        f"unpickles data files: store numeric arrays"
+                    ) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ShardError(f"npz source: cannot read {path} as a .npz archive: {e}") from None
+    return arrays
+
+
+def _check_inferred_classes(y_train: np.ndarray, num_classes: int, path: Path) -> None:
+    """With num_classes taken from the largest label, every class must have training samples.
+
+    1-based labels would otherwise make an empty class 0, and ids such as 999990 a million
+    classes; a file that means to have empty classes says so with a ``num_classes`` array.
+    """
+    present = np.unique(y_train)
+    if len(present) == num_classes or not present.size:  # no samples: validate_arrays names that
+        return
+    low = int(present.min())
+    if low > 0:
+        first = f"labels start at {low}, so class{'es 0..' + str(low - 1) if low > 1 else ' 0'} would have no sample"
+        fix = f"labels must be 0-based class indices: subtract {low}"
+    else:
+        empty = int(np.setdiff1d(np.arange(num_classes), present)[0])
+        first = (f"training labels use {len(present)} of the {num_classes} classes 0..{num_classes - 1} "
+                 f"(class {empty} has no sample)")
+        fix = "labels must be class indices 0..K-1: remap them"
+    raise ShardError(f"npz source {path}: {first}; {fix}, or store a num_classes array in the file to keep "
+                     f"empty classes on purpose")
 
 
 def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
@@ -190,19 +235,48 @@ def _cifar_dir(path: Path, subdir: str, marker: str) -> Path:
     )
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds and nothing else.
+
+    The official batches are pickles (protocol 2, from Python 2) of a dict of bytes, lists of
+    ints and bytes, and one uint8 numpy array. Plain containers and scalars need no imports;
+    the array needs numpy's reconstruction function, ``ndarray`` and ``dtype`` (under
+    numpy 1's and 2's module names), and a re-pickled batch may use ``_codecs.encode`` for
+    its bytes. Any other global (``os.system``, ``builtins.eval``, ...) is refused, so a
+    crafted batch cannot run code while it is read.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: a CIFAR batch holds only a dict of bytes, lists and a uint8 numpy array"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(file: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     if not file.is_file():
         raise ShardError(f"CIFAR batch file {file} is missing")
     try:
         with open(file, "rb") as f:
-            # The official distribution is pickled; only read files the user trusts.
-            d = pickle.load(f, encoding="bytes")
+            d = CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise TypeError(f"the pickle holds a {type(d).__name__}, not a dict")
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+            IndexError, ImportError) as e:
         raise ShardError(
             f"cannot read CIFAR batch {file} (needs keys b'data' and {label_key!r}): {e}"
-        ) from e
+        ) from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ShardError(
             f"CIFAR batch {file}: data must be (N, 3072) with N labels, "
