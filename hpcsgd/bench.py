@@ -477,12 +477,10 @@ def run(args: argparse.Namespace) -> int:
         return print_projection(args)
     from mpi4py import MPI
 
-    import torch
-
-    from .comm.device import default_threads, local_rank_and_size
+    from .comm.device import apply_threads
 
     comm = MPI.COMM_WORLD
-    torch.set_num_threads(default_threads(local_rank_and_size(comm)[1]))  # as training does
+    apply_threads(comm)  # as training does
     reps = args.reps or (5 if args.quick else 20)
     warmup = 2 if args.quick else 4
     if args.scaling:

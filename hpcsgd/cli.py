@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import limit_before_import
+
+    limit_before_import()  # before numpy and torch start their thread pools
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

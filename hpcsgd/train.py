@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .algorithms import make_strategy
 from .comm import Collectives, FlatParams, LinkRates
 from .comm.agree import agree
-from .comm.device import default_threads, local_rank_and_size, select_device
+from .comm.device import apply_threads, select_device
 from .config import TrainConfig, validate_for_world
 from .data import (
     StratifiedSampler,
@@ -137,8 +137,7 @@ class Trainer:
         self.resume_state = agree(world, self._find_resume, "resume")
         agree(world, self._assign_roles, "shards")
         self.device = agree(world, lambda: select_device(world, cfg.device), "device")
-        _, local_size = local_rank_and_size(world)
-        torch.set_num_threads(cfg.threads or default_threads(local_size))
+        apply_threads(world, cfg.threads)
         self.rates = agree(world, self._link_rates, "link drop rates")
         self.my_chunks = held_chunks(self.P, cfg.q, self.rank, self.adopted)
         self.data = agree(world, self._load_data, "shards")
