@@ -14,7 +14,7 @@ import traceback
 import types
 import typing
 
-from . import __version__
+from . import __version__, startup  # noqa: F401  (startup: its clock starts at import)
 from .errors import HpcsgdError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -58,6 +58,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from . import startup
     from .stop import install_stop_handlers
 
     install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
@@ -69,13 +70,18 @@ def run_train(args: argparse.Namespace) -> int:
     except HpcsgdError as exc:
         exc.collective = True  # every rank read the same file and flags: one message, no abort
         raise
+    startup.mark("config")
+    _banner(args.config, cfg)  # at once: the imports below take seconds per rank
+    from mpi4py import MPI  # MPI_Init
+
+    startup.mark("MPI")
     from .checkpoint import EXIT_PREEMPTED, Preempted
     from .train import train
+
+    startup.mark("imports")
     try:
         summary = train(cfg)
     except Preempted as stop:
-        from mpi4py import MPI
-
         if MPI.COMM_WORLD.rank == 0:
             print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -87,6 +93,16 @@ def run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _banner(config: str | None, cfg) -> None:
+    """One line on rank 0 before the slow imports: what runs, on what, where."""
+    rank, size = _world()
+    if rank != 0 or cfg.progress == "none":
+        return
+    what = f"{cfg.algorithm} q={cfg.q}" + (f" tau={cfg.tau}" if cfg.algorithm in ("local", "rps") else "")
+    _say(f"hpcsgd train: {what}, config {config or '(flags only)'}, shards {cfg.data}, {size} ranks, "
+         f"run dir {cfg.run_dir}{' (resume)' if cfg.resume else ''}; starting")
 
 
 def run_report(args: argparse.Namespace) -> int:

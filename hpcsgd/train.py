@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint as ckpt
+from . import startup
 from .algorithms import make_strategy
 from .comm import Collectives, FlatParams, LinkRates
 from .comm.agree import agree
@@ -364,6 +365,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict | None:
         self.setup()
+        startup.mark("setup")
+        if self.world.rank == 0 and self.progress.mode != "none":
+            print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.resume_state or {}).get("wall_s", 0.0)
         self.loss_window: list[float] = getattr(self, "resume_loss_window", [])
         sched = self.schedule
