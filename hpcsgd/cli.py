@@ -14,7 +14,7 @@ import traceback
 import types
 import typing
 
-from . import __version__, startup  # noqa: F401  (startup: its clock starts at import)
+from . import __version__, startup  # startup's clock starts at this import
 from .errors import HpcsgdError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -58,7 +58,6 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from . import startup
     from .stop import install_stop_handlers
 
     install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
@@ -229,7 +228,7 @@ def entry() -> typing.NoReturn:
 
 
 # Outcomes every rank reaches together: done, bad input found collectively, stopped by a signal.
-AGREED_EXITS = (EXIT_OK, EXIT_USAGE, 3)
+AGREED_EXITS = (EXIT_OK, EXIT_USAGE, 3)  # 3: checkpoint.EXIT_PREEMPTED (that module imports torch)
 
 
 def leave(code: int) -> typing.NoReturn:
