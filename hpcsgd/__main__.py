@@ -1,7 +1,5 @@
 """`python -m hpcsgd ...` is the `hpcsgd` command."""
 
-import sys
+from .cli import leave, main
 
-from .cli import main
-
-sys.exit(main())
+leave(main())

@@ -6,13 +6,16 @@ round timed as the slowest rank's time between two barriers, so a noisy shared m
 both sides alike. ``--scaling`` measures exchange time against model size for this job's rank
 count (tools/bench --scaling repeats it for 1..16 ranks); ``--project`` fits a
 latency-bandwidth model to such a table and projects rounds to 16-1024 ranks on a cluster
-fabric (no MPI needed).
+fabric (no MPI needed). ``--env`` (no mpiexec either) launches the demo's 4-rank training as
+whole jobs, alternately with the default environment and with ``OMP_NUM_THREADS=1``, and
+compares their training loops: the threads hpcsgd picks by default must cost nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -40,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", type=Path, default=TABLE, help=f"scaling table for --project (default {TABLE})")
     parser.add_argument("--fabric-gbps", type=float, default=100.0, help="--project: link bandwidth in Gb/s (default 100)")
     parser.add_argument("--fabric-latency-us", type=float, default=2.0, help="--project: per-message latency in us (default 2)")
+    parser.add_argument("--env", action="store_true",
+                        help="run without mpiexec: the demo on 4 ranks with the default environment vs "
+                             "OMP_NUM_THREADS=1, and its time from launch to the first step line")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
 
 
@@ -601,6 +607,103 @@ def print_projection(args) -> int:
     return 0
 
 
+# -- whole jobs: the environment a user launches with -------------------------------------------
+ENV_RANKS = 4
+_LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "MPI_LOCAL", "OMPI_", "HYDRA_")
+
+
+def _clean_env(**extra: str) -> dict:
+    """This environment without thread settings or a launcher's variables, plus ``extra``."""
+    from .threads import THREAD_VARIABLES
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in THREAD_VARIABLES and not k.endswith("_NUM_THREADS") and not k.startswith(_LAUNCHER_VARIABLES)}
+    env.update(extra)
+    return env
+
+
+def _launch_demo(shards: Path, run_dir: Path, env: dict, epochs: float) -> dict:
+    """One 4-rank demo run: seconds to the first step line, training loop (summary wall_s), process."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    config = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "digits-risgd.toml"
+    cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ENV_RANKS), sys.executable, "-m", "mpi4py",
+           "-m", "hpcsgd", "train", str(config), "--data", str(shards), "--run-dir", str(run_dir), "--q", "2",
+           "--epochs", str(epochs), "--progress", "lines"]
+    t0 = time.perf_counter()
+    first_step = float("nan")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if first_step != first_step and line.startswith("step "):
+            first_step = time.perf_counter() - t0
+    proc.wait()
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"demo run failed (exit {proc.returncode}):\n{''.join(lines[-20:])}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"first_step_s": first_step, "loop_s": summary["wall_s"], "process_s": total,
+            "train_loss": summary["train_loss"]}
+
+
+def env_rows(reps: int, quick: bool) -> list[dict]:
+    """The demo with the default environment vs OMP_NUM_THREADS=1, in pairs (order alternating)."""
+    import shutil
+
+    from .data import load_source, write_shards
+
+    tmp = Path(tempfile.mkdtemp(prefix="hpcsgd-bench-env-"))
+    try:
+        write_shards(load_source("digits"), ENV_RANKS, "label", tmp / "s", seed=0)
+        epochs = 5 if quick else 20  # the demo runs 20
+        sides = {"default": _clean_env(), "omp1": _clean_env(OMP_NUM_THREADS="1")}
+        runs: dict[str, list[dict]] = {name: [] for name in sides}
+        for i in range(reps):
+            for name, env in (sides.items() if i % 2 == 0 else reversed(list(sides.items()))):
+                runs[name].append(_launch_demo(tmp / "s", tmp / f"run-{name}", env, epochs))
+                print(f"  {name:<8} loop {runs[name][-1]['loop_s']:6.2f}s  first step {runs[name][-1]['first_step_s']:6.2f}s"
+                      f"  process {runs[name][-1]['process_s']:6.2f}s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if len({r["train_loss"] for rs in runs.values() for r in rs}) != 1:
+        raise RuntimeError("the demo's result depends on the environment: " + repr(runs))
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("loop_s", "first_step_s", "process_s")}
+           for name, rs in runs.items()}
+    # The ratio of each pair run back to back, then their median: whole jobs take a minute on
+    # a shared machine, and its load drifts more between the first and the last pair than
+    # between the two runs of one pair.
+    def paired(k: str) -> float:
+        return statistics.median(d[k] / o[k] for d, o in zip(runs["default"], runs["omp1"]))
+
+    print(f"demo: digits, label shards, q=2, tau 8, {ENV_RANKS} ranks, {epochs:g} epochs; seconds: medians of {reps} runs, ratios: median of {reps} back-to-back pairs", flush=True)
+    return [
+        _row("demo training loop, default environment / OMP_NUM_THREADS=1", med["default"]["loop_s"],
+             paired("loop_s"), 1.05, key="demo_default_vs_omp1"),
+        _row("demo whole process, default environment / OMP_NUM_THREADS=1", med["default"]["process_s"],
+             paired("process_s"), None, key="demo_process_default_vs_omp1"),
+        _row("demo launch to first step line, default environment", med["default"]["first_step_s"], None, None,
+             key="demo_launch_to_first_step_s"),
+    ]
+
+
+def run_env(args: argparse.Namespace) -> int:
+    """``hpcsgd bench --env``: launches mpiexec itself, so it must not run under one."""
+    if any(k.startswith(("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")) for k in os.environ):
+        from .errors import ConfigError
+
+        raise ConfigError("hpcsgd bench --env launches its own mpiexec jobs: run it without mpiexec")
+    reps = args.reps or (1 if args.quick else 3)
+    print(f"hpcsgd bench --env: {reps} run(s) per side, alternated", flush=True)
+    rows = env_rows(reps, args.quick)
+    print(format_rows(rows), flush=True)
+    _write_json(args.json, rows)
+    return 0
+
+
 # -- output ------------------------------------------------------------------------------------
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'measurement':<72} {'median ms':>10} {'ratio':>8} {'target':>8}  met"]
@@ -621,14 +724,14 @@ def format_rows(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.project:
         return print_projection(args)
+    if args.env:
+        return run_env(args)
     from mpi4py import MPI
 
-    import torch
-
-    from .comm.device import default_threads, local_rank_and_size
+    from .comm.device import apply_threads
 
     comm = MPI.COMM_WORLD
-    torch.set_num_threads(default_threads(local_rank_and_size(comm)[1]))  # as training does
+    apply_threads(comm)  # as training does
     reps = args.reps or (5 if args.quick else 20)
     warmup = 2 if args.quick else 4
     if args.scaling:

@@ -17,7 +17,7 @@ import traceback
 import types
 import typing
 
-from . import __version__
+from . import __version__, startup  # startup's clock starts at this import
 from .errors import HpcsgdError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -73,18 +73,21 @@ def run_train(args: argparse.Namespace) -> int:
     except HpcsgdError as exc:
         exc.collective = True  # every rank read the same file and flags: one message, no abort
         raise
-    from mpi4py import MPI
+    startup.mark("config")
+    _banner(args.config, cfg)  # at once: the imports below take seconds per rank
+    from mpi4py import MPI  # MPI_Init
 
+    startup.mark("MPI")
     from .rundir import claim
 
     claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
     from .checkpoint import EXIT_PREEMPTED, Preempted
     from .train import train
+
+    startup.mark("imports")
     try:
         summary = train(cfg)
     except Preempted as stop:
-        from mpi4py import MPI
-
         if MPI.COMM_WORLD.rank == 0:
             print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -104,6 +107,16 @@ def done_line(summary: dict, run_dir) -> str:
         f"averaged model: train loss {summary['train_loss']:.4f} (full train set), "
         f"test accuracy {summary['test_accuracy']:.4f} -> {run_dir}/summary.json"
     )
+
+
+def _banner(config: str | None, cfg) -> None:
+    """One line on rank 0 before the slow imports: what runs, on what, where."""
+    rank, size = _world()
+    if rank != 0 or cfg.progress == "none":
+        return
+    what = f"{cfg.algorithm} q={cfg.q}" + (f" tau={cfg.tau}" if cfg.algorithm in ("local", "rps") else "")
+    _say(f"hpcsgd train: {what}, config {config or '(flags only)'}, shards {cfg.data}, {size} ranks, "
+         f"run dir {cfg.run_dir}{' (resume)' if cfg.resume else ''}; starting")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -164,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import limit_before_import
+
+    limit_before_import()  # before numpy and torch start their thread pools
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -223,5 +239,38 @@ def _report_error(exc: HpcsgdError) -> int:
     return EXIT_USAGE
 
 
+def entry() -> typing.NoReturn:
+    """The ``hpcsgd`` console script: :func:`main`, then :func:`leave`."""
+    leave(main())
+
+
+# Outcomes every rank reaches together: done, bad input found collectively, stopped by a signal.
+AGREED_EXITS = (EXIT_OK, EXIT_USAGE, 3)  # 3: checkpoint.EXIT_PREEMPTED (that module imports torch)
+
+
+def leave(code: int) -> typing.NoReturn:
+    """End the process with ``code``: MPI finalized, no MPI_Abort, no slow interpreter teardown.
+
+    Under ``python -m mpi4py`` a non-zero SystemExit makes mpi4py call
+    ``MPI_Abort(COMM_WORLD, code)`` at exit. mpiexec reports that as ``code``, but srun kills
+    the other tasks and reports 137: a job checkpointed by a signal (exit 3) looked crashed
+    and was not requeued. The codes in AGREED_EXITS are reached by every rank together, so
+    MPI is finalized normally and the process exits with the plain code; any other code
+    (Ctrl-C, a bug) keeps the abort, which takes down ranks that may sit in a collective.
+    ``os._exit`` skips tearing down torch's modules (2-3 s per rank) after the streams are flushed.
+    """
+    if code not in AGREED_EXITS:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or the reader went away
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

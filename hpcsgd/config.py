@@ -84,7 +84,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
     collective_timeout: float = 600.0  # seconds any collective may take before the job aborts with exit 4 (0: off)
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads per rank (0: cores / ranks per node)
+    threads: int = 0  # torch intra-op threads per rank (0: OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or cores / ranks per node)
     progress: str = "auto"  # auto | bar | lines | none (auto: bar on a terminal)
 
     def to_toml(self) -> str:

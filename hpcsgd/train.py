@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint as ckpt
+from . import startup
 from .comm import LinkRates
 from .comm.agree import agree
-from .comm.device import default_threads, local_rank_and_size, select_device
+from .comm.device import apply_threads, select_device
 from .comm.watchdog import WATCHDOG
 from .config import TrainConfig, validate_for_world
 from .data import (
@@ -162,8 +163,7 @@ class Trainer:
         self.resume_state = agree(world, self._find_resume, "resume")
         agree(world, self._assign_roles, "shards")
         self.device = agree(world, lambda: select_device(world, cfg.device), "device")
-        _, local_size = local_rank_and_size(world)
-        torch.set_num_threads(cfg.threads or default_threads(local_size))
+        apply_threads(world, cfg.threads)
         self.rates = agree(world, self._link_rates, "link drop rates")
         self.my_chunks = held_chunks(self.P, cfg.q, self.rank, self.adopted)
         self.data = agree(world, self._load_data, "shards")
@@ -386,6 +386,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict | None:
         self.setup()
+        startup.mark("setup")
+        if self.world.rank == 0 and self.progress.mode != "none":
+            print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.resume_state or {}).get("wall_s", 0.0)
         self.loss_window: list[float] = getattr(self, "resume_loss_window", [])
         sched = self.schedule

@@ -33,6 +33,24 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_env_rows_launch_the_demo_both_ways(tmp_path):
+    """`hpcsgd bench --env` (no mpiexec): the demo with the default environment vs OMP_NUM_THREADS=1."""
+    out = tmp_path / "env.json"
+    result = hpcsgd("bench", "--env", "--quick", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stderr
+    rows = {r["key"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"demo_default_vs_omp1", "demo_process_default_vs_omp1", "demo_launch_to_first_step_s"}
+    assert rows["demo_default_vs_omp1"]["target"] == 1.05 and rows["demo_default_vs_omp1"]["ratio"] > 0
+    assert 0 < rows["demo_launch_to_first_step_s"]["seconds"] < rows["demo_process_default_vs_omp1"]["seconds"]
+    assert "default environment / OMP_NUM_THREADS=1" in result.stdout
+
+
+def test_bench_env_refuses_to_run_under_mpiexec(tmp_path):
+    result = mpi(1, "bench", "--env", "--quick")
+    assert result.returncode == 2 and "without mpiexec" in result.stderr
+
+
 def test_cost_model_recovers_a_known_latency_and_bandwidth():
     alpha, beta = 3e-6, 2e-10
     rows = []

@@ -38,6 +38,16 @@ GRIDS = sorted((JOBS / "sweeps").glob("*.txt"))
 CONFIGS = sorted((JOBS / "configs").glob("*.toml"))
 SWEEP_RANKS = 4  # every grid in jobs/sweeps is for the digits experiments on 4 ranks
 
+
+def _this_mpi_plugin() -> str:
+    """The templates' guess for this venv's MPI: pmi2 for the mpich wheel, pmix for Open MPI."""
+    from mpi4py import MPI
+
+    return "pmix" if "Open MPI" in MPI.Get_library_version() else "pmi2"
+
+
+THIS_MPI_PLUGIN = _this_mpi_plugin()
+
 FAKE_SLURM = {
     "SLURM_JOB_ID": "4242",
     "SLURM_JOB_NAME": "hpcsgd",
@@ -159,29 +169,69 @@ def test_every_grid_line_parses(grid):
 
 
 @pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
-def test_sbatch_has_signal_requeue_pmix(script):
+def test_sbatch_has_signal_requeue_and_mpi_detection(script):
     text = script.read_text()
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     joined = "\n".join(directives)
     for option in ("--signal=", "--requeue", "--ntasks-per-node=", "--gpus-per-task=1", "--cpus-per-task=", "--time="):
         assert option in joined, f"{script.name}: no #SBATCH {option}"
-    assert "--mpi=pmix" in text and "--cpu-bind=cores" in text
+    # The PMI plugin follows the MPI (HPCSGD_SRUN_MPI overrides); no binding is assumed.
+    assert "srun_mpi_plugin" in text and "HPCSGD_SRUN_MPI" in text and "HPCSGD_SRUN_ARGS" in text
+    command = text[text.index("cmd=(srun"):]
+    assert "--cpu-bind" not in command[:command.index("train)")]
     assert "scontrol requeue" in text and "OMP_NUM_THREADS" in text and "${HPCSGD_PYTHON:-python}" in text
     m = re.search(r"--signal=(B:)?USR1@\d+", joined)
     assert m, "the warning must be SIGUSR1 (what hpcsgd checkpoints on)"
     if m[1]:  # the batch shell gets it: it must forward it to srun
         assert "trap 'on_signal USR1' USR1" in text and 'kill -s USR1 "$srun_pid"' in text
     # The lines a user edits come before any command.
-    assert text.index("EDIT") < text.index("set -euo pipefail") < text.index("srun --mpi")
+    assert text.index("EDIT") < text.index("set -euo pipefail") < text.index("cmd=(srun")
 
 
 def test_train_sbatch_dry_run_parses():
     (argv,) = dry_run(TRAIN_SBATCH, **FAKE_SLURM)
-    assert argv[:2] == ["srun", "--mpi=pmix"] and "--cpu-bind=cores" in argv
+    assert argv[:2] == ["srun", f"--mpi={THIS_MPI_PLUGIN}"] and not any(a.startswith("--cpu-bind") for a in argv)
     assert "--cpus-per-task=8" in argv and argv[argv.index("-m") - 1] == sys.executable
     cfg = parse_train(argv)
     assert cfg.resume and cfg.model == "resnet20" and cfg.run_dir == "runs/hpcsgd-4242"
     assert cfg.data == "data/cifar10-p8"
+
+
+def _fake_python(tmp_path: Path, version: str) -> Path:
+    """A python whose `-m mpi4py --mpi-lib-version` prints ``version`` (what the templates ask)."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\nif [[ \"$*\" == *--mpi-lib-version* ]]; then echo '{version}'; fi\n")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "version, plugin",
+    [
+        ("Open MPI v4.1.5, package: Open MPI builder Distribution, ident: 4.1.5", "pmix"),
+        ("MPICH Version:      4.2.1\nMPICH Release date: Wed Apr 17 2024", "pmi2"),
+        ("MVAPICH2 Version      :\t2.3.7", "pmi2"),
+        ("MPI VERSION    : CRAY MPICH version 8.1.28.4 (ANL base 3.4a2)", "cray_shasta"),
+        ("Some Vendor MPI 1.0", None),  # unknown: no --mpi, the cluster's MpiDefault applies
+    ],
+)
+def test_sbatch_picks_the_pmi_plugin_of_the_mpi_in_use(script, tmp_path, version, plugin):
+    fake = _fake_python(tmp_path, version)
+    (argv,) = dry_run(script, *_sbatch_args(script, tmp_path), HPCSGD_PYTHON=str(fake), SLURM_ARRAY_TASK_ID="0",
+                      **FAKE_SLURM)
+    assert argv[0] == "srun" and argv[argv.index("-m") - 1] == str(fake)
+    mpi_flags = [a for a in argv if a.startswith("--mpi=")]
+    assert mpi_flags == ([f"--mpi={plugin}"] if plugin else [])
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_plugin_and_site_flags_can_be_set(script, tmp_path):
+    (argv,) = dry_run(script, *_sbatch_args(script, tmp_path), HPCSGD_SRUN_MPI="pmix",
+                      HPCSGD_SRUN_ARGS="--cpu-bind=cores --exclusive", SLURM_ARRAY_TASK_ID="0", **FAKE_SLURM)
+    assert argv[:2] == ["srun", "--mpi=pmix"]
+    assert argv.index("--cpu-bind=cores") < argv.index("--exclusive") < argv.index("-m")
+    parse_train(argv)
 
 
 def test_train_sbatch_dry_run_takes_env_and_flags(tmp_path):
@@ -202,7 +252,7 @@ def test_sweep_sbatch_dry_run_every_index_parses(grid):
     run_dirs = []
     for index, line in enumerate(grid_runs(grid)):
         (argv,) = dry_run(SWEEP_SBATCH, grid.relative_to(ROOT), SLURM_ARRAY_TASK_ID=str(index), **FAKE_SLURM)
-        assert argv[:2] == ["srun", "--mpi=pmix"]
+        assert argv[:2] == ["srun", f"--mpi={THIS_MPI_PLUGIN}"]
         cfg = parse_train(argv)
         validate_for_world(cfg, SWEEP_RANKS)
         assert cfg.resume
@@ -430,6 +480,77 @@ def test_sbatch_signal_forwarding_and_requeue(script, tmp_path, mode, signals, r
         assert "srun got USR1" in text, "the warning did not reach srun"
 
 
+# An srun whose MPI aborts after the ranks checkpointed (what srun reported before hpcsgd left
+# with a plain exit 3): a complete checkpoint appears, then SIGKILL's 137. Or no checkpoint.
+FAKE_SRUN_ABORT = """#!/usr/bin/env bash
+echo "srun-pid $$" >> "$FAKE_LOG"
+on_usr1() {
+    if [[ "$FAKE_MODE" == checkpoint ]]; then
+        mkdir -p "$FAKE_RUN_DIR/checkpoints/step-00000007" && touch "$FAKE_RUN_DIR/checkpoints/step-00000007/COMPLETE"
+    fi
+    exit 137
+}
+trap on_usr1 USR1
+echo ready >> "$FAKE_LOG"
+while :; do sleep 0.05; done
+"""
+
+
+def _run_dir_of(script: Path, tmp_path: Path) -> Path:
+    """Where the one-run grid of _sbatch_args (or HPCSGD_RUN_DIR) puts the run."""
+    return tmp_path / ("sweep/q=1" if script == SWEEP_SBATCH else "run")
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "mode, stale, rc, requeued",
+    [
+        ("checkpoint", False, 0, True),  # the run dir says a checkpoint was written: requeue despite 137
+        ("none", False, 137, False),  # no new checkpoint: a crash, not a stop
+        ("none", True, 137, False),  # a checkpoint from an earlier launch does not count
+    ],
+)
+def test_sbatch_reads_the_outcome_from_the_run_directory(script, tmp_path, mode, stale, rc, requeued):
+    fake = _fake_bin(tmp_path, FAKE_SRUN_ABORT)
+    log = tmp_path / "log"
+    log.touch()
+    run_dir = _run_dir_of(script, tmp_path)
+    if stale:
+        (run_dir / "checkpoints" / "step-00000003").mkdir(parents=True)
+        (run_dir / "checkpoints" / "step-00000003" / "COMPLETE").touch()
+        time.sleep(0.05)
+    env = _env(
+        PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode, FAKE_RUN_DIR=str(run_dir),
+        SLURM_RESTART_COUNT="0", SLURM_ARRAY_TASK_ID="0", HPCSGD_RUN_DIR=str(tmp_path / "run"),
+        HPCSGD_SWEEP_DIR=str(tmp_path / "sweep"), **FAKE_SLURM,
+    )
+    proc = subprocess.Popen(["bash", str(script), *_sbatch_args(script, tmp_path)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: "ready" in log.read_text(), 30, "the fake srun")
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == rc, err + text
+    assert ("scontrol requeue 4242" in text) == requeued, err + text
+
+
+def test_sbatch_does_not_requeue_a_finished_run(tmp_path):
+    """Exit 3 from a run that nonetheless wrote its summary (the stop came after the last step)."""
+    fake = _fake_bin(tmp_path, '#!/usr/bin/env bash\nmkdir -p "$FAKE_RUN_DIR"\n'
+                               'echo {} > "$FAKE_RUN_DIR/summary.json"\nexit 3\n')
+    log = tmp_path / "log"
+    log.touch()
+    env = _env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_RUN_DIR=str(tmp_path / "run"),
+               HPCSGD_RUN_DIR=str(tmp_path / "run"), SLURM_RESTART_COUNT="0", **FAKE_SLURM)
+    result = subprocess.run(["bash", str(TRAIN_SBATCH)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "requeue" not in log.read_text()
+    assert "the run finished" in result.stderr
+
+
 def _make_shards(out: Path, parts: int) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "hpcsgd", "shard", "--source", "synthetic", "--parts", str(parts),
@@ -475,7 +596,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert "scontrol requeue 5151" in log.read_text(), err
-    assert "stopped by signal" in err
+    assert "stopped by signal" in err and "Abort" not in err
     assert list(run.glob("checkpoints/step-*/COMPLETE")) and not (run / "summary.json").exists()
     # What the requeued job does: the same script, the same run dir, --resume.
     again = subprocess.run(["bash", str(TRAIN_SBATCH)], env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=ROOT,

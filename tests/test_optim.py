@@ -55,3 +55,22 @@ def test_parameters_without_gradient_are_scaled_too():
 def test_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="supports momentum"):
         ScalingSGD(_model().parameters(), lr=0.1, momentum=0.9, dampening=0.1)
+
+
+def test_no_torch_dynamo_import():
+    """torch.optim's wrappers import torch._dynamo (and sympy: seconds per rank) on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from hpcsgd.optim import ScalingSGD\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "opt = ScalingSGD(m.parameters(), lr=0.1, momentum=0.9)\n"
+        "m(torch.randn(4, 3)).sum().backward()\n"
+        "opt.step(); opt.step(scale=0.5); opt.zero_grad(); opt.load_state_dict(opt.state_dict())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -6,12 +6,11 @@ launcher (mpirun, srun, mpiexec.hydra) without reading launcher-specific variabl
 
 from __future__ import annotations
 
-import os
-
 import torch
 from mpi4py import MPI
 
 from ..errors import ConfigError
+from ..threads import limit_loaded_pools, threads_per_rank, warn_if_oversubscribed
 from .watchdog import WATCHDOG
 
 
@@ -40,9 +39,21 @@ def select_device(comm: MPI.Comm, choice: str = "auto") -> torch.device:
 
 
 def default_threads(local_size: int) -> int:
-    """Intra-op threads per rank: OMP_NUM_THREADS if set, else the node's cores shared out."""
-    env = os.environ.get("OMP_NUM_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, local_size))
+    """Intra-op threads per rank: OMP_NUM_THREADS or SLURM_CPUS_PER_TASK if set, else the node's cores shared out."""
+    return threads_per_rank(local_size)
+
+
+def apply_threads(comm: MPI.Comm, requested: int = 0) -> int:
+    """Size this rank's thread pools for the ranks sharing its node; returns threads per rank.
+
+    torch's intra-op pool (and its MKL) by ``torch.set_num_threads``; a BLAS pool numpy has
+    already started (the Python API: numpy was imported before hpcsgd could set the
+    environment) through threadpoolctl. Warns once per node when threads x ranks exceed the
+    cores (see ``hpcsgd.threads``).
+    """
+    local_rank, local_size = local_rank_and_size(comm)
+    threads = threads_per_rank(local_size, requested)
+    torch.set_num_threads(threads)
+    limit_loaded_pools(threads)
+    warn_if_oversubscribed(threads, local_size, local_rank)
+    return threads
