@@ -87,13 +87,13 @@ def test_only_the_first_rank_of_a_node_prints_the_warning(clean_env, capsys):
 
 # ---- in real jobs -------------------------------------------------------------------------
 
-POOLS = """
+POOLS = r"""
 import json, sys
 {setup}
 import numpy, torch
 from threadpoolctl import threadpool_info
 blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-print(json.dumps({{"blas": blas, "torch": torch.get_num_threads()}}), flush=True)
+sys.stdout.write(json.dumps({{"blas": blas, "torch": torch.get_num_threads()}}) + "\n")  # one write: no interleaving
 """
 CLI_START = "from hpcsgd.threads import limit_before_import; limit_before_import()"  # what hpcsgd.cli.main does
 API_START = """
