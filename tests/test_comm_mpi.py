@@ -65,17 +65,21 @@ def test_exchange_lossless_is_exact_average(coll, d):
     assert all_ranks(torch.allclose(x, expected))
 
 
-def test_exchange_lossless_fast_path_is_the_two_phase_result_within_two_ulp(coll):
+def test_exchange_lossless_fast_path_is_the_two_phase_result_within_a_few_ulp(coll):
     """At drop 0 the exchange runs one Allreduce; it equals the two-phase block average up to
-    float summation order (its docstring's promise): within 2 ulp, not bit for bit."""
+    float summation order (its docstring's promise): within a few ulp of the terms, not bit for bit."""
     P, r, d = coll.size, coll.rank, 4099
     rng = np.random.default_rng(7)
     vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
     mine = vectors[r].clone()
+    # A sum's rounding error scales with its terms, not with its (possibly cancelled) result:
+    # one ulp here is that of the mean magnitude of the terms; P-1 additions in another order
+    # differ by at most P-1 of them (2 for P <= 3).
+    scale = torch.stack(vectors).abs().mean(0)
     BlockExchange(coll, d, LinkRates.build(P), seed=1).average(mine, step=0)
     blockwise_average(vectors, 1, 0, LinkRates.build(P))
-    ulp = torch.finfo(torch.float32).eps * vectors[r].abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert all_ranks(bool(((mine - vectors[r]).abs() <= 2 * ulp).all()))
+    ulp = torch.finfo(torch.float32).eps * scale.clamp_min(torch.finfo(torch.float32).tiny)
+    assert all_ranks(bool(((mine - vectors[r]).abs() <= max(2, P - 1) * ulp).all()))
 
 
 @pytest.mark.parametrize("delta", [0.1, 0.5, 0.9])
