@@ -43,25 +43,31 @@ class World:
         return self.comm.rank == 0
 
 
-def init(comm=None, device: str = "auto") -> World:
-    """Join the MPI world (``MPI.COMM_WORLD`` unless ``comm``) and bind this rank's device.
+def init(comm=None, device: str = "auto", threads: int = 0) -> World:
+    """Join the MPI world (``MPI.COMM_WORLD`` unless ``comm``), bind this rank's device and
+    size its thread pools.
 
     Args:
         comm: an mpi4py communicator; default ``MPI.COMM_WORLD``.
         device: ``"auto"`` (a GPU per rank, ``local_rank % device_count``, when there is one),
             ``"cpu"`` or ``"cuda"``.
+        threads: torch and BLAS threads per rank; 0 (default) as ``hpcsgd train`` does:
+            OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, else the node's cores over its ranks. Without
+            this, numpy's BLAS pool (one thread per core in every rank) spins between calls and
+            several ranks on a node slow each other down many times over.
 
     Returns:
         The :class:`World`; calling again with the same communicator returns the same one.
     """
     from mpi4py import MPI  # imported here: importing hpcsgd must not start MPI
 
-    from .comm.device import local_rank_and_size, select_device
+    from .comm.device import apply_threads, local_rank_and_size, select_device
 
     comm = MPI.COMM_WORLD if comm is None else comm
     known = _WORLDS.get(id(comm))
     if known is not None and known.comm is comm:
         return known
+    apply_threads(comm, threads)
     local_rank, local_size = local_rank_and_size(comm)
     world = World(comm, comm.rank, comm.size, local_rank, local_size, select_device(comm, device),
                   tuple(range(comm.size)))

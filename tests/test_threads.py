@@ -96,11 +96,16 @@ blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 sys.stdout.write(json.dumps({{"blas": blas, "torch": torch.get_num_threads()}}) + "\n")  # one write: no interleaving
 """
 CLI_START = "from hpcsgd.threads import limit_before_import; limit_before_import()"  # what hpcsgd.cli.main does
-API_START = """
-import numpy  # the user's script imports numpy (and starts OpenBLAS) before hpcsgd
+TRAIN_START = """
+import numpy  # numpy (and its OpenBLAS pool) loaded before hpcsgd could set the environment
 from mpi4py import MPI
 from hpcsgd.comm.device import apply_threads
 apply_threads(MPI.COMM_WORLD)  # what training does in its setup
+"""
+API_START = """
+import numpy  # the user's script imports numpy (and starts OpenBLAS) before hpcsgd
+import hpcsgd
+hpcsgd.init(device="cpu")  # the public API's first call sizes the pools
 """
 
 
@@ -114,7 +119,7 @@ def _pools(n: int, setup: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setup", [CLI_START, API_START], ids=["command-line", "python-api"])
+@pytest.mark.parametrize("setup", [CLI_START, TRAIN_START, API_START], ids=["command-line", "training", "python-api"])
 def test_every_pool_of_a_rank_is_sized_for_the_ranks_on_its_node(setup):
     ranks = 4
     expected = max(1, threads.node_cores() // ranks)
