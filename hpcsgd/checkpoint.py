@@ -1,16 +1,20 @@
-"""Checkpoints in HDF5, written so that a crash at any moment leaves the last one readable.
+"""Checkpoints of a dict of stateful parts, in HDF5, written so that a crash leaves the last one readable.
 
-Layout: ``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per live rank: each
-rank's model, momentum and sampler differ under local SGD) and ``.../COMPLETE``, a small
-JSON record (step, ranks, live ranks, the shards' identity, config fingerprint) written by the
-first live rank after every rank's file is in place. Each file is written to a temporary name,
-fsynced and renamed; a directory without ``COMPLETE`` is ignored on resume, so a rank killed
-while writing costs only the checkpoint being written. A write that fails (a full disk) is
-agreed on by every rank: the temporary files and the incomplete step are removed, the job ends
-with one message, and the previous checkpoint stays as it was. Each rank file carries a
-SHA-256 of its arrays; on resume a checkpoint whose record or files are unreadable, truncated
-or altered is moved aside (``checkpoints/broken-step-...``) with a warning, and the next older
-intact one is used. The stop signals that lead here are in :mod:`hpcsgd.stop`.
+The CLI and the public :func:`hpcsgd.save_checkpoint` write the same format. Layout:
+``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per live rank: under local SGD
+every rank's model, momentum and sampler differ) and ``.../COMPLETE``, a small JSON record
+(step, ranks, live ranks, the parts; for the CLI also the shards' identity and the config
+fingerprint) written by the first live rank after every rank's file is in place. In a rank
+file each part's tensors and arrays are datasets ``PART/N``, and the rest of its state dict
+is one JSON attribute that says where each tensor goes back. Each file is written to a
+temporary name, fsynced and renamed; a directory without ``COMPLETE`` is ignored, so a rank
+killed while writing costs only the checkpoint being written. A write that fails (a full
+disk) is agreed on by every rank: the temporary files and the incomplete step are removed,
+every rank raises the same CheckpointError, and the previous checkpoint stays as it was.
+Each rank file carries a SHA-256 of its arrays; a checkpoint whose record or files are
+unreadable, truncated or altered is moved aside (``checkpoints/broken-step-...``) with a
+warning, and the next older intact one is used. This module reads no part's fields: each
+part has ``state_dict()`` and ``load_state_dict()``. The stop signals are in :mod:`hpcsgd.stop`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +42,6 @@ if TYPE_CHECKING:
 
     from .config import TrainConfig
     from .data.shards import ShardIndex
-    from .train import Trainer
 
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1/SIGINT; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
@@ -77,93 +81,121 @@ def _describe_shards(shards: dict) -> str:
             f"P={shards.get('parts')}, content {shards.get('digest')})")
 
 
-def _step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+class TorchRNG:
+    """torch's global CPU random state as a checkpoint part."""
+
+    def state_dict(self) -> dict:
+        return {"state": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["state"])
 
 
-def save(trainer: "Trainer", step: int) -> Path:
-    """Write every live rank's state after ``step`` steps (collective over live ranks).
+def _encode(value, arrays: list):
+    """``value`` as JSON-able data; tensors and arrays go to ``arrays`` and leave a reference."""
+    if isinstance(value, torch.Tensor):
+        arrays.append(value.detach().cpu().numpy())
+        return {"__tensor__": len(arrays) - 1, "device": str(value.device)}
+    if isinstance(value, np.ndarray):
+        arrays.append(value)
+        return {"__array__": len(arrays) - 1}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, arrays), _encode(v, arrays)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, arrays) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, arrays) for v in value]
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise CheckpointError(f"cannot checkpoint a value of type {type(value).__name__} in a state_dict")
 
-    Three agreements (rank 0 makes the folder; every rank writes its file; rank 0 writes
-    COMPLETE), so a failure anywhere ends every rank with the same CheckpointError, after the
-    incomplete step is removed. A step already complete (a resumed run saving the step it
-    resumed from) is left as it is.
+
+def _decode(value, arrays):
+    if isinstance(value, list):
+        return [_decode(v, arrays) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return torch.from_numpy(np.asarray(arrays[str(value["__tensor__"])]))
+    if "__array__" in value:
+        return np.asarray(arrays[str(value["__array__"])])
+    if "__tuple__" in value:
+        return tuple(_decode(v, arrays) for v in value["__tuple__"])
+    return {_decode(k, arrays): _decode(v, arrays) for k, v in value["__dict__"]}
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` steps lives."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def save(run_dir: Path, comm, rank: int, parts: dict, step: int, record: dict,
+         on_error: Callable[[], None] | None = None) -> Path:
+    """Write every live rank's ``parts`` after ``step`` steps (collective over ``comm``).
+
+    ``rank`` names this rank's file; ``record`` (``ranks``, ``live_world`` and what the
+    caller checks on resume) goes to ``COMPLETE``. Three agreements (rank 0 makes the folder;
+    every rank writes its file; rank 0 writes COMPLETE), so a failure anywhere ends every
+    rank with the same CheckpointError, after the incomplete step is removed and
+    ``on_error`` ran. A step already complete (a resumed run saving the step it resumed
+    from) is left as it is.
     """
-    coll = trainer.coll
-    directory = _step_dir(trainer.run_dir, step)
+    run_dir = Path(run_dir)
+    directory = step_dir(run_dir, step)
     if (directory / "COMPLETE").exists():
         return directory
     what = f"checkpoint at step {step}"
-    shards = shard_identity(trainer.index)
+    record = {"step": step, **record, "parts": sorted(parts)}
 
     def make() -> None:
-        if coll.rank == 0:
+        if comm.rank == 0:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise CheckpointError(_cannot_write(directory, exc, trainer.run_dir)) from None
+                raise CheckpointError(_cannot_write(directory, exc, run_dir)) from None
 
     def complete() -> None:
-        if coll.rank == 0:
-            record = {
-                "step": step,
-                "ranks": trainer.P,
-                "live_world": list(trainer.live_world),
-                "adopted": {str(c): r for c, r in trainer.adopted.items()},
-                "fingerprint": fingerprint(trainer.cfg, shards),
-                "shards": shards,
-                "wall_s": float(_elapsed(trainer)),
-            }
+        if comm.rank == 0:
             try:
                 atomic_write_text(directory / "COMPLETE", json.dumps(record) + "\n")
             except OSError as exc:
-                raise CheckpointError(_cannot_write(directory / "COMPLETE", exc, trainer.run_dir)) from None
-            _prune(trainer.run_dir)
+                raise CheckpointError(_cannot_write(directory / "COMPLETE", exc, run_dir)) from None
+            _prune(run_dir)
 
-    agree(coll.comm, make, what)
+    agree(comm, make, what)
     try:
-        agree(coll.comm, lambda: _write_rank_file(trainer, directory, step, shards), what)
-        agree(coll.comm, complete, what)
+        agree(comm, lambda: _write_rank_file(run_dir, directory, rank, parts, record), what)
+        agree(comm, complete, what)
     except CheckpointError:
-        if coll.rank == 0:
+        if comm.rank == 0:
             shutil.rmtree(directory, ignore_errors=True)  # incomplete: no COMPLETE, so never resumed from
-        if getattr(trainer, "stop", None) is not None:
-            trainer.stop.drain()  # every rank is here: finish the step's stop-flag exchange, leave none pending
+        if on_error is not None:
+            on_error()
         raise
     return directory
 
 
-def _write_rank_file(trainer: "Trainer", directory: Path, step: int, shards: dict) -> None:
-    """This rank's state to ``rank-K.h5`` through a temporary name; on failure nothing is left."""
-    path = directory / f"rank-{trainer.rank}.h5"
-    tmp = directory / f".rank-{trainer.rank}.h5.tmp"
-    momentum = [
-        s["momentum_buffer"].reshape(-1)
-        for s in (trainer.optimizer.state.get(p, {}) for p in trainer.model.parameters())
-        if s.get("momentum_buffer") is not None
-    ]
-    arrays = {"flat": trainer.flat.flat.detach().cpu().numpy(), "torch_rng": torch.get_rng_state().numpy()}
-    if momentum:
-        arrays["momentum"] = torch.cat(momentum).detach().cpu().numpy()
+def _write_rank_file(run_dir: Path, directory: Path, rank: int, parts: dict, record: dict) -> None:
+    """This rank's parts to ``rank-K.h5`` through a temporary name; on failure nothing is left."""
+    path = directory / f"rank-{rank}.h5"
+    tmp = directory / f".rank-{rank}.h5.tmp"
+    states = {}
+    for name, part in parts.items():
+        found: list = []
+        states[name] = (json.dumps(_encode(part.state_dict(), found)), found)
+    arrays = {f"{name}/{i}": a for name, (_, found) in states.items() for i, a in enumerate(found)}
     try:
         with h5py.File(tmp, "w") as f:
+            for name, (skeleton, _) in states.items():
+                f.create_group(name).attrs["state"] = skeleton
             for name, array in arrays.items():
                 f[name] = array
             f.attrs["sha256"] = _digest(arrays)
-            f.attrs["step"] = step
-            f.attrs["fingerprint"] = fingerprint(trainer.cfg, shards)
-            f.attrs["ranks"] = trainer.P
-            f.attrs["live_world"] = json.dumps(trainer.live_world)
-            f.attrs["sampler"] = json.dumps(trainer.sampler.state_dict())
-            f.attrs["counters"] = json.dumps(trainer.coll.counters.as_dict())
-            f.attrs["timers"] = json.dumps(vars(trainer.timers))
-            f.attrs["loss_window"] = json.dumps(trainer.loss_window)
-            f.attrs["run_totals"] = json.dumps({
-                "skipped_steps": trainer.skipped_steps,
-                "failed_counters": trainer.failed_counters.tolist(),
-                "diversity_sums": trainer.diversity_sums.tolist(),
-            })
-            f.attrs["wall_s"] = float(_elapsed(trainer))
+            f.attrs["step"] = record["step"]
+            f.attrs["record"] = json.dumps(record)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, path)
@@ -172,7 +204,14 @@ def _write_rank_file(trainer: "Trainer", directory: Path, step: int, shards: dic
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise CheckpointError(_cannot_write(path, exc, trainer.run_dir)) from None
+        raise CheckpointError(_cannot_write(path, exc, run_dir)) from None
+
+
+def _arrays(f: "h5py.File") -> dict:
+    """Every dataset of a rank file by its path (``PART/N``)."""
+    found = {}
+    f.visititems(lambda name, obj: found.__setitem__(name, np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return found
 
 
 def _digest(arrays: dict) -> str:
@@ -193,26 +232,21 @@ def _cannot_write(path: Path, exc: BaseException, run_dir: Path) -> str:
         free = f"; {shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free / 2**20:.1f} MiB free there"
     except OSError:
         free = ""
-    previous = _complete_dirs(run_dir)
+    previous = complete_dirs(run_dir)
     kept = (f"the previous checkpoint {previous[-1].name} is intact: free space and rerun with --resume"
             if previous else "no earlier checkpoint exists: free space and rerun")
     return f"cannot write {path}: {reason}{free}; {kept}"
 
 
-def _elapsed(trainer: "Trainer") -> float:
-    import time
-
-    return time.perf_counter() - trainer.t_start if hasattr(trainer, "t_start") else 0.0
-
-
 def _prune(run_dir: Path) -> None:
-    complete = _complete_dirs(run_dir)
+    complete = complete_dirs(run_dir)
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _complete_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
+def complete_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(d for d in root.glob("step-*") if (d / "COMPLETE").exists())
@@ -221,26 +255,38 @@ def _complete_dirs(run_dir: Path) -> list[Path]:
 def find_latest(
     run_dir: Path, cfg: "TrainConfig", ranks: int, shards: "ShardIndex | None" = None, comm: "MPI.Comm | None" = None
 ) -> dict | None:
-    """The newest intact checkpoint's record, or None (then training starts fresh).
+    """The newest intact checkpoint's record for ``hpcsgd train --resume``, or None (start fresh).
 
-    A complete checkpoint whose record or rank files are unreadable, truncated or fail their
-    checksum is broken: it is moved aside to ``checkpoints/broken-step-...`` with a warning
-    naming it, and the next older one is tried. ``ranks`` is the run's rank count P (its
-    number of chunks); the job resuming it may have fewer (see :class:`hpcsgd.train.Trainer`),
-    so that is checked there. ``shards`` defaults to the index in ``cfg.data``. With
-    ``comm``, this is collective: each rank checks a share of the rank files and all agree.
+    As :func:`newest_intact`, and the checkpoint must fit: ``ranks`` is the run's rank count
+    P (its number of chunks; the job resuming it may have fewer, see
+    :class:`~hpcsgd.membership.Membership`), the same shards (``shards`` defaults to the index
+    in ``cfg.data``) and a config with the same trajectory.
     """
     if shards is None:
         from .data import read_index
 
         shards = read_index(cfg.data)
+    return newest_intact(run_dir, comm, lambda meta, directory: _check_fits(meta, directory, cfg, ranks,
+                                                                             shard_identity(shards)))
+
+
+def newest_intact(run_dir: Path, comm: "MPI.Comm | None" = None,
+                  check: Callable[[dict, Path], None] | None = None) -> dict | None:
+    """The newest intact checkpoint's record (``dir``, ``step``, ...), or None when there is none.
+
+    A complete checkpoint whose record or rank files are unreadable, truncated or fail their
+    checksum is broken: it is moved aside to ``checkpoints/broken-step-...`` with a warning
+    naming it, and the next older one is tried (after ``check`` accepted the one found). With
+    ``comm``, this is collective: each rank checks a share of the rank files and all agree.
+    """
     run_dir = Path(run_dir)
     broken: list[tuple[Path, str]] = []
-    for directory in reversed(_complete_dirs(run_dir)):
+    for directory in reversed(complete_dirs(run_dir)):
         problem = _check_intact(directory, comm)
         if problem is None:
             meta = _read_record(directory)
-            _check_fits(meta, directory, cfg, ranks, shard_identity(shards))
+            if check is not None:
+                check(meta, directory)
             if broken:
                 _set_aside(broken, directory, comm)
             return meta
@@ -259,11 +305,11 @@ def _read_record(directory: Path) -> dict:
     return {
         "dir": str(directory),
         "step": int(record["step"]),
-        "fingerprint": str(record["fingerprint"]),
+        "fingerprint": record.get("fingerprint"),
         "ranks": int(record["ranks"]),
-        "live_world": [int(r) for r in record["live_world"]],
+        "live_world": [int(r) for r in record.get("live_world", range(int(record["ranks"])))],
         "adopted": {int(c): int(r) for c, r in record.get("adopted", {}).items()},
-        "wall_s": float(record["wall_s"]),
+        "wall_s": float(record.get("wall_s", 0.0)),
         "shards": record.get("shards"),
     }
 
@@ -294,7 +340,7 @@ def _check_rank_file(directory: Path, rank: int, step: int) -> str | None:
         with h5py.File(path, "r") as f:
             if int(f.attrs["step"]) != step:
                 return f"{path.name} holds step {int(f.attrs['step'])}, its record says {step}"
-            arrays = {name: np.asarray(f[name]) for name in f}
+            arrays = _arrays(f)
             expected = f.attrs.get("sha256")
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         return f"{path.name} is unreadable or truncated ({exc})"
@@ -346,40 +392,19 @@ def _set_aside(broken: list[tuple[Path, str]], chosen: Path, comm: "MPI.Comm | N
               f"older intact checkpoint {chosen.name}", file=sys.stderr, flush=True)
 
 
-def restore(trainer: "Trainer", meta: dict) -> int:
-    """Load this rank's state from ``meta['dir']``; returns the step to continue from."""
-    path = Path(meta["dir"]) / f"rank-{trainer.rank}.h5"
+def restore(meta: dict, rank: int, parts: dict) -> int:
+    """Load this rank's ``parts`` from the checkpoint ``meta`` names; returns its step."""
+    path = Path(meta["dir"]) / f"rank-{rank}.h5"
     try:
         with h5py.File(path, "r") as f:
-            flat = np.asarray(f["flat"])
-            if flat.shape != (trainer.flat.numel,):
-                raise CheckpointError(
-                    f"checkpoint {path} holds a model of {flat.size} values, this model has {trainer.flat.numel}"
-                )
-            trainer.flat.flat.copy_(torch.from_numpy(flat))
-            if "momentum" in f:
-                _restore_momentum(trainer, torch.from_numpy(np.asarray(f["momentum"])))
-            torch.set_rng_state(torch.from_numpy(np.asarray(f["torch_rng"])))
-            trainer.sampler.load_state_dict(json.loads(f.attrs["sampler"]), fresh=list(trainer.adopted))
-            trainer.coll.counters.load(json.loads(f.attrs["counters"]))
-            for key, value in json.loads(f.attrs["timers"]).items():
-                setattr(trainer.timers, key, value)
-            trainer.resume_loss_window = json.loads(f.attrs["loss_window"])
-            totals = json.loads(f.attrs.get("run_totals", "{}"))  # absent in older checkpoints
-            trainer.skipped_steps = int(totals.get("skipped_steps", 0))
-            trainer.failed_counters = np.asarray(totals.get("failed_counters", [0.0] * 4), dtype=np.float64)
-            trainer.diversity_sums = np.asarray(totals.get("diversity_sums", [0.0] * 3), dtype=np.float64)
+            missing = sorted(set(parts) - set(f))
+            if missing:
+                raise CheckpointError(f"checkpoint {path} has no part(s) {', '.join(missing)} (it has {', '.join(f)})")
+            for name, part in parts.items():
+                group = f[name]
+                part.load_state_dict(_decode(json.loads(group.attrs["state"]), group))
             return int(f.attrs["step"])
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
-
-
-def _restore_momentum(trainer: "Trainer", packed: torch.Tensor) -> None:
-    offset = 0
-    for p in trainer.model.parameters():
-        n = p.numel()
-        buf = packed[offset : offset + n].view_as(p).to(p.device).clone()
-        trainer.optimizer.state[p]["momentum_buffer"] = buf
-        offset += n
-    if offset != packed.numel():
-        raise CheckpointError("checkpoint momentum does not match the model's parameters")
+    except RuntimeError as exc:  # torch's load_state_dict: another model or optimizer
+        raise CheckpointError(f"checkpoint {path} does not fit: {exc}") from None

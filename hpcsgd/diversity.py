@@ -9,6 +9,7 @@ raises it on skewed data (a batch mixes q chunks). Per-sample gradients come fro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,3 +49,15 @@ def intra_gradient_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
         model.train(was_training)
     denominator = float(torch.dot(total, total))
     return len(y) * float(squares) / denominator if denominator > 0 else float("nan")
+
+
+def gradient_diversity(strategy, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Inter-worker and intra-worker gradient diversity (ALGORITHMS.md, "Gradient diversity").
+
+    Inter: ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over the strategy's live ranks, one Allreduce
+    (collective; before the gradients are averaged). Intra: :func:`intra_gradient_diversity`.
+    """
+    total, squares = strategy.coll.sum_with_squared_norms(strategy.flat.gradient())
+    denominator = float(np.dot(total, total))
+    inter = squares / denominator if denominator > 0 else float("nan")
+    return inter, intra_gradient_diversity(strategy.model, x, y)

@@ -44,7 +44,7 @@ def test_resume_continues_bit_for_bit(shared_tmp):
     comm = MPI.COMM_WORLD
     full = Trainer(_config(shared_tmp, "run"), comm)
     full.run()
-    expected_flat = full.flat.flat.clone()
+    expected_flat = full.api.flat.flat.clone()
     expected = _losses(full)
 
     # Forget everything after the step-16 checkpoint, as if the job had died at step 17.
@@ -55,7 +55,7 @@ def test_resume_continues_bit_for_bit(shared_tmp):
     resumed = Trainer(_config(shared_tmp, "run", resume=True), comm)
     resumed.run()
     assert all_ranks(resumed.start_step == 16)
-    assert all_ranks(torch.equal(resumed.flat.flat, expected_flat))
+    assert all_ranks(torch.equal(resumed.api.flat.flat, expected_flat))
     assert all_ranks(_losses(resumed) == expected)
 
 
@@ -102,7 +102,7 @@ def test_resume_after_a_failure_with_reweighting_continues_bit_for_bit(shared_tm
     full = Trainer(_config(shared_tmp, "run", **flags), comm)
     full.run()
     alive = comm.rank != last
-    expected_flat, expected = full.flat.flat.clone(), _losses(full)
+    expected_flat, expected = full.api.flat.flat.clone(), _losses(full)
     comm.Barrier()
     if comm.rank == 0:
         shutil.rmtree(shared_tmp / "run" / "checkpoints" / "step-00000024")
@@ -110,8 +110,8 @@ def test_resume_after_a_failure_with_reweighting_continues_bit_for_bit(shared_tm
     resumed = Trainer(_config(shared_tmp, "run", resume=True, **flags), comm)
     resumed.run()
     assert all_ranks(resumed.start_step == 16)
-    assert all_ranks(not alive or (resumed.sampler.batch_size, resumed.sample_weights) == (full.sampler.batch_size, full.sample_weights))
+    assert all_ranks(not alive or (resumed.batches.sampler.batch_size, resumed.batches.sample_weights) == (full.batches.sampler.batch_size, full.batches.sample_weights))
     # Re-weighted: some survivor draws more than q*b, since a chunk lost one of its holders.
-    assert all_ranks(comm.allreduce(alive and resumed.sampler.batch_size != 2 * 8, op=MPI.LOR))
-    assert all_ranks(not alive or torch.equal(resumed.flat.flat, expected_flat))
+    assert all_ranks(comm.allreduce(alive and resumed.batches.sampler.batch_size != 2 * 8, op=MPI.LOR))
+    assert all_ranks(not alive or torch.equal(resumed.api.flat.flat, expected_flat))
     assert all_ranks(not alive or _losses(resumed) == expected)

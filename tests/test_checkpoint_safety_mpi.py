@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def _reference(shared_tmp):
     """An uninterrupted run: its final model and metrics are what every recovery must give."""
     full = Trainer(_config(shared_tmp, "reference"), _world())
     full.run()
-    return full.flat.flat.clone(), _records(full)
+    return full.api.flat.flat.clone(), _records(full)
 
 
 def _world():
@@ -82,19 +83,19 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_the_resume_is_bit_exact
     comm.Barrier()
     assert all_ranks(_leftovers(run) == [])
     assert all_ranks(not (run / "checkpoints" / "step-00000016").exists())
-    assert all_ranks([d.name for d in ckpt._complete_dirs(run)] == ["step-00000008"])
+    assert all_ranks([d.name for d in ckpt.complete_dirs(run)] == ["step-00000008"])
 
     resumed = Trainer(_config(shared_tmp, "run", resume=True), comm)
     resumed.run()
     assert all_ranks(resumed.start_step == 8)
-    assert all_ranks(torch.equal(resumed.flat.flat, expected_flat))
+    assert all_ranks(torch.equal(resumed.api.flat.flat, expected_flat))
     assert all_ranks(_records(resumed) == expected)
 
 
 def _flip_a_byte_of_flat(directory: Path, rank: int) -> None:
     path = directory / f"rank-{rank}.h5"
     with h5py.File(path, "r") as f:
-        offset = f["flat"].id.get_offset()
+        offset = f["model/0"].id.get_offset()  # the first weight tensor of the model
     data = bytearray(path.read_bytes())
     data[offset + 3] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -133,7 +134,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_with_a_warning(shared
     assert all_ranks(comm.rank != 0 or (f"checkpoint {newest} is broken" in err and why in err
                                         and "resuming from the older intact checkpoint step-00000016" in err))
     assert all_ranks((run / "checkpoints" / "broken-step-00000024").is_dir())
-    assert all_ranks(torch.equal(resumed.flat.flat, expected_flat))
+    assert all_ranks(torch.equal(resumed.api.flat.flat, expected_flat))
     assert all_ranks(_records(resumed) == expected)
 
 
@@ -157,6 +158,14 @@ def test_rank_files_carry_a_checksum_of_their_arrays(shared_tmp):
     Trainer(_config(shared_tmp, "run", steps=8), comm).run()
     directory = shared_tmp / "run" / "checkpoints" / "step-00000008"
     with h5py.File(directory / f"rank-{comm.rank}.h5", "r") as f:
-        arrays = {name: np.asarray(f[name]) for name in f}
-        ok = f.attrs["sha256"] == ckpt._digest(arrays) and set(arrays) == {"flat", "momentum", "torch_rng"}
-    assert all_ranks(ok and ckpt._check_intact(directory, comm) is None)
+        arrays = {}
+        f.visititems(lambda name, obj: arrays.__setitem__(name, np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            digest.update(name.encode())
+            digest.update(memoryview(np.ascontiguousarray(arrays[name])).cast("B"))
+        ok = f.attrs["sha256"] == digest.hexdigest()
+        parts = set(f)
+    assert all_ranks(ok and parts == {"model", "optimizer", "rng", "sampler", "strategy", "totals"})
+    assert all_ranks(any(name.startswith("optimizer/") for name in arrays))  # momentum buffers are datasets
+    assert all_ranks(ckpt.newest_intact(shared_tmp / "run", comm)["step"] == 8)

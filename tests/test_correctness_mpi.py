@@ -145,8 +145,8 @@ def test_sync_keeps_batchnorm_replicas_identical(shared_tmp, algorithm):
     )
     cfg = _config(shared_tmp, "bn", data=data, algorithm=algorithm, model="resnet20", steps=4, batch_size=4)
     trainer, summary = _run(cfg)
-    flats = MPI.COMM_WORLD.allgather(trainer.flat.flat)
-    assert trainer.flat.n_buffers > 0
+    flats = MPI.COMM_WORLD.allgather(trainer.api.flat.flat)
+    assert trainer.api.flat.n_buffers > 0
     assert all_ranks(all(torch.equal(flats[0], f) for f in flats))
     assert all_ranks(all(r["consensus_distance"] == 0.0 for r in _records(trainer)))
     assert all_ranks(summary["consensus_distance"] == 0.0)
@@ -160,7 +160,7 @@ def test_momentum_averaging_is_no_round_of_its_own(shared_tmp):
         cfg = _config(shared_tmp, algorithm, algorithm=algorithm, tau=4, momentum=0.9, average_optimizer_state=True,
                       drop_rate=0.3 if algorithm == "rps" else 0.0)
         trainer, summary = _run(cfg)
-        assert all_ranks(summary["rounds"] == 3 and trainer.coll.counters.rounds == 3)
+        assert all_ranks(summary["rounds"] == 3 and trainer.api.coll.counters.rounds == 3)
 
 
 def test_rps_momentum_goes_through_the_loss_layer(shared_tmp):
@@ -241,8 +241,8 @@ def test_size_weighting_on_uneven_chunks_draws_and_weighs_by_size(shared_tmp):
     sizes = read_index(data).chunk_sizes
     trainer, _ = _run(_config(shared_tmp, "size", data=data, algorithm="local", tau=2, chunk_weighting="size"))
     expected = draws_per_step(8, sizes, "size")
-    assert all_ranks(trainer.sampler.batch_per_chunk == {c: expected[c] for c in trainer.sampler.chunks})
+    assert all_ranks(trainer.batches.sampler.batch_per_chunk == {c: expected[c] for c in trainer.batches.sampler.chunks})
     uniform, _ = _run(_config(shared_tmp, "uni", data=data, algorithm="local", tau=2, chunk_weighting="uniform"))
     assert all_ranks(uniform.weight_vector is None and uniform.sampler.batch_size == 8)
     if len(set(sizes)) > 1:
-        assert all_ranks(trainer.weight_vector is not None or len(trainer.sampler.chunks) == 1)
+        assert all_ranks(trainer.batches.weight_vector is not None or len(trainer.batches.sampler.chunks) == 1)

@@ -41,11 +41,11 @@ def run(shared_tmp, name, **overrides):
     cfg = build_config(values)
     trainer = Trainer(cfg, comm)
     trainer.run()
-    return trainer.flat.flat.detach().clone(), trainer
+    return trainer.api.flat.flat.detach().clone(), trainer
 
 
 def reference(trainer):
-    return simulate(trainer.cfg, trainer.P, STEPS)[trainer.rank]
+    return simulate(trainer.cfg, trainer.membership.P, STEPS)[trainer.membership.rank]
 
 
 def close(a, b):
@@ -61,7 +61,7 @@ def test_sync_equals_single_process_sgd_on_concatenated_batch(shared_tmp, q):
         pytest.skip("q > P")
     x, trainer = run(shared_tmp, f"sync{q}", algorithm="sync", q=q, momentum=0.9)
     assert all_ranks(close(x, reference(trainer)))
-    assert all_ranks(close(x, single_process_concatenated(trainer.cfg, trainer.P, STEPS)))
+    assert all_ranks(close(x, single_process_concatenated(trainer.cfg, trainer.membership.P, STEPS)))
     all_x = MPI.COMM_WORLD.allgather(x)
     assert all(torch.equal(all_x[0], other) for other in all_x)  # replicas stay identical
 
@@ -149,6 +149,6 @@ def test_overlapped_sync_equals_blocking_sync(shared_tmp, bucket_mb):
     x_overlap, trainer = run(shared_tmp, "o", algorithm="sync", overlap=True, bucket_mb=bucket_mb, momentum=0.9)
     x_block, _ = run(shared_tmp, "b", algorithm="sync", overlap=False, momentum=0.9)
     assert all_ranks(close(x_overlap, x_block))
-    buckets = len(trainer.strategy._buckets)
+    buckets = len(trainer.api.algorithm._buckets)
     assert all_ranks(buckets > 1 if bucket_mb < 0.001 else buckets >= 1)
-    assert all_ranks(trainer.coll.counters.rounds == STEPS)  # one round per step, however many buckets
+    assert all_ranks(trainer.api.coll.counters.rounds == STEPS)  # one round per step, however many buckets

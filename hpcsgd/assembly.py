@@ -1,0 +1,199 @@
+"""Run assembly: a config and a communicator become everything a rank trains with.
+
+:func:`assemble` reads the shard index, agrees on the schedule, failures and the checkpoint
+to resume from, plays roles (:class:`~hpcsgd.membership.Membership`), binds the device, loads
+this rank's chunks and a fixed evaluation sample, and builds the model, the optimizer and the
+strategy through the same public classes a user would (``hpcsgd.SyncSGD``, ...). Every step
+that can fail for a reason a user can fix is agreed on by all ranks (``comm.agree``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .comm import LinkRates
+from .comm.agree import agree
+from .comm.device import apply_threads, select_device
+from .comm.watchdog import WATCHDOG
+from .config import TrainConfig, validate_for_world
+from .data import load_chunk, load_chunk_rows, load_test, read_index
+from .errors import ConfigError
+from .membership import Membership
+from .models import build_model
+from .optim import ScalingSGD
+from .rundir import claim, prepare
+from .schedule import Schedule, pointless_settings
+from .strategies import Strategy
+from .strategies import build as build_strategy
+from .user_model import build_user_model, is_factory_spec
+from .world import world_for_run
+
+
+@dataclass
+class RankData:
+    """The chunks this rank holds, as tensors on its device, plus the test split."""
+
+    chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_train_eval: torch.Tensor | None = None  # a fixed sample of the whole training set
+    y_train_eval: torch.Tensor | None = None
+    numpy_chunks: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What one rank of ``hpcsgd train`` trains with (built by :func:`assemble`)."""
+
+    cfg: TrainConfig
+    comm: object  # the job's communicator (all processes, before any failure)
+    index: object  # the shards' ShardIndex
+    schedule: Schedule
+    membership: Membership
+    resume: dict | None  # the checkpoint record resumed from
+    device: torch.device = None
+    data: RankData = None
+    model: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    strategy: Strategy = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def start_step(self) -> int:
+        return self.resume["step"] if self.resume else 0
+
+
+def assemble(cfg: TrainConfig, comm) -> Run:
+    """Every rank's :class:`Run` for ``cfg`` (collective over ``comm``)."""
+    run = _agree_on_run(cfg, comm)
+    run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
+    apply_threads(comm, cfg.threads)
+    rates = agree(comm, lambda: link_rates(cfg, run.membership.P), "link drop rates")
+    run.data = agree(comm, lambda: load_rank_data(run.index, run.membership.held_chunks, run.device), "shards")
+    agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
+    prepare(comm, run.run_dir, cfg, run.membership.rank)  # --overwrite, folders, config.toml
+    torch.manual_seed(cfg.seed)
+    run.model = agree(comm, lambda: model_for(cfg, run.index), "model").to(run.device)
+    run.optimizer = ScalingSGD(run.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    # The strategy a user would build (hpcsgd.SyncSGD, ...): it moves the model into a
+    # flat buffer, broadcasts rank 0's copy and takes every step.
+    m = run.membership
+    run_world = world_for_run(comm, m.roles, m.P, run.device)
+    run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates))
+    m.attach(run.strategy)
+    return run
+
+
+def _agree_on_run(cfg: TrainConfig, comm) -> Run:
+    """The shards, the config's fit, the schedule, the failures, the resume point and the roles."""
+    WATCHDOG.arm(comm, cfg.collective_timeout)  # an untimed rendezvous; collectives from here on are timed
+    claim(cfg, comm)  # this job's lock; refuses a run directory that holds a run
+    index = agree(comm, lambda: read_index(cfg.data), "shards")
+    P = index.parts
+    agree(comm, lambda: validate_for_world(cfg, P, index.chunk_sizes), "config")
+    schedule = Schedule.from_config(cfg, index.train_size, P)
+    faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps)
+    # A failure scheduled at or after the last step never happens (warned about here).
+    faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
+    if comm.rank == 0:
+        for message in pointless_settings(cfg, schedule.total_steps):
+            print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
+    resume = None
+    if cfg.resume:
+        resume = agree(comm, lambda: ckpt.find_latest(Path(cfg.run_dir), cfg, P, index, comm), "resume")
+    membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data),
+                       "shards")
+    return Run(cfg, comm, index, schedule, membership, resume)
+
+
+def strategy_options(cfg: TrainConfig, rates: LinkRates) -> dict:
+    """The options of ``cfg.algorithm``'s strategy, from the config."""
+    if cfg.algorithm == "sync":
+        # Diversity needs each rank's own gradient, which an overlapped average
+        # overwrites during backward.
+        return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb}
+    if cfg.algorithm == "local":
+        return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state}
+    lossy = {"rates": rates, "seed": cfg.seed}
+    if cfg.algorithm == "rps":
+        return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, **lossy}
+    return lossy
+
+
+def model_for(cfg: TrainConfig, index) -> torch.nn.Module:
+    """``cfg.model`` (a built-in name or ``pkg.module:factory``) for the shards' shape and classes."""
+    shape = tuple(index.input_shape)
+    if is_factory_spec(cfg.model):
+        return build_user_model(cfg.model, shape, index.num_classes)
+    try:
+        return build_model(cfg.model, shape, index.num_classes, tuple(cfg.mlp_hidden))
+    except ConfigError as exc:
+        raise ConfigError(f"model {cfg.model!r} does not fit the shards (input shape {shape}): {exc}") from None
+
+
+def link_rates(cfg: TrainConfig, P: int) -> LinkRates:
+    """Drop rates per link from the config (one rate, per phase, a matrix file, link rules)."""
+    matrix = read_matrix(cfg.link_drop_file) if cfg.link_drop_file else None
+    return LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop, matrix)
+
+
+def read_matrix(path: str) -> np.ndarray:
+    """A P x P drop-rate matrix from .npy or text (comma or whitespace separated)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"link_drop_file {path} does not exist")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p)
+        return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+    except ValueError as exc:
+        raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
+
+
+def load_rank_data(index, held: list[int], device) -> RankData:
+    """Read only the chunks this rank holds (plus the test split), checked."""
+    numpy_chunks = {c: load_chunk(index, c) for c in held}
+    x_test, y_test = load_test(index)
+    chunks = {
+        c: (torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device))
+        for c, (x, y) in numpy_chunks.items()
+    }
+    return RankData(chunks, torch.from_numpy(x_test).to(device), torch.from_numpy(y_test).to(device), numpy_chunks)
+
+
+def load_train_eval_sample(cfg: TrainConfig, index, data: RankData, device) -> None:
+    """A fixed sample of every chunk, so eval-time train loss covers the whole data set.
+
+    Each rank's own model is judged on all the data, not just its chunks: on a
+    label-skewed partition that is what shows replicas drifting apart.
+    """
+    wanted = cfg.eval_train_samples
+    per_chunk = math.ceil(wanted / index.parts) if wanted else None
+    xs, ys = [], []
+    for c, n in enumerate(index.chunk_sizes):
+        k = n if per_chunk is None else min(n, per_chunk)
+        rows = np.sort(np.random.default_rng([cfg.seed, 7919, c]).choice(n, k, replace=False))
+        if c in data.numpy_chunks:
+            x, y = data.numpy_chunks[c]
+            x, y = x[rows], y[rows]
+        else:
+            x, y = load_chunk_rows(index, c, rows)
+        xs.append(x)
+        ys.append(y)
+    data.x_train_eval = torch.from_numpy(np.concatenate(xs)).to(device)
+    data.y_train_eval = torch.from_numpy(np.concatenate(ys)).to(device)
+
+
+__all__ = ["RankData", "Run", "assemble", "link_rates", "load_rank_data", "model_for", "read_matrix",
+           "strategy_options"]

@@ -1,0 +1,143 @@
+"""A rank's running totals (phase times, skipped steps, diversity sums, the loss window) and
+the run's summary: per-rank figures packed into one vector and summed by one Allreduce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .registry import REGISTRY
+
+
+@dataclass
+class Timers:
+    """Cumulative seconds per phase of a step (the report's time breakdown)."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    data_s: float = 0.0
+    straggle_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) for k, v in vars(self).items()}
+
+
+class RunTotals:
+    """What a rank accumulates over a run besides the model, checkpointed with it.
+
+    Attributes:
+        timers: :class:`Timers`.
+        skipped_steps: steps whose loss was not finite (nan_policy = skip).
+        diversity_sums: inter, intra, count: the summary's means over log steps.
+        loss_window: training losses since the last metrics line.
+    """
+
+    def __init__(self):
+        self.timers = Timers()
+        self.skipped_steps = 0
+        self.diversity_sums = np.zeros(3)
+        self.loss_window: list[float] = []
+
+    def add_diversity(self, inter: float, intra: float) -> None:
+        self.diversity_sums += np.array([inter, intra, 1.0])
+
+    def take_loss_window(self) -> float | None:
+        """The mean training loss since the last call (None if none), and a fresh window."""
+        mean = float(np.mean(self.loss_window)) if self.loss_window else None
+        self.loss_window = []
+        return mean
+
+    def state_dict(self) -> dict:
+        return {
+            "timers": dict(vars(self.timers)),
+            "skipped_steps": self.skipped_steps,
+            "diversity_sums": self.diversity_sums.tolist(),
+            "loss_window": list(self.loss_window),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state["timers"].items():
+            setattr(self.timers, key, value)
+        self.skipped_steps = int(state["skipped_steps"])
+        self.diversity_sums = np.asarray(state["diversity_sums"], dtype=np.float64)
+        self.loss_window = [float(v) for v in state["loss_window"]]
+
+    def summed(self, strategy, own_train: dict, own_test: dict) -> np.ndarray:
+        """This rank's figures packed in one vector, summed over the live ranks by one Allreduce."""
+        c, t = strategy.counters, self.timers
+        per_rank = np.array(
+            [
+                own_train["loss"], own_test["accuracy"], own_train["accuracy"], own_test["loss"],
+                c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped,
+                t.compute_s, t.comm_s, t.data_s, self.skipped_steps, *self.diversity_sums,
+            ]
+        )
+        totals = strategy.coll.sum_float64(per_rank)
+        # Ranks that failed left their traffic with the survivors (each survivor holds the same sum).
+        totals[4:8] += strategy.failed_counters
+        return totals
+
+
+def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
+    """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
+
+    ``run`` is the assembled :class:`~hpcsgd.assembly.Run`.
+    """
+    cfg, sched, m = run.cfg, run.schedule, run.membership
+    L = run.strategy.coll.size
+    messages = totals[6] + totals[7]
+    return {
+        "algorithm": cfg.algorithm,
+        "ranks": m.P,
+        "q": cfg.q,
+        "tau": cfg.tau if REGISTRY[cfg.algorithm].uses_tau else 1,
+        "drop_rate": cfg.drop_rate if REGISTRY[cfg.algorithm].lossy else 0.0,
+        "steps": sched.total_steps,
+        "epochs": round(sched.total_steps / sched.steps_per_epoch, 6),
+        "rounds": run.strategy.counters.rounds,
+        "wall_s": round(wall, 3),
+        "bytes_sent": int(totals[4]),
+        "bytes_saved": int(totals[5]),
+        "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+        "skipped_steps": int(totals[11]),
+        "live_ranks": L,
+        "live_rank_ids": list(m.live),
+        "coverage": m.coverage(),
+        "failures": {str(r): s for r, s in sorted(m.faults.items())},
+        "reweight": cfg.reweight,
+        "chunk_holders": {str(k): v for k, v in m.chunk_holders().items()},
+        "world_size": run.comm.size,
+        "departed": m.departed,
+        "adopted_chunks": {str(c): r for c, r in m.adopted.items()},
+        "train_loss": avg_train["loss"],
+        "train_accuracy": avg_train["accuracy"],
+        "test_loss": avg_test["loss"],
+        "test_accuracy": avg_test["accuracy"],
+        "per_class_accuracy": avg_test["per_class_accuracy"],
+        "train_loss_rank_mean": totals[0] / L,
+        "test_accuracy_rank_mean": totals[1] / L,
+        "train_accuracy_rank_mean": totals[2] / L,
+        "test_loss_rank_mean": totals[3] / L,
+        "consensus_distance": distance,
+        **_diversity_summary(cfg, totals[12:15]),
+        "compute_s_mean": totals[8] / L,
+        "comm_s_mean": totals[9] / L,
+        "data_s_mean": totals[10] / L,
+        "model": cfg.model,
+        "partition": run.index.partition,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "steps_per_epoch": sched.steps_per_epoch,
+    }
+
+
+def _diversity_summary(cfg, sums: np.ndarray) -> dict:
+    """Mean diversities over log steps (inter: every rank logs the same value; intra: over ranks too)."""
+    if not cfg.grad_diversity or sums[2] == 0:
+        return {}
+    return {"grad_diversity_inter": float(sums[0] / sums[2]), "grad_diversity_intra": float(sums[1] / sums[2])}
+
+
+__all__ = ["RunTotals", "Timers", "summary"]
