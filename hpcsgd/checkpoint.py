@@ -392,6 +392,12 @@ def _set_aside(broken: list[tuple[Path, str]], chosen: Path, comm: "MPI.Comm | N
               f"older intact checkpoint {chosen.name}", file=sys.stderr, flush=True)
 
 
+def read_part(path: Path, name: str):
+    """The state dict of part ``name`` in the rank file ``path`` (e.g. a run's ``model``), tensors on the CPU."""
+    with h5py.File(path, "r") as f:
+        return _decode(json.loads(f[name].attrs["state"]), f[name])
+
+
 def restore(meta: dict, rank: int, parts: dict) -> int:
     """Load this rank's ``parts`` from the checkpoint ``meta`` names; returns its step."""
     path = Path(meta["dir"]) / f"rank-{rank}.h5"

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpcsgd.checkpoint import read_part
 from hpcsgd.data import load_source, write_shards
 
 from launch import BIN, ROOT, env, mpi
@@ -70,8 +71,8 @@ def _final_state(run: Path) -> tuple[dict, list]:
     final = run / "checkpoints" / "step-00000160"
     flats = []
     for rank in range(4):
-        with h5py.File(final / f"rank-{rank}.h5", "r") as f:
-            flats.append(np.asarray(f["flat"]))
+        model_state = read_part(final / f"rank-{rank}.h5", "model")
+        flats.append(np.concatenate([v.reshape(-1).numpy() for v in model_state.values()]))
     keep = ("train_loss", "test_accuracy", "train_loss_rank_mean", "consensus_distance", "rounds")
     return {k: summary[k] for k in keep}, flats
 

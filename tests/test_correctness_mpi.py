@@ -172,7 +172,7 @@ def test_rps_momentum_goes_through_the_loss_layer(shared_tmp):
     flags = dict(algorithm="rps", tau=2, momentum=0.9, drop_rate=0.3)
     plain, _ = _run(_config(shared_tmp, "plain", **flags))
     with_momentum, _ = _run(_config(shared_tmp, "mom", average_optimizer_state=True, **flags))
-    a, b = plain.coll.counters, with_momentum.coll.counters
+    a, b = plain.api.counters, with_momentum.api.counters
     assert all_ranks(b.bytes_saved > a.bytes_saved and b.bytes_sent > a.bytes_sent)
     assert all_ranks(b.messages_dropped == 2 * a.messages_dropped and b.rounds == a.rounds)
 
@@ -243,6 +243,6 @@ def test_size_weighting_on_uneven_chunks_draws_and_weighs_by_size(shared_tmp):
     expected = draws_per_step(8, sizes, "size")
     assert all_ranks(trainer.batches.sampler.batch_per_chunk == {c: expected[c] for c in trainer.batches.sampler.chunks})
     uniform, _ = _run(_config(shared_tmp, "uni", data=data, algorithm="local", tau=2, chunk_weighting="uniform"))
-    assert all_ranks(uniform.weight_vector is None and uniform.sampler.batch_size == 8)
+    assert all_ranks(uniform.batches.weight_vector is None and uniform.batches.sampler.batch_size == 8)
     if len(set(sizes)) > 1:
         assert all_ranks(trainer.batches.weight_vector is not None or len(trainer.batches.sampler.chunks) == 1)
