@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .membership import Membership
 from .models import build_model
 from .optim import ScalingSGD
+from .registry import algorithm
 from .rundir import claim, prepare
 from .schedule import Schedule, pointless_settings
 from .strategies import Strategy
@@ -118,17 +119,17 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
 
 
 def strategy_options(cfg: TrainConfig, rates: LinkRates) -> dict:
-    """The options of ``cfg.algorithm``'s strategy, from the config."""
-    if cfg.algorithm == "sync":
+    """The options of ``cfg.algorithm``'s strategy, from the config (what the registry says it takes)."""
+    spec, options = algorithm(cfg.algorithm), {}
+    if spec.overlaps:
         # Diversity needs each rank's own gradient, which an overlapped average
         # overwrites during backward.
-        return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb}
-    if cfg.algorithm == "local":
-        return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state}
-    lossy = {"rates": rates, "seed": cfg.seed}
-    if cfg.algorithm == "rps":
-        return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, **lossy}
-    return lossy
+        options.update(overlap=cfg.overlap and not cfg.grad_diversity, bucket_mb=cfg.bucket_mb)
+    if spec.uses_tau:
+        options.update(tau=cfg.tau, average_optimizer_state=cfg.average_optimizer_state)
+    if spec.lossy:
+        options.update(rates=rates, seed=cfg.seed)
+    return options
 
 
 def model_for(cfg: TrainConfig, index) -> torch.nn.Module:

@@ -19,6 +19,7 @@ import typing
 
 from . import __version__, startup  # startup's clock starts at this import
 from .errors import HpcsgdError
+from .registry import REGISTRY  # no torch, no MPI: cheap before the slow imports
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -114,7 +115,7 @@ def _banner(config: str | None, cfg) -> None:
     rank, size = _world()
     if rank != 0 or cfg.progress == "none":
         return
-    what = f"{cfg.algorithm} q={cfg.q}" + (f" tau={cfg.tau}" if cfg.algorithm in ("local", "rps") else "")
+    what = f"{cfg.algorithm} q={cfg.q}" + (f" tau={cfg.tau}" if REGISTRY[cfg.algorithm].uses_tau else "")
     _say(f"hpcsgd train: {what}, config {config or '(flags only)'}, shards {cfg.data}, {size} ranks, "
          f"run dir {cfg.run_dir}{' (resume)' if cfg.resume else ''}; starting")
 

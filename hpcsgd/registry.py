@@ -20,6 +20,7 @@ class Algorithm:
         uses_tau: averages every ``tau`` steps (else ``tau`` is ignored: it communicates every step).
         flat_grad: exchanges gradients, so keeps them in one flat buffer.
         lossy: its messages go through the loss layer (drop rates apply).
+        overlaps: averages gradient buckets while backward runs (``overlap``, ``bucket_mb``).
     """
 
     name: str
@@ -27,6 +28,7 @@ class Algorithm:
     uses_tau: bool
     flat_grad: bool
     lossy: bool
+    overlaps: bool = False
 
     @property
     def every_step(self) -> bool:
@@ -37,7 +39,7 @@ class Algorithm:
 REGISTRY: dict[str, Algorithm] = {
     a.name: a
     for a in (
-        Algorithm("sync", "SyncSGD", uses_tau=False, flat_grad=True, lossy=False),
+        Algorithm("sync", "SyncSGD", uses_tau=False, flat_grad=True, lossy=False, overlaps=True),
         Algorithm("local", "LocalSGD", uses_tau=True, flat_grad=False, lossy=False),
         Algorithm("rps", "RPS", uses_tau=True, flat_grad=False, lossy=True),
         Algorithm("lossy-allreduce", "LossyAllreduce", uses_tau=False, flat_grad=True, lossy=True),

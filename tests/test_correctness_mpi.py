@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from hpcsgd.algorithms import make_strategy
+from hpcsgd import algorithms
 from hpcsgd.comm import Collectives, FlatParams, LinkRates
 from hpcsgd.config import build_config
 from hpcsgd.optim import ScalingSGD
+from hpcsgd.registry import REGISTRY
 from hpcsgd.train import Trainer
 
 from conftest import all_ranks, make_shards
@@ -47,7 +48,9 @@ def _one_step(algorithm: str, skipping: set[int], drop_rate: float = 0.0):
     coll = Collectives(comm)
     optimizer = ScalingSGD(model.parameters(), lr=LR)
     rates = LinkRates.build(size, drop_rate)
-    strategy = make_strategy(algorithm, coll, flat, optimizer, tau=1, rates=rates, seed=5)
+    spec = REGISTRY[algorithm]
+    lossy = {"rates": rates, "seed": 5} if spec.lossy else {}
+    strategy = getattr(algorithms, spec.strategy)(coll, flat, optimizer, tau=1, **lossy)
     strategy.contributors = np.array([r not in skipping for r in range(size)])
     strategy.reduce_gradients(0)
     strategy.optimizer_step(0)

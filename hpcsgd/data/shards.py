@@ -123,12 +123,7 @@ def write_shards(
     spec = kind if alpha is None else f"dirichlet:{alpha!r}"
     K = int(dataset.num_classes)
     shape = tuple(int(s) for s in dataset.input_shape)
-    for split, x, y in (("training", dataset.x_train, dataset.y_train),
-                        ("test", dataset.x_test, dataset.y_test)):
-        where = f"the {split} set of {dataset.name}"
-        validate_arrays(x, y, K, where)
-        if tuple(x.shape[1:]) != shape:
-            raise ShardError(f"{where}: samples have shape {x.shape[1:]}, input_shape is {shape}")
+    _validate_dataset(dataset, K, shape)
     pieces = partition_indices(dataset.y_train, parts, spec, seed)
     P = len(pieces)
 
@@ -142,17 +137,7 @@ def write_shards(
     for c, idx in enumerate(pieces):
         x = np.ascontiguousarray(dataset.x_train[idx], dtype=np.float32)
         y = np.ascontiguousarray(dataset.y_train[idx], dtype=np.int64)
-        cs = checksum(x, y)
-        cc = np.bincount(y, minlength=K).astype(np.int64)
-        # libver v108+ stores a large class_counts attribute densely (many classes), as in the index.
-        with _atomic_h5(out / chunk_name(c), libver=("v108", "latest")) as f:
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["chunk"] = c
-            f.attrs["checksum"] = cs
-            f.attrs["num_classes"] = K
-            f.attrs["class_counts"] = cc
-            f.create_dataset("x", data=x)
-            f.create_dataset("y", data=y)
+        cs, cc = _write_chunk(out, c, x, y, K)
         sizes.append(len(y))
         sums.append(cs)
         counts.append(cc)
@@ -165,16 +150,51 @@ def write_shards(
         if m and int(m.group(1)) >= P:
             p.unlink()
 
+    _write_index(out, dataset, spec, seed, shape, sizes, sums, counts)
+    if progress is not None:
+        progress(P + 1, P + 1)
+    return read_index(out)
+
+
+def _validate_dataset(dataset: Dataset, K: int, shape: tuple[int, ...]) -> None:
+    """Both splits' arrays are well-formed and their samples have the declared shape."""
+    for split, x, y in (("training", dataset.x_train, dataset.y_train),
+                        ("test", dataset.x_test, dataset.y_test)):
+        where = f"the {split} set of {dataset.name}"
+        validate_arrays(x, y, K, where)
+        if tuple(x.shape[1:]) != shape:
+            raise ShardError(f"{where}: samples have shape {x.shape[1:]}, input_shape is {shape}")
+
+
+def _write_chunk(out: Path, c: int, x: np.ndarray, y: np.ndarray, K: int) -> tuple[str, np.ndarray]:
+    """Chunk ``c``'s file, atomically; returns its checksum and class counts."""
+    cs = checksum(x, y)
+    cc = np.bincount(y, minlength=K).astype(np.int64)
+    # libver v108+ stores a large class_counts attribute densely (many classes), as in the index.
+    with _atomic_h5(out / chunk_name(c), libver=("v108", "latest")) as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["chunk"] = c
+        f.attrs["checksum"] = cs
+        f.attrs["num_classes"] = K
+        f.attrs["class_counts"] = cc
+        f.create_dataset("x", data=x)
+        f.create_dataset("y", data=y)
+    return cs, cc
+
+
+def _write_index(out: Path, dataset: Dataset, spec: str, seed: int, shape: tuple[int, ...],
+                 sizes: list[int], sums: list[str], counts: list[np.ndarray]) -> None:
+    """The index (attributes, test split, class counts), atomically: written last, it completes the directory."""
     x_test = np.ascontiguousarray(dataset.x_test, dtype=np.float32)
     y_test = np.ascontiguousarray(dataset.y_test, dtype=np.int64)
     # libver v108+ stores large attribute arrays densely (no 64 KiB header limit) for big P.
     with _atomic_h5(out / INDEX_NAME, libver=("v108", "latest")) as f:
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["parts"] = P
+        f.attrs["parts"] = len(sizes)
         f.attrs["partition"] = spec
         f.attrs["seed"] = int(seed)
         f.attrs["source"] = dataset.name
-        f.attrs["num_classes"] = K
+        f.attrs["num_classes"] = int(dataset.num_classes)
         f.attrs["input_shape"] = np.asarray(shape, dtype=np.int64)
         f.attrs["chunk_sizes"] = np.asarray(sizes, dtype=np.int64)
         f.attrs["chunk_checksums"] = sums
@@ -183,9 +203,6 @@ def write_shards(
         f.create_dataset("x_test", data=x_test)
         f.create_dataset("y_test", data=y_test)
         f.create_dataset("class_counts", data=np.stack(counts))
-    if progress is not None:
-        progress(P + 1, P + 1)
-    return read_index(out)
 
 
 def _prepare_dir(out: Path) -> None:
@@ -285,23 +302,28 @@ def read_index(shard_dir: str | os.PathLike) -> ShardIndex:
         class_counts=tuple(tuple(int(v) for v in row) for row in class_counts),
         created_by=str(attrs["created_by"]),
     )
+    _check_index(f, index, class_counts.shape, x_test_shape)
+    return index
+
+
+def _check_index(f: Path, index: ShardIndex, counts_shape: tuple, x_test_shape: tuple) -> None:
+    """The index's sizes, checksums, class counts and test split agree with its part count."""
     P = index.parts
     if P < 1 or len(index.chunk_sizes) != P or len(index.chunk_checksums) != P:
         raise ShardError(
             f"shard index {f} is inconsistent: parts={P} but {len(index.chunk_sizes)} chunk "
             f"sizes and {len(index.chunk_checksums)} checksums"
         )
-    if class_counts.shape != (P, index.num_classes):
+    if counts_shape != (P, index.num_classes):
         raise ShardError(
-            f"shard index {f}: class_counts has shape {class_counts.shape}, "
+            f"shard index {f}: class_counts has shape {counts_shape}, "
             f"expected ({P}, {index.num_classes})"
         )
-    if x_test_shape != (test_size, *index.input_shape):
+    if x_test_shape != (index.test_size, *index.input_shape):
         raise ShardError(
             f"shard index {f}: x_test has shape {x_test_shape}, "
-            f"expected ({test_size}, {', '.join(map(str, index.input_shape))})"
+            f"expected ({index.test_size}, {', '.join(map(str, index.input_shape))})"
         )
-    return index
 
 
 def load_chunk(index: ShardIndex, c: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,148 @@
+"""Bench sections of the communication layer: exchanges vs raw MPI, the watchdog's cost, and
+the exchange-time vs model-size table the cost model is fitted to."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .timing import flat_mlp, node_cores, ratio_paired, row, time_interleaved
+
+SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
+
+
+def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
+    """Local SGD's averaging round and RPS rounds vs raw Allreduce of the same flat buffer.
+
+    The averaging round is measured as training runs it: the round step's optimizer step
+    multiplies the model by 1/L in its update pass (ScalingSGD), so the round is a bare
+    Allreduce. Since that moves work into the optimizer, the rows also time a round step's
+    optimizer step against a plain one, and the whole round step against optimizer + raw.
+    The raw Allreduce runs where the average does, on the model buffer right after an
+    optimizer step: an Allreduce after the optimizer has streamed ~100 MB through memory
+    measured 3-6% slower than the same call after a light operation, for raw mpi4py too.
+    """
+    import torch
+    from mpi4py import MPI
+
+    from ..algorithms import LocalSGD
+    from ..comm import BlockExchange, Collectives, LinkRates
+    from ..optim import ScalingSGD
+
+    model, flat = flat_mlp(params)
+    coll = Collectives(comm)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer = ScalingSGD(model.parameters(), lr=1e-3, momentum=0.9)
+    local = LocalSGD(coll, flat, optimizer, tau=1)
+    model_buffer = flat.flat.detach().numpy()
+    ex0 = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.0), seed=1)
+    ex1 = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1)
+    step = iter(range(10**9))
+    m = time_interleaved(
+        comm,
+        {
+            "opt": lambda: optimizer.step(),
+            "raw": lambda: comm.Allreduce(MPI.IN_PLACE, model_buffer, op=MPI.SUM),
+            "unscale": lambda: flat.flat.mul_(1.0 / comm.size),  # keeps the values bounded; not reported
+            "opt_round": lambda: local.optimizer_step(0),  # tau 1: every step is a round step
+            "avg": lambda: local.after_step(0),
+            "rps0": lambda: ex0.average(flat.flat, next(step)),
+            "rps1": lambda: ex1.average(flat.flat, next(step)),
+            "mask1": lambda: ex1.masks(next(step)),
+        },
+        reps,
+        warmup,
+    )
+    mb = f"{flat.numel / 1e6:.1f}M params"
+    whole = (m["opt_round"] + m["avg"]) / (m["opt"] + m["raw"])
+    return [
+        row(f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None, key="allreduce_raw"),
+        row("averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.10, key="avg_round_vs_allreduce"),
+        row("round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05,
+             key="round_opt_vs_plain_opt"),
+        row("round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10,
+             key="round_step_vs_opt_allreduce"),
+        row("RPS round, drop 0 / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.15, key="rps0_vs_allreduce"),
+        row("RPS round, drop 0.1 / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.15, key="rps10_vs_allreduce"),
+        row("drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02,
+             key="drop_masks_vs_rps10"),
+    ]
+
+
+def watchdog_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
+    """What the collective watchdog costs when nothing is wrong, and what the alternative would.
+
+    ``watchdog_overhead``: local SGD's averaging round (``allreduce_sum`` of the flat model, a
+    blocking Allreduce under the guard, the monitor thread running) with the watchdog on / off. ``watchdog_polling_alternative``:
+    the same Allreduce started nonblocking and polled with ``Test`` against a deadline (a
+    watchdog without a thread) / the blocking Allreduce.
+    """
+    from mpi4py import MPI
+
+    from ..comm import Collectives
+    from ..comm.watchdog import WATCHDOG
+
+    _, flat = flat_mlp(params)
+    flat.flat.detach().zero_()  # sums of zeros stay zero: no rescaling pass between rounds
+    coll = Collectives(comm)
+    buffer = flat.flat.detach().numpy()
+    timeout = 600.0
+    WATCHDOG.arm(comm, timeout)
+
+    def round_with(seconds: float):
+        WATCHDOG.timeout = seconds
+        coll.allreduce_sum(flat.flat)  # what LocalSGD.after_step runs on a round step
+
+    def polled():
+        request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                comm.Abort(4)
+
+    def blocking():
+        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+
+    # Paired, and three times the rounds of the other rows: the difference sought is far below the noise.
+    on, on_ratio = ratio_paired(comm, lambda: round_with(timeout), lambda: round_with(0.0), 3 * reps, warmup)
+    poll, poll_ratio = ratio_paired(comm, polled, blocking, reps, warmup)
+    t0, calls = time.perf_counter(), 20_000
+    for _ in range(calls):
+        with WATCHDOG.guard("Allreduce [avg]", comm):
+            pass
+    guard_us = (time.perf_counter() - t0) / calls * 1e6  # what the watchdog adds to every collective
+    WATCHDOG.disarm()
+    return [
+        row("averaging round, collective watchdog on / off", on, on_ratio, 1.01, key="watchdog_overhead",
+             guard_us=guard_us),
+        row("Iallreduce + Test polling / blocking Allreduce (the watchdog not chosen)", poll, poll_ratio, None,
+             key="watchdog_polling_alternative"),
+    ]
+
+
+
+def scaling_rows(comm, reps: int, warmup: int, sizes=SCALING_SIZES) -> list[dict]:
+    """Raw Allreduce and Alltoallv (one RPS phase) time for each model size at this rank count."""
+    from mpi4py import MPI
+
+    rows = []
+    P = comm.size
+    for d in sizes:
+        x = np.ones(d, dtype=np.float32)
+        block = -(-d // P)
+        send = np.ones(block * P, dtype=np.float32)
+        recv = np.empty(block * P, dtype=np.float32)
+        m = time_interleaved(
+            comm,
+            {"allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, x), "alltoall": lambda: comm.Alltoall(send, recv)},
+            reps,
+            warmup,
+        )
+        rows.append({"ranks": P, "params": d, "bytes": 4 * d, "cores": node_cores(comm),
+                     "allreduce_s": m["allreduce"], "alltoall_s": m["alltoall"]})
+    return rows
+
+
+__all__ = ["SCALING_SIZES", "exchange_rows", "scaling_rows", "watchdog_rows"]

@@ -1,0 +1,84 @@
+"""The MPI-free cost model: a latency-bandwidth fit to a scaling table, projected to 16-1024 ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TABLE = Path(__file__).resolve().parents[2] / "tools" / "scaling.json"
+
+
+def _features(kind: str, P: np.ndarray, nbytes: np.ndarray, cores: np.ndarray | None = None) -> np.ndarray:
+    """Columns of the latency-bandwidth model: time = (alpha * f(P) + beta * bytes * g(P)) * s.
+
+    ``s = max(1, P / cores)`` is the oversubscription of the measuring node (ranks sharing a
+    core each get a share of it); on a cluster with a core or more per rank it is 1.
+    """
+    if kind == "allreduce":  # reduce-scatter + allgather (ring/Rabenseifner)
+        f, g = 2 * np.log2(np.maximum(P, 1)), 2 * (P - 1) / P
+    else:  # alltoall of d/P blocks: P-1 messages, (P-1)/P of the bytes
+        f, g = P - 1, (P - 1) / P
+    share = np.ones_like(P) if cores is None else np.maximum(1.0, P / cores)
+    return np.stack([f * share, nbytes * g * share], axis=1)
+
+
+def fit_cost_model(rows: list[dict]) -> dict:
+    """Least-squares alpha, beta per collective; relative error on the measurements."""
+    fitted = {}
+    multi = [r for r in rows if r["ranks"] > 1]
+    P = np.array([r["ranks"] for r in multi], dtype=float)
+    nbytes = np.array([r["bytes"] for r in multi], dtype=float)
+    cores = np.array([r.get("cores", 10**6) for r in multi], dtype=float)
+    for kind in ("allreduce", "alltoall"):
+        t = np.array([r[f"{kind}_s"] for r in multi])
+        A = _features(kind, P, nbytes, cores)
+        w = 1 / t  # relative least squares: small and large messages count alike
+        coef, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
+        coef = np.maximum(coef, 0)
+        pred = A @ coef
+        err = np.abs(pred - t) / t
+        fitted[kind] = {"alpha_s": float(coef[0]), "beta_s_per_byte": float(coef[1]),
+                        "median_rel_error": float(np.median(err)), "max_rel_error": float(err.max())}
+    return fitted
+
+
+def project(fabric_gbps: float, latency_us: float) -> list[dict]:
+    """Per-round times at 16-1024 ranks on the stated fabric, with the fitted model's form."""
+    alpha, beta = latency_us * 1e-6, 8 / (fabric_gbps * 1e9)
+    models = {"ResNet-110 (1.7M)": 1_727_962, "100M-parameter model": 100_000_000}
+    out = []
+    for label, params in models.items():
+        nbytes = 4.0 * params
+        for P in (16, 64, 256, 1024):
+            Pa, nb = np.array([P], float), np.array([nbytes])
+            allreduce = (_features("allreduce", Pa, nb) @ np.array([alpha, beta])).item()
+            alltoall = (_features("alltoall", Pa, nb) @ np.array([alpha, beta])).item()
+            out.append({"model": label, "ranks": P, "averaging_round_s": allreduce,
+                        "rps_round_s": 2 * alltoall,  # scatter, then gather of the averages
+                        "ddp_step_comm_s": allreduce})  # one gradient Allreduce per step, before overlap
+    return out
+
+
+def print_projection(args) -> int:
+    rows = json.loads(Path(args.table).read_text()) if Path(args.table).exists() else []
+    if rows:
+        fitted = fit_cost_model(rows)
+        print(f"cost model fitted to {len(rows)} measurements in {args.table} (time = (alpha*f(P) + beta*bytes*g(P)) * max(1, P/cores)):")
+        for kind, f in fitted.items():
+            print(f"  {kind:<9} alpha {f['alpha_s'] * 1e6:8.2f} us  beta {f['beta_s_per_byte'] * 1e9:7.3f} ns/byte  "
+                  f"error median {f['median_rel_error']:.0%}, max {f['max_rel_error']:.0%}")
+    else:
+        print(f"no scaling table at {args.table}: run tools/bench --scaling first; projecting with the model form only")
+    print(f"\nprojection on a {args.fabric_gbps:g} Gb/s, {args.fabric_latency_us:g} us fabric (per round, before overlap):")
+    print(f"{'model':<22} {'ranks':>6} {'averaging ms':>13} {'RPS round ms':>13} {'DDP step comm ms':>17}")
+    for r in project(args.fabric_gbps, args.fabric_latency_us):
+        print(f"{r['model']:<22} {r['ranks']:>6} {r['averaging_round_s'] * 1e3:>13.2f} {r['rps_round_s'] * 1e3:>13.2f} "
+              f"{r['ddp_step_comm_s'] * 1e3:>17.2f}")
+    print("\nlocal SGD / RI-SGD pay the averaging round once per tau steps; RPS pays its round once per tau steps;\n"
+          "sync SGD and DDP pay the gradient Allreduce every step (hidden only as far as backward overlaps it).")
+    return 0
+
+
+__all__ = ["TABLE", "fit_cost_model", "print_projection", "project"]
