@@ -1,4 +1,4 @@
-"""This rank's training batches: the sampler over its held chunks, draws and loss weights.
+"""This rank's training batches: the public RedundantSampler over the shards, on the device.
 
 Draws per chunk and per-sample loss weights follow the live ranks (``sample_plan``): after a
 failure the survivors may re-weight. They are derived, not stored: only the sampler's
@@ -7,61 +7,49 @@ position goes into checkpoints.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 import torch.nn.functional as F
 
-from .data import StratifiedSampler, chunks_for_rank, draws_per_step, sample_plan
+from .redundant import RedundantSampler
 
 
 class Batches:
     """Batches of (x, y) on the device, drawn as ALGORITHMS.md says, with their loss weights.
 
     Attributes:
-        sampler: the :class:`~hpcsgd.data.StratifiedSampler` over the held chunks.
-        sample_weights: ``{chunk: weight of one of its samples}`` in the current plan.
-        weight_vector: one loss weight per sample of a batch, or None when the plain batch
-            mean is exactly right (every sample weighs ``1/B``).
+        sampler: the :class:`~hpcsgd.RedundantSampler` over the shards' chunks, the same
+            object a user's loop draws from (here through ``next_chunk_batch``).
+        weight_vector: one loss weight per sample of a batch, in the model's dtype, or None
+            when the plain batch mean is exactly right (every sample weighs ``1/B``).
     """
 
-    def __init__(self, cfg, chunk_sizes: list[int], membership, chunks: dict, dtype: torch.dtype, device):
-        self.cfg, self.chunk_sizes, self.chunks = cfg, list(chunk_sizes), chunks
-        self.dtype, self.device = dtype, device
-        rank, adopted = membership.rank, membership.adopted
-        sizes = {c: chunk_sizes[c] for c in chunks_for_rank(membership.P, cfg.q, rank)}
-        draws = draws_per_step(cfg.batch_size, chunk_sizes, cfg.chunk_weighting)
-        self.sampler = StratifiedSampler(sizes, {c: draws[c] for c in sizes}, cfg.seed, rank)
-        for c in (c for c, r in adopted.items() if r == rank):
-            self.sampler.adopt(c, chunk_sizes[c], draws[c])
-        self.fresh = list(adopted)  # adopted since any checkpoint: may be absent from its sampler state
+    def __init__(self, cfg, chunk_sizes: list[int], world, membership, chunks: dict, dtype: torch.dtype, device):
+        self.cfg, self.chunks, self.dtype, self.device = cfg, chunks, dtype, device
+        self.sampler = RedundantSampler.over_chunks(chunk_sizes, world, q=cfg.q, batch_size=cfg.batch_size,
+                                                    seed=cfg.seed, chunk_weighting=cfg.chunk_weighting,
+                                                    adopted=membership.adopted)
         self.replan(membership)
 
     def replan(self, membership) -> None:
         """Draws per held chunk and per-sample loss weights for the live ranks (see sample_plan).
 
         When every sample of the batch weighs ``1/B`` the loss is torch's plain batch mean,
-        so equal chunks give exactly the trajectory of an unweighted loss.
+        so equal chunks give exactly the trajectory of an unweighted loss. The weights are
+        built from the exact fractions in the model's dtype (not cast from float32).
         """
-        cfg = self.cfg
-        plan = sample_plan(
-            cfg.q, cfg.batch_size, self.chunk_sizes, membership.live, membership.adopted,
-            weighting=cfg.chunk_weighting, reweight=cfg.reweight,
-        )[membership.rank]
-        self.sampler.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
-        self.sample_weights = {c: a for c, (_, a) in plan.items()}
-        batch = self.sampler.batch_size
-        if all(a == Fraction(1, batch) for a in self.sample_weights.values()):
+        sampler = self.sampler
+        sampler.set_live(membership.live, reweight=self.cfg.reweight)
+        if sampler.loss_weights is None:
             self.weight_vector = None
         else:  # one weight per sample, in the sampler's batch order
+            n, a = sampler.batch_per_chunk, sampler.sample_weights
             self.weight_vector = torch.cat([
-                torch.full((n,), float(self.sample_weights[c]), dtype=self.dtype)
-                for c, (n, _) in ((c, plan[c]) for c in self.sampler.chunks)
+                torch.full((n[c],), float(a[c]), dtype=self.dtype) for c in sampler.held_chunks
             ]).to(self.device)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next step's batch, gathered on the device."""
-        return gather_on_device(self.sampler.next_batch(), self.chunks)
+        return gather_on_device(self.sampler.next_chunk_batch(), self.chunks)
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The loss to differentiate and, for the metrics, the plain batch mean.
@@ -79,7 +67,7 @@ class Batches:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state, fresh=self.fresh)
+        self.sampler.load_state_dict(state)
 
 
 def gather_on_device(batch, chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

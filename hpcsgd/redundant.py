@@ -64,10 +64,6 @@ class RedundantSampler(torch.utils.data.Sampler):
     def __init__(self, dataset, world, q: int = 1, batch_size: int = 32, partition: str = "iid",
                  labels=None, seed: int = 0, chunk_weighting: str = "size"):
         P = world.size
-        self.q = _check_int("q", q, 1, P, f" (P={P})")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.rank = world.rank
         n = len(dataset)
         if n < P:
             raise ConfigError(f"the dataset has {n} samples, fewer than the P={P} chunks to cut")
@@ -78,26 +74,68 @@ class RedundantSampler(torch.utils.data.Sampler):
         if found is not None and len(found) != n:
             raise ConfigError(f"labels has {len(found)} entries, the dataset {n} samples")
         labels_ = found if found is not None else np.zeros(n, dtype=np.int64)
-        self.chunks = partition_indices(labels_, P, partition, self.seed)
-        self.chunk_sizes = [len(c) for c in self.chunks]
-        self.chunk_weighting = chunk_weighting
-        draws = draws_per_step(self.batch_size, self.chunk_sizes, chunk_weighting)
+        seed = _check_int("seed", seed, 0)
+        self.chunks = partition_indices(labels_, P, partition, seed)
+        self._start([len(c) for c in self.chunks], world, q, batch_size, seed, chunk_weighting, total=n)
+
+    @classmethod
+    def over_chunks(cls, chunk_sizes: Sequence[int], world, q: int = 1, batch_size: int = 32, seed: int = 0,
+                    chunk_weighting: str = "size", adopted: dict[int, int] | None = None) -> "RedundantSampler":
+        """A sampler over data already cut into P chunks (``hpcsgd shard``'s), as ``hpcsgd train`` uses it.
+
+        Draw with :meth:`next_chunk_batch` (``(chunk, indices within it)``); ``chunks`` is None.
+        ``adopted`` maps chunks taken over from departed ranks to their new holder: those
+        are drawn from too, from a fresh pass, and count as one holder in the loss weights.
+        """
+        self = cls.__new__(cls)
+        self.chunks = None
+        self._start(list(chunk_sizes), world, q, batch_size, seed, chunk_weighting, adopted)
+        return self
+
+    def _start(self, sizes: list[int], world, q, batch_size, seed, chunk_weighting, adopted=None, total=None) -> None:
+        """The stream over this rank's held chunks; steps per epoch: ``ceil(N / P / batch_size)``."""
+        P = world.size
+        self.q = _check_int("q", q, 1, P, f" (P={P})")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.rank = world.rank
+        self.chunk_sizes, self.chunk_weighting = sizes, chunk_weighting
+        self.adopted = dict(adopted or {})
+        draws = draws_per_step(self.batch_size, sizes, chunk_weighting)
         held = chunks_for_rank(P, self.q, self.rank)
-        self._stream = StratifiedSampler({c: self.chunk_sizes[c] for c in held}, {c: draws[c] for c in held},
+        self._stream = StratifiedSampler({c: sizes[c] for c in held}, {c: draws[c] for c in held},
                                          self.seed, self.rank)
-        self.steps_per_epoch = max(1, math.ceil(n / P / self.batch_size))
+        for c in (c for c, r in self.adopted.items() if r == self.rank):
+            self._stream.adopt(c, sizes[c], draws[c])
+        self.steps_per_epoch = max(1, math.ceil((sum(sizes) if total is None else total) / P / self.batch_size))
         self.steps = 0  # batches handed out so far
         self.loss_weights = self._weights(list(range(P)))
 
-    def _weights(self, live: Sequence[int], adopted=None, reweight: bool = False) -> torch.Tensor | None:
+    def _weights(self, live: Sequence[int], reweight: bool = False) -> torch.Tensor | None:
         """Per-sample loss weights of a batch, or None when the plain batch mean is right."""
-        plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, adopted,
+        plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, self.adopted,
                            weighting=self.chunk_weighting, reweight=reweight)[self.rank]
         self._stream.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
+        self.sample_weights = {c: a for c, (_, a) in plan.items()}
         batch = self._stream.batch_size
         if all(a == Fraction(1, batch) for _, a in plan.values()):
             return None
         return torch.cat([torch.full((plan[c][0],), float(plan[c][1])) for c in self._stream.chunks])
+
+    @property
+    def held_chunks(self) -> tuple[int, ...]:
+        """The chunks this rank draws from, in batch order."""
+        return self._stream.chunks
+
+    @property
+    def batch_per_chunk(self) -> dict[int, int]:
+        """Samples drawn per step from each held chunk (changes with :meth:`set_live`)."""
+        return self._stream.batch_per_chunk
+
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per step on this rank: the sum of :attr:`batch_per_chunk`."""
+        return self._stream.batch_size
 
     def set_live(self, live_ranks: Sequence[int], reweight: bool = False) -> None:
         """After ranks failed: with ``reweight``, draws and loss weights that restore every covered chunk's weight."""
@@ -147,7 +185,7 @@ class RedundantSampler(torch.utils.data.Sampler):
             steps, stream = int(state["steps"]), state["stream"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"sampler state is malformed: {exc!r}") from None
-        self._stream.load_state_dict(stream)
+        self._stream.load_state_dict(stream, fresh=list(self.adopted))  # adopted since: start anew
         self.steps = steps
 
 

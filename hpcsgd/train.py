@@ -55,7 +55,8 @@ class Trainer:
         job = self.job = assemble(cfg, comm)
         m, self.api, self.schedule = job.membership, job.strategy, job.schedule
         self.membership = m
-        self.batches = Batches(cfg, job.index.chunk_sizes, m, job.data.chunks, self.api.flat.dtype, job.device)
+        self.batches = Batches(cfg, job.index.chunk_sizes, self.api.world, m, job.data.chunks, self.api.flat.dtype,
+                               job.device)
         self.evaluator = Evaluator(self.api, job.index, job.data.chunks, m, job.device)
         self.totals = RunTotals()
         self.start_step = job.start_step

@@ -110,8 +110,8 @@ def test_resume_after_a_failure_with_reweighting_continues_bit_for_bit(shared_tm
     resumed = Trainer(_config(shared_tmp, "run", resume=True, **flags), comm)
     resumed.run()
     assert all_ranks(resumed.start_step == 16)
-    assert all_ranks(not alive or (resumed.batches.sampler.batch_size, resumed.batches.sample_weights) == (full.batches.sampler.batch_size, full.batches.sample_weights))
+    assert all_ranks(not alive or (resumed.batches.sampler.local_batch_size, resumed.batches.sampler.sample_weights) == (full.batches.sampler.local_batch_size, full.batches.sampler.sample_weights))
     # Re-weighted: some survivor draws more than q*b, since a chunk lost one of its holders.
-    assert all_ranks(comm.allreduce(alive and resumed.batches.sampler.batch_size != 2 * 8, op=MPI.LOR))
+    assert all_ranks(comm.allreduce(alive and resumed.batches.sampler.local_batch_size != 2 * 8, op=MPI.LOR))
     assert all_ranks(not alive or torch.equal(resumed.api.flat.flat, expected_flat))
     assert all_ranks(not alive or _losses(resumed) == expected)

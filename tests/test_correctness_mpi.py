@@ -244,8 +244,8 @@ def test_size_weighting_on_uneven_chunks_draws_and_weighs_by_size(shared_tmp):
     sizes = read_index(data).chunk_sizes
     trainer, _ = _run(_config(shared_tmp, "size", data=data, algorithm="local", tau=2, chunk_weighting="size"))
     expected = draws_per_step(8, sizes, "size")
-    assert all_ranks(trainer.batches.sampler.batch_per_chunk == {c: expected[c] for c in trainer.batches.sampler.chunks})
+    assert all_ranks(trainer.batches.sampler.batch_per_chunk == {c: expected[c] for c in trainer.batches.sampler.held_chunks})
     uniform, _ = _run(_config(shared_tmp, "uni", data=data, algorithm="local", tau=2, chunk_weighting="uniform"))
-    assert all_ranks(uniform.batches.weight_vector is None and uniform.batches.sampler.batch_size == 8)
+    assert all_ranks(uniform.batches.weight_vector is None and uniform.batches.sampler.local_batch_size == 8)
     if len(set(sizes)) > 1:
-        assert all_ranks(trainer.batches.weight_vector is not None or len(trainer.batches.sampler.chunks) == 1)
+        assert all_ranks(trainer.batches.weight_vector is not None or len(trainer.batches.sampler.held_chunks) == 1)
