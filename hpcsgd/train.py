@@ -23,6 +23,7 @@ from mpi4py import MPI
 from . import checkpoint as ckpt
 from . import startup
 from .comm import LinkRates
+from .comm.netem import LinkNetwork
 from .comm.agree import agree
 from .comm.device import apply_threads, select_device
 from .comm.watchdog import WATCHDOG
@@ -165,6 +166,8 @@ class Trainer:
         self.device = agree(world, lambda: select_device(world, cfg.device), "device")
         apply_threads(world, cfg.threads)
         self.rates = agree(world, self._link_rates, "link drop rates")
+        self.network = agree(world, lambda: LinkNetwork.build(self.P, cfg.link_latency_ms, cfg.link_gbps,
+                                                             cfg.link_latency, cfg.link_bandwidth), "emulated network")
         self.my_chunks = held_chunks(self.P, cfg.q, self.rank, self.adopted)
         self.data = agree(world, self._load_data, "shards")
         agree(world, self._load_train_eval_sample, "shards")
@@ -217,10 +220,11 @@ class Trainer:
         if cfg.algorithm == "sync":
             # Diversity needs each rank's own gradient, which an overlapped average
             # overwrites during backward.
-            return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb}
+            return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb,
+                    "network": self.network}
         if cfg.algorithm == "local":
-            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state}
-        lossy = {"rates": self.rates, "seed": cfg.seed}
+            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, "network": self.network}
+        lossy = {"rates": self.rates, "seed": cfg.seed, "network": self.network}
         if cfg.algorithm == "rps":
             return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, **lossy}
         return lossy
@@ -508,6 +512,7 @@ class Trainer:
             **self.timers.as_dict(),
             **self.coll.counters.as_dict(),
             "arrival": self.coll.counters.arrival,
+            **self.coll.network_stats(),
             "live_ranks": len(self.live_world),
             "coverage": self.coverage(),
             "consensus_distance": distance,
@@ -654,6 +659,10 @@ class Trainer:
             "bytes_sent": int(totals[4]),
             "bytes_saved": int(totals[5]),
             "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+            # How the rounds travelled: the block exchange's path (shared-memory, alltoallv,
+            # allreduce when lossless), or allreduce for sync and local.
+            "exchange": getattr(getattr(self.strategy, "exchange", None), "path", "allreduce"),
+            **{key: round(value, 3) for key, value in self.coll.network_stats().items()},
             "skipped_steps": int(totals[11]),
             "live_ranks": L,
             "live_rank_ids": list(self.live_world),

@@ -9,6 +9,7 @@ whose average was lost keeps the rank's own values without any copy.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,8 +145,11 @@ class BlockExchange:
         """
         if contributors is not None and not contributors[self.coll.rank]:
             buf[...] = 0  # everything arrives, so its own values are replaced anyway
+        t0 = time.perf_counter()
         with WATCHDOG.guard("Allreduce [block exchange, lossless]", self.coll.comm):
             self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if self.coll.clock is not None:
+            self.coll.clock.hold(self.coll.ring_deadline(t0, self.numel * 4))
         return self.coll.size if contributors is None else int(contributors.sum())
 
     def _block_average(self, rows: np.ndarray, block) -> None:
@@ -172,11 +176,13 @@ class BlockExchange:
         send_counts = np.where(arrived1[me], sizes, 0)
         recv_counts = np.where(arrived1[:, me], my_size, 0)
         recv_displs = np.arange(size, dtype=np.int64) * stride
+        t0 = time.perf_counter()
         request = comm.Ialltoallv(
             [buf, (send_counts, offsets), MPI.FLOAT],
             [self._recv, (recv_counts, recv_displs), MPI.FLOAT],
         )
         WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 1]", comm)
+        self._hold_phase(t0, send_counts, recv_counts)
         rows = self._contributing_rows(arrived1, contributors)
         if len(rows):  # else no average of this block is sent (see arrived2)
             self._block_average(rows, lambda i: self._recv[i, :my_size])
@@ -184,11 +190,13 @@ class BlockExchange:
         send_counts2 = np.where(arrived2[me], my_size, 0)
         zero_displs = np.zeros(size, dtype=np.int64)  # every destination reads the same w_j
         recv_counts2 = np.where(arrived2[:, me], sizes, 0)
+        t0 = time.perf_counter()
         request = comm.Ialltoallv(
             [self._avg, (send_counts2, zero_displs), MPI.FLOAT],
             [buf, (recv_counts2, offsets), MPI.FLOAT],
         )
         WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 2]", comm)
+        self._hold_phase(t0, send_counts2, recv_counts2)
 
     def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:
         """Both phases through the node's shared window (see hpcsgd/comm/shm.py).
@@ -199,21 +207,45 @@ class BlockExchange:
         phase-2 message reached it. Three fences: the sends are visible, the averages are
         visible, and nobody still reads a region the next round overwrites.
         """
-        win, me, off = self._window, self.coll.rank, self.offsets
+        win, me, off, sizes, my_size = self._window, self.coll.rank, self.offsets, self.sizes, self._my_size
         mine = win.views[me]
+        t0 = time.perf_counter()
         for j in np.flatnonzero(arrived1[me]):
             if j != me:
                 mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
         win.fence("phase 1 sent")
+        self._hold_phase(t0, np.where(arrived1[me], sizes, 0), np.where(arrived1[:, me], my_size, 0))
         rows = self._contributing_rows(arrived1, contributors)
         lo, hi = off[me], off[me + 1]
+        t0 = time.perf_counter()
         if len(rows):
             self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi])
-            win.result(me, self._my_size)[...] = self._avg[:self._my_size]
+            win.result(me, my_size)[...] = self._avg[:my_size]
         win.fence("phase 2 sent")
+        self._hold_phase(t0, np.where(arrived2[me], my_size, 0), np.where(arrived2[:, me], sizes, 0))
         for j in np.flatnonzero(arrived2[:, me]):
-            buf[off[j]:off[j + 1]] = win.result(j, int(self.sizes[j]))
+            buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
         win.fence("round done")
+
+    def _hold_phase(self, t0: float, send_counts: np.ndarray, recv_counts: np.ndarray) -> None:
+        """On an emulated network, hold until the phase started at ``t0`` would complete.
+
+        The rank's sends queue on its one link (so both phases together move what a ring
+        Allreduce moves); its slowest incoming message and the longest latency of the links
+        it uses bound the phase too. Counts are in floats, indexed by live rank.
+        """
+        clock = self.coll.clock
+        if clock is None:
+            return
+        net, world, me = clock.network, self.coll.world_ranks, self.coll.rank
+        others = np.arange(self.coll.size) != me
+        sends = np.flatnonzero(others & (send_counts > 0))
+        recvs = np.flatnonzero(others & (recv_counts > 0))
+        send_time = sum(send_counts[j] * 4 / net.bandwidth[world[me], world[j]] for j in sends)
+        recv_time = max((recv_counts[i] * 4 / net.bandwidth[world[i], world[me]] for i in recvs), default=0.0)
+        latency = max([net.latency[world[me], world[j]] for j in sends] + [net.latency[world[i], world[me]] for i in recvs],
+                      default=0.0)
+        clock.hold(clock.deadline(t0, float(latency), float(max(send_time, recv_time))))
 
     def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> ExchangeReport:
         """Count this rank's sends: off-diagonal messages only (its own block stays home)."""
