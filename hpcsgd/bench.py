@@ -28,7 +28,7 @@ import numpy as np
 
 DEFAULT_PARAMS = 5_800_000
 SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
-SECTIONS = ("exchange", "ddp", "local", "api", "data", "accuracy")
+SECTIONS = ("exchange", "ddp", "local", "api", "overlap", "data", "accuracy")
 TABLE = Path(__file__).resolve().parents[1] / "tools" / "scaling.json"
 
 
@@ -344,6 +344,95 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
         rows.append(_row(f"local-SGD tau {tau} step (hpcsgd.LocalSGD) / PeriodicModelAverager, {name}",
                          m["h"] / tau, m["h"] / m["d"], 1.0, key=f"local{tau}_api_vs_pma_{kind}"))
     return rows
+
+
+def overlap_rows(comm, reps: int, warmup: int, quick: bool, block: int = 4) -> list[dict]:
+    """How much of an emulated round an overlapped round hides, and what emulation costs when off.
+
+    MLP 5.8M, tau 1, through the public API. The emulated bandwidth is set so that one
+    averaging round (an Allreduce charged as a ring) takes as long as one compute step
+    (forward, backward, optimizer, measured first). Blocks of ``block`` consecutive steps
+    (and a flush) are timed, blocking and overlapped alternately: a round in flight must not
+    run into the other side's timing. Row value: (blocking step - overlapped step) /
+    emulated round time; 1 means the round is wholly hidden.
+    """
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from .strategies import RPS, LocalSGD, link_network
+    from .world import init
+
+    world = init(comm, device="cpu")
+    name, builder, x, y = _models("mlp", quick)
+    torch.manual_seed(0)
+    base = builder()
+    numel = sum(p.numel() for p in base.parameters())
+
+    def compute_only(model, opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    probe = copy.deepcopy(base)
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.01)
+    compute_s = time_interleaved(comm, {"c": lambda: compute_only(probe, probe_opt)}, max(3, reps // 2), 1)["c"]
+    L = comm.size
+    bytes_per_s = 2 * (L - 1) / L * numel * 4 / compute_s if L > 1 else float("inf")
+    network = link_network(world, gbps=bytes_per_s * 8 / 1e9) if L > 1 else None
+    round_s = compute_s if L > 1 else 0.0
+
+    def make(cls, overlap, net, **kw):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return model, opt, cls(model, opt, world, tau=1, overlap_rounds=overlap, network=net, **kw)
+
+    def steps(model, opt, strategy):
+        def run():
+            for _ in range(block):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                strategy.step()
+            strategy.flush()
+        return run
+
+    rows = []
+    for label, cls, kw in (("local", LocalSGD, {}), ("rps", RPS, {"drop_rate": 0.1, "seed": 1})):
+        m = time_interleaved(comm, {"blocking": steps(*make(cls, False, network, **kw)),
+                                    "overlapped": steps(*make(cls, True, network, **kw))},
+                             max(3, reps // 2), max(1, warmup // 2))
+        hidden = (m["blocking"] - m["overlapped"]) / block / round_s if round_s else None
+        rows.append(_row(f"{label} tau 1 ({name}), emulated round = one compute step ({round_s * 1e3:.0f} ms): "
+                         f"hidden share of the round", m["overlapped"] / block, hidden, 0.80, higher_is_better=True,
+                         key=f"overlap_hidden_{label}", blocking_step_s=m["blocking"] / block))
+    off = steps(*make(LocalSGD, False, None))  # emulation compiled in, off: no clock object
+    absent_model, absent_opt, absent = make(LocalSGD, False, None)
+    absent.coll.__class__ = _collectives_before_emulation()  # the same object, the round as it was before
+    seconds, ratio = ratio_paired(comm, off, steps(absent_model, absent_opt, absent), max(5, reps), warmup)
+    rows.append(_row(f"local tau 1 ({name}) step, network emulation off / absent (paired)", seconds / block,
+                     ratio, 1.01, key="netem_off_overhead"))
+    return rows
+
+
+def _collectives_before_emulation():
+    """Collectives whose averaging round is the code before network emulation existed."""
+    from mpi4py import MPI
+
+    from .comm import Collectives
+    from .comm.watchdog import WATCHDOG
+
+    class CollectivesBeforeEmulation(Collectives):
+        def allreduce_sum(self, tensor, tag: str = "avg", count_round: bool = True):
+            buf, host = self.mpi_view(tensor, tag)
+            with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self._count_allreduce(tensor, count_round)
+            if host is not None:
+                tensor.copy_(host.view_as(tensor))
+            return tensor
+
+    return CollectivesBeforeEmulation
 
 
 def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[dict]:
@@ -762,6 +851,8 @@ def run(args: argparse.Namespace) -> int:
             new = local_rows(comm, reps, warmup, args.quick)
         elif section == "api":
             new = api_rows(comm, reps, warmup, args.quick)
+        elif section == "overlap":
+            new = overlap_rows(comm, reps, warmup, args.quick)
         elif section == "data":
             new = data_rows(comm, reps, args.quick)
         else:

@@ -73,6 +73,7 @@ class TrainConfig:
     average_optimizer_state: bool = False  # local/rps: also average momentum buffers
     overlap: bool = True  # sync: bucketed Iallreduce started from gradient hooks during backward
     bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
+    overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)

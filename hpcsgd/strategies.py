@@ -119,6 +119,7 @@ class Strategy:
         failing = sorted({int(r) for r in ranks} & set(self.live_ranks))
         if not failing:
             return True
+        self.flush()  # a round in flight completes among the ranks that started it
         me = self.coll.world_rank
         c = self.coll.counters
         mine = [c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped] if me in failing else [0] * 4
@@ -130,6 +131,15 @@ class Strategy:
         self.coll = new_coll
         self.algorithm.set_collectives(new_coll)
         return True
+
+    def flush(self) -> None:
+        """Complete and apply an overlapped round still in flight (collective; no-op otherwise).
+
+        With ``overlap_rounds`` the round after a step is applied at the end of the next one;
+        call this before saving, evaluating or handing on the model (``hpcsgd train`` does
+        before every checkpoint and at the end).
+        """
+        self.algorithm.flush()
 
     def state_dict(self) -> dict:
         """Steps, traffic counters, live ranks and the failed ranks' traffic."""
@@ -177,17 +187,19 @@ class LocalSGD(Strategy):
     Args:
         tau: steps between averaging rounds, >= 1.
         average_optimizer_state: average momentum buffers with the model.
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        network: an emulated network from :func:`link_network`.
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False,
-                 network: LinkNetwork | None = None):
+                 overlap_rounds: bool = False, network: LinkNetwork | None = None):
         tau = _check_tau(tau)
         super().__init__(model, optimizer, world, network=network, tau=tau,
-                         average_optimizer_state=bool(average_optimizer_state))
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
 
-    def _build(self, tau, average_optimizer_state):
+    def _build(self, tau, average_optimizer_state, overlap_rounds):
         return _local.LocalSGD(self.coll, self.flat, self.optimizer, tau=tau,
-                               average_optimizer_state=average_optimizer_state)
+                               average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
 
 
 def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = None,
@@ -234,18 +246,21 @@ class RPS(Strategy):
         rates: per-link rates from :func:`link_rates` instead of ``drop_rate``.
         seed: seeds the drop masks (the same on every rank).
         average_optimizer_state: exchange momentum buffers with the model's blocks.
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        network: an emulated network from :func:`link_network`.
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, drop_rate: float = 0.0, rates: LinkRates | None = None,
-                 seed: int = 0, average_optimizer_state: bool = False, network: LinkNetwork | None = None):
+                 seed: int = 0, average_optimizer_state: bool = False, overlap_rounds: bool = False,
+                 network: LinkNetwork | None = None):
         tau, seed = _check_tau(tau), _check_seed(seed)
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, tau=tau, rates=rates, seed=seed,
-                         average_optimizer_state=bool(average_optimizer_state))
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
 
-    def _build(self, tau, rates, seed, average_optimizer_state):
+    def _build(self, tau, rates, seed, average_optimizer_state, overlap_rounds):
         return _rps.RPS(self.coll, self.flat, self.optimizer, tau=tau, rates=rates, seed=seed,
-                        average_optimizer_state=average_optimizer_state)
+                        average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
 
 
 class LossyAllreduce(Strategy):

@@ -223,10 +223,12 @@ class Trainer:
             return {"overlap": cfg.overlap and not cfg.grad_diversity, "bucket_mb": cfg.bucket_mb,
                     "network": self.network}
         if cfg.algorithm == "local":
-            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, "network": self.network}
+            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, "network": self.network,
+                    "overlap_rounds": cfg.overlap_rounds}
         lossy = {"rates": self.rates, "seed": cfg.seed, "network": self.network}
         if cfg.algorithm == "rps":
-            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state, **lossy}
+            return {"tau": cfg.tau, "average_optimizer_state": cfg.average_optimizer_state,
+                    "overlap_rounds": cfg.overlap_rounds, **lossy}
         return lossy
 
     def _build_model(self):
@@ -407,15 +409,18 @@ class Trainer:
             if self._is_log_step(step):
                 self.log(step, evaluate=sched.eval_every > 0 and done % sched.eval_every == 0)
             if sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.total_steps:
+                self.api.flush()  # an overlapped round in flight is applied before the model is saved
                 ckpt.save(self, done)
             if self.stop.requested(self.coll):
                 self.stop.drain()
+                self.api.flush()
                 ckpt.save(self, done)
                 self.progress.close()
                 self.metrics.close()
                 raise ckpt.Preempted(done)
         self.stop.drain()
         self.progress.close()
+        self.api.flush()
         ckpt.save(self, sched.total_steps)
         summary = self.finish()
         self.api.close()
@@ -719,6 +724,9 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
             found.append(f"tau={cfg.tau} is ignored: {cfg.algorithm} communicates every step")
         if cfg.average_optimizer_state:
             found.append(f"average_optimizer_state does nothing under {cfg.algorithm} (replicas share every step)")
+        if cfg.overlap_rounds:
+            found.append(f"overlap_rounds applies to local and rps only; {cfg.algorithm} averages gradients every step "
+                         f"(sync overlaps its buckets with backward: see overlap)")
     elif cfg.tau > total_steps:
         found.append(f"tau={cfg.tau} exceeds the run's {total_steps} steps: no averaging round will happen")
     for rank, step in sorted(cfg.faults.items()):

@@ -152,3 +152,33 @@ def test_overlapped_sync_equals_blocking_sync(shared_tmp, bucket_mb):
     buckets = len(trainer.strategy._buckets)
     assert all_ranks(buckets > 1 if bucket_mb < 0.001 else buckets >= 1)
     assert all_ranks(trainer.coll.counters.rounds == STEPS)  # one round per step, however many buckets
+
+
+@pytest.mark.parametrize("algorithm,tau,drop", [("local", 1, 0.0), ("local", 3, 0.0), ("rps", 1, 0.0),
+                                                ("rps", 1, 0.3), ("rps", 2, 0.3)])
+def test_overlapped_rounds_equal_the_delayed_averaging_reference(shared_tmp, algorithm, tau, drop):
+    """x <- avg + (x - s), one step late, per block for RPS (ALGORITHMS.md, "Overlapped rounds")."""
+    import dataclasses
+
+    x, trainer = run(shared_tmp, f"overlap-{algorithm}{tau}{drop}", algorithm=algorithm, tau=tau, drop_rate=drop,
+                     momentum=0.5, overlap_rounds=True)
+    expected = reference(trainer)
+    assert all_ranks(close(x, expected))
+    if trainer.P > 1:  # the delay is real: the blocking rule gives other values
+        blocking = simulate(dataclasses.replace(trainer.cfg, overlap_rounds=False), trainer.P, STEPS)[trainer.rank]
+        assert all_ranks(not close(x, blocking))
+    rounds = len([t for t in range(STEPS) if (t + 1) % tau == 0])
+    assert all_ranks(trainer.coll.counters.rounds == rounds)  # every round started was applied and counted
+
+
+@pytest.mark.parametrize("algorithm", ["local", "rps"])
+def test_overlapped_rounds_with_batchnorm_repeat_bit_for_bit(shared_tmp, algorithm):
+    """The round's thread must not copy the model while the next forward updates BatchNorm's
+    running statistics (they live in the flat buffer): two runs give the same bits."""
+    from mpi4py import MPI
+
+    data = make_shards(shared_tmp / "img", MPI.COMM_WORLD.size, partition="label", features=3 * 8 * 8,
+                       input_shape=(3, 8, 8))
+    runs = [run(shared_tmp, f"bn-{algorithm}{i}", data=str(data), algorithm=algorithm, model="resnet20",
+                batch_size=4, drop_rate=0.2 if algorithm == "rps" else 0.0, overlap_rounds=True)[0] for i in range(2)]
+    assert all_ranks(torch.equal(runs[0], runs[1]))

@@ -57,6 +57,13 @@ class Strategy:
         """Continue on a new set of live ranks (after a crash-stop failure)."""
         self.coll = coll
 
+    def flush(self) -> None:
+        """Complete and apply a round still in flight (overlapped rounds; collective).
+
+        Called before anything reads or saves the model as a whole: a checkpoint, the end of
+        training, a change of the live ranks.
+        """
+
     def close(self) -> None:
         """Release hooks or buffers the strategy holds on the model."""
 

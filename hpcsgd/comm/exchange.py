@@ -116,11 +116,7 @@ class BlockExchange:
         if contributors is not None and not contributors.any():
             return ExchangeReport(0, 0, 0, 0)  # nothing to average: every rank keeps its values
         buf, host = self.coll.mpi_view(tensor, "exchange")
-        arrived1, arrived2 = self.masks(step)
-        if contributors is not None and not self._lossless:
-            # A block whose arrived messages all came from non-contributors has no average:
-            # its owner sends none, and every rank keeps its own values there.
-            arrived2 = arrived2 & (arrived1 & contributors[:, None]).any(axis=0)[:, None]
+        arrived1, arrived2 = self._round_masks(step, contributors)
         count = 1
         if self._lossless:
             count = self._sum_lossless(buf, contributors)
@@ -134,6 +130,26 @@ class BlockExchange:
             tensor.mul_(1.0 / count)
         return self._account(arrived1, arrived2, self.coll.rank, self.sizes, self._my_size, tensor.element_size(),
                              count_round)
+
+    def _round_masks(self, step: int, contributors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The phases' arrival masks at ``step``, phase 2 restricted to blocks that have an average."""
+        arrived1, arrived2 = self.masks(step)
+        if contributors is not None and not self._lossless:
+            # A block whose arrived messages all came from non-contributors has no average:
+            # its owner sends none, and every rank keeps its own values there.
+            arrived2 = arrived2 & (arrived1 & contributors[:, None]).any(axis=0)[:, None]
+        return arrived1, arrived2
+
+    def received_spans(self, step: int, contributors: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` element ranges that :meth:`average` at ``step`` replaces by an
+        average on this rank (the blocks whose average reached it); elsewhere it keeps its values."""
+        if contributors is not None and not contributors.any():
+            return []
+        if self.coll.size == 1 or self._lossless:
+            return [(0, self.numel)]
+        _, arrived2 = self._round_masks(step, contributors)
+        off = self.offsets
+        return [(int(off[j]), int(off[j + 1])) for j in np.flatnonzero(arrived2[:, self.coll.rank])]
 
     def _sum_lossless(self, buf, contributors) -> int:
         """Nothing can be dropped: both phases together are the mean of the live ranks' vectors.
