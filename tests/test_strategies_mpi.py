@@ -84,10 +84,18 @@ def test_local_tau1_q1_plain_sgd_equals_sync(shared_tmp):
     assert all_ranks(close(x_local, x_sync))
 
 
-def test_rps_lossless_tau1_is_model_averaging(shared_tmp):
-    x_rps, _ = run(shared_tmp, "r", algorithm="rps", tau=1, drop_rate=0.0)
-    x_local, _ = run(shared_tmp, "l", algorithm="local", tau=1)
-    assert all_ranks(close(x_rps, x_local))
+@pytest.mark.parametrize("tau", [1, 3])
+def test_rps_lossless_is_model_averaging_bit_for_bit(shared_tmp, tau):
+    """At drop 0 the exchange is one Allreduce whose 1/L rides in the optimizer step, as local
+    SGD's: the same arithmetic, so the same bits (and the same rounds; the bytes as its block
+    messages, which differ from the ring's 2(L-1)/L share by the uneven cut only)."""
+    x_rps, t_rps = run(shared_tmp, "r", algorithm="rps", tau=tau, drop_rate=0.0, momentum=0.9)
+    x_local, t_local = run(shared_tmp, "l", algorithm="local", tau=tau, momentum=0.9)
+    assert all_ranks(torch.equal(x_rps, x_local))
+    c_rps, c_local = t_rps.coll.counters, t_local.coll.counters
+    assert all_ranks(c_rps.rounds == c_local.rounds and c_rps.bytes_saved == 0)
+    assert all_ranks(c_rps.bytes_sent == pytest.approx(c_local.bytes_sent, rel=0.01))
+    assert all_ranks(c_rps.messages_dropped == 0 and c_rps.arrival in (1.0, None))
 
 
 def test_lossy_allreduce_lossless_equals_sync(shared_tmp):

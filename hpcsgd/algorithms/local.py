@@ -5,8 +5,8 @@ the data layer, so the communication pattern is local SGD's.
 """
 
 from ..errors import ConfigError
-from ..optim import can_scale, scaled_sgd_step
-from .base import Strategy, average_momentum
+from ..optim import can_scale
+from .base import Strategy, average_momentum, prescaled_optimizer_step
 from .overlap import RoundInFlight
 
 
@@ -33,25 +33,15 @@ class LocalSGD(Strategy):
             self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
 
     def optimizer_step(self, step: int) -> None:
-        """On a round step, the optimizer also multiplies the model by 1/L in the same pass.
-
-        The average is then a bare Allreduce: no extra pass over the model after it (that
-        pass was most of the gap between an averaging round and a raw Allreduce).
-        A rank skipping a non-finite step takes no optimizer step but still scales, so that
-        it contributes its current model to a sum every rank has scaled alike.
-        """
-        size = self.coll.size
+        """On a round step, the optimizer also multiplies the model by 1/L (prescaled_optimizer_step)."""
         if self._in_flight is not None:
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
-        if not (self.is_round(step) and size > 1 and self._scales) or self._in_flight is not None:
             super().optimizer_step(step)
-            return
-        if self.contributes():
-            scaled_sgd_step(self.optimizer, 1.0 / size)
-            self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
+        elif self.is_round(step) and self.coll.size > 1 and self._scales:
+            prescaled_optimizer_step(self)
+            self._prescaled = True
         else:
-            self.flat.flat.mul_(1.0 / size)
-        self._prescaled = True
+            super().optimizer_step(step)
 
     def after_step(self, step: int) -> None:
         if self._in_flight is not None:

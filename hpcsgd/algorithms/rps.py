@@ -2,7 +2,8 @@
 
 from ..comm import BlockExchange, Collectives, LinkRates
 from ..errors import ConfigError
-from .base import Strategy, average_momentum
+from ..optim import can_scale
+from .base import Strategy, average_momentum, prescaled_optimizer_step
 from .overlap import RoundInFlight
 
 
@@ -30,6 +31,8 @@ class RPS(Strategy):
         self.average_optimizer_state = average_optimizer_state
         self.overlap_rounds = overlap_rounds
         self._in_flight = None
+        self._prescaled = False  # this round's 1/L already applied by the optimizer step
+        self._scales = can_scale(self.optimizer)
         self._build_exchanges()
 
     def _build_exchanges(self) -> None:
@@ -53,9 +56,15 @@ class RPS(Strategy):
         self._momentum_exchange.average(vector, step, count_round=False)
 
     def optimizer_step(self, step: int) -> None:
+        """At drop 0 a round is an Allreduce, and its 1/L rides in the optimizer step, as local SGD's."""
         if self._in_flight is not None:
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
-        super().optimizer_step(step)
+            super().optimizer_step(step)
+        elif self.exchange.path == "allreduce" and self.is_round(step) and self.coll.size > 1 and self._scales:
+            prescaled_optimizer_step(self)
+            self._prescaled = True
+        else:
+            super().optimizer_step(step)
 
     def after_step(self, step: int) -> None:
         if self._in_flight is not None:
@@ -63,7 +72,8 @@ class RPS(Strategy):
             return
         if not self.is_round(step):
             return
-        self.exchange.average(self.flat.flat, step)
+        self.exchange.average(self.flat.flat, step, prescaled=self._prescaled)
+        self._prescaled = False
         if self.average_optimizer_state:
             average_momentum(self.optimizer, lambda v: self._average_momentum(v, step))
 

@@ -96,7 +96,8 @@ class BlockExchange:
         return full[1][np.ix_(world, world)], full[2][np.ix_(world, world)]
 
     def average(
-        self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True
+        self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True,
+        prescaled: bool = False,
     ) -> ExchangeReport:
         """Replace ``tensor`` in place by its block-wise average over the messages that arrived.
 
@@ -107,9 +108,13 @@ class BlockExchange:
                 every rank keeps its own values there, as where an average is lost.
             count_round: whether this exchange is a round of its own (momentum riding with
                 the model's round is not).
+            prescaled: every rank already multiplied its vector by ``1/L`` (only where
+                nothing can be dropped, so the round is one Allreduce of the sum).
         """
         if tensor.numel() != self.numel or tensor.dtype != torch.float32:
             raise ValueError(f"exchange expects a float32 vector of {self.numel} elements")
+        if prescaled and (self.path != "allreduce" or contributors is not None):
+            raise ValueError("a prescaled exchange must be lossless, with every rank contributing")
         if self.coll.size == 1:
             self.coll.counters.rounds += int(count_round)
             return ExchangeReport(0, 0, 0, 0)
@@ -126,7 +131,7 @@ class BlockExchange:
             self._average_alltoallv(buf, arrived1, arrived2, contributors)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
-        if count > 1:
+        if count > 1 and not prescaled:
             tensor.mul_(1.0 / count)
         return self._account(arrived1, arrived2, self.coll.rank, self.sizes, self._my_size, tensor.element_size(),
                              count_round)
