@@ -41,7 +41,9 @@ class RPS(Strategy):
             if self._in_flight is not None:
                 self._in_flight.close()
             self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
-            self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed)
+            # Message path: its waits can poll (the shared-memory path's fences block and spin).
+            self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed,
+                                          path="alltoallv")
         else:
             self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
         self._momentum_exchange = None  # built at first use: momentum buffers appear with the first step

@@ -132,6 +132,11 @@ class Collectives:
         self.counters = CommCounters()
         self._staging = HostStaging()
         self.clock = NetworkClock(network) if network is not None else None
+        # Wait by polling with Test and yielding the core between polls (sched_yield) instead
+        # of blocking in MPI, whose wait spins without yielding. The worker thread of an
+        # overlapped round does: beside the training thread on shared cores, a spinning wait
+        # took the core the computation needed (forward and backward ran at half speed).
+        self.yield_while_waiting = False
 
     @property
     def size(self) -> int:
@@ -158,6 +163,15 @@ class Collectives:
         host = self._staging.host(tensor, tag)
         host.copy_(tensor.reshape(-1))
         return host.numpy(), host
+
+    def wait(self, request: MPI.Request, op: str) -> None:
+        """Wait for ``request`` under the watchdog: blocking, or polling and yielding (see above)."""
+        if not self.yield_while_waiting:
+            WATCHDOG.wait(request, op, self.comm)
+            return
+        with WATCHDOG.guard(op, self.comm):
+            while not request.Test():
+                os.sched_yield()
 
     # -- averaging ---------------------------------------------------------------------
     def iallreduce_mean(
@@ -186,8 +200,11 @@ class Collectives:
         """
         buf, host = self.mpi_view(tensor, tag)
         t0 = time.perf_counter() if self.clock is not None else 0.0
-        with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if self.yield_while_waiting:
+            self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
+        else:
+            with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         if self.clock is not None:
             self.clock.hold(self.ring_deadline(t0, tensor.numel() * tensor.element_size()))
         self._count_allreduce(tensor, count_round)

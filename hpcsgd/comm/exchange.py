@@ -202,7 +202,7 @@ class BlockExchange:
             [buf, (send_counts, offsets), MPI.FLOAT],
             [self._recv, (recv_counts, recv_displs), MPI.FLOAT],
         )
-        WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 1]", comm)
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 1]")
         self._hold_phase(t0, send_counts, recv_counts)
         rows = self._contributing_rows(arrived1, contributors)
         if len(rows):  # else no average of this block is sent (see arrived2)
@@ -216,7 +216,7 @@ class BlockExchange:
             [self._avg, (send_counts2, zero_displs), MPI.FLOAT],
             [buf, (recv_counts2, offsets), MPI.FLOAT],
         )
-        WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 2]", comm)
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 2]")
         self._hold_phase(t0, send_counts2, recv_counts2)
 
     def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:
