@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .comm import LinkRates
+from .comm.netem import LinkNetwork
 from .comm.agree import agree
 from .comm.device import apply_threads, select_device
 from .comm.watchdog import WATCHDOG
@@ -80,6 +81,8 @@ def assemble(cfg: TrainConfig, comm) -> Run:
     run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
     apply_threads(comm, cfg.threads)
     rates = agree(comm, lambda: link_rates(cfg, run.membership.P), "link drop rates")
+    network = agree(comm, lambda: LinkNetwork.build(run.membership.P, cfg.link_latency_ms, cfg.link_gbps,
+                                                    cfg.link_latency, cfg.link_bandwidth), "emulated network")
     run.data = agree(comm, lambda: load_rank_data(run.index, run.membership.held_chunks, run.device), "shards")
     agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
     prepare(comm, run.run_dir, cfg, run.membership.rank)  # --overwrite, folders, config.toml
@@ -91,7 +94,7 @@ def assemble(cfg: TrainConfig, comm) -> Run:
     # flat buffer, broadcasts rank 0's copy and takes every step.
     m = run.membership
     run_world = world_for_run(comm, m.roles, m.P, run.device)
-    run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates))
+    run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates, network))
     m.attach(run.strategy)
     return run
 
@@ -118,15 +121,16 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     return Run(cfg, comm, index, schedule, membership, resume)
 
 
-def strategy_options(cfg: TrainConfig, rates: LinkRates) -> dict:
+def strategy_options(cfg: TrainConfig, rates: LinkRates, network: LinkNetwork | None = None) -> dict:
     """The options of ``cfg.algorithm``'s strategy, from the config (what the registry says it takes)."""
-    spec, options = algorithm(cfg.algorithm), {}
+    spec, options = algorithm(cfg.algorithm), {"network": network}
     if spec.overlaps:
         # Diversity needs each rank's own gradient, which an overlapped average
         # overwrites during backward.
         options.update(overlap=cfg.overlap and not cfg.grad_diversity, bucket_mb=cfg.bucket_mb)
     if spec.uses_tau:
-        options.update(tau=cfg.tau, average_optimizer_state=cfg.average_optimizer_state)
+        options.update(tau=cfg.tau, average_optimizer_state=cfg.average_optimizer_state,
+                       overlap_rounds=cfg.overlap_rounds)
     if spec.lossy:
         options.update(rates=rates, seed=cfg.seed)
     return options

@@ -52,6 +52,10 @@ class TrainConfig:
     drop_rate_phase2: float | None = None  # override of drop_rate for RPS phase 2 (gather)
     link_drop: list[str] = field(default_factory=list)  # rules 'to:R=x', 'from:R=x', 'S->D=x'
     link_drop_file: str = ""  # P x P drop-rate matrix (.npy or .csv), rows = sender
+    link_latency_ms: float = 0.0  # emulated network: latency per message in ms (0: off)
+    link_gbps: float = 0.0  # emulated network: bandwidth of every link in Gb/s (0: unlimited)
+    link_latency: list[str] = field(default_factory=list)  # per-link latency rules 'to:R=ms', 'from:R=ms', 'S->D=ms'
+    link_bandwidth: list[str] = field(default_factory=list)  # per-link bandwidth rules 'to:R=gbps', 'from:R=gbps', 'S->D=gbps'
     model: str = "mlp"  # mlp | lenet | resnet20 | resnet56 | resnet110 | pkg.module:factory (your own)
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP hidden widths
     epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
@@ -69,6 +73,7 @@ class TrainConfig:
     average_optimizer_state: bool = False  # local/rps: also average momentum buffers
     overlap: bool = True  # sync: bucketed Iallreduce started from gradient hooks during backward
     bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
+    overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)

@@ -80,6 +80,9 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
             found.append(f"tau={cfg.tau} is ignored: {cfg.algorithm} communicates every step")
         if cfg.average_optimizer_state:
             found.append(f"average_optimizer_state does nothing under {cfg.algorithm} (replicas share every step)")
+        if cfg.overlap_rounds:
+            found.append(f"overlap_rounds applies to local and rps only; {cfg.algorithm} averages gradients every step "
+                         f"(sync overlaps its buckets with backward: see overlap)")
     elif cfg.tau > total_steps:
         found.append(f"tau={cfg.tau} exceeds the run's {total_steps} steps: no averaging round will happen")
     for rank, step in sorted(cfg.faults.items()):

@@ -22,6 +22,7 @@ from .algorithms import lossy_allreduce as _lossy
 from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
+from .comm.netem import LinkNetwork
 from .errors import ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
 
@@ -46,14 +47,17 @@ class Strategy:
 
     spec: Algorithm
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world, **options):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world, *,
+                 network: LinkNetwork | None = None, **options):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.world = model, optimizer, world
         self.flat = FlatParams(model, flat_grad=self.spec.flat_grad)
-        self.coll = Collectives(world.comm, list(world.roles or range(world.size)))
+        if network is not None and not isinstance(network, LinkNetwork):
+            raise ConfigError(f"network must come from hpcsgd.link_network(), got {type(network).__name__}")
+        self.coll = Collectives(world.comm, list(world.roles or range(world.size)), network=network)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
         self.algorithm = self._build(**options)
         self.steps = 0
@@ -115,6 +119,7 @@ class Strategy:
         failing = sorted({int(r) for r in ranks} & set(self.live_ranks))
         if not failing:
             return True
+        self.flush()  # a round in flight completes among the ranks that started it
         me = self.coll.world_rank
         c = self.coll.counters
         mine = [c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped] if me in failing else [0] * 4
@@ -126,6 +131,15 @@ class Strategy:
         self.coll = new_coll
         self.algorithm.set_collectives(new_coll)
         return True
+
+    def flush(self) -> None:
+        """Complete and apply an overlapped round still in flight (collective; no-op otherwise).
+
+        With ``overlap_rounds`` the round after a step is applied at the end of the next one;
+        call this before saving, evaluating or handing on the model (``hpcsgd train`` does
+        before every checkpoint and at the end).
+        """
+        self.algorithm.flush()
 
     def state_dict(self) -> dict:
         """Steps, traffic counters, live ranks and the failed ranks' traffic."""
@@ -154,10 +168,11 @@ class SyncSGD(Strategy):
         bucket_mb: bucket size in megabytes.
     """
 
-    def __init__(self, model, optimizer, world, *, overlap: bool = True, bucket_mb: float = _sync.DEFAULT_BUCKET_MB):
+    def __init__(self, model, optimizer, world, *, overlap: bool = True, bucket_mb: float = _sync.DEFAULT_BUCKET_MB,
+                 network: LinkNetwork | None = None):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ConfigError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
-        super().__init__(model, optimizer, world, overlap=bool(overlap), bucket_mb=float(bucket_mb))
+        super().__init__(model, optimizer, world, network=network, overlap=bool(overlap), bucket_mb=float(bucket_mb))
 
     def _build(self, overlap, bucket_mb):
         return _sync.SyncSGD(self.coll, self.flat, self.optimizer, tau=1, overlap=overlap, bucket_mb=bucket_mb)
@@ -172,15 +187,19 @@ class LocalSGD(Strategy):
     Args:
         tau: steps between averaging rounds, >= 1.
         average_optimizer_state: average momentum buffers with the model.
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        network: an emulated network from :func:`link_network`.
     """
 
-    def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False):
+    def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False,
+                 overlap_rounds: bool = False, network: LinkNetwork | None = None):
         tau = _check_tau(tau)
-        super().__init__(model, optimizer, world, tau=tau, average_optimizer_state=bool(average_optimizer_state))
+        super().__init__(model, optimizer, world, network=network, tau=tau,
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
 
-    def _build(self, tau, average_optimizer_state):
+    def _build(self, tau, average_optimizer_state, overlap_rounds):
         return _local.LocalSGD(self.coll, self.flat, self.optimizer, tau=tau,
-                               average_optimizer_state=average_optimizer_state)
+                               average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
 
 
 def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = None,
@@ -192,6 +211,16 @@ def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = N
     Every rate must be in [0, 1).
     """
     return LinkRates.build(world.size, drop_rate, drop_rate_phase1, drop_rate_phase2, tuple(link_drop), matrix)
+
+
+def link_network(world, latency_ms: float = 0.0, gbps: float = 0.0, latency_rules=(), bandwidth_rules=()):
+    """An emulated network for any strategy (``network=``); None when nothing is emulated.
+
+    ``latency_ms`` per message and ``gbps`` (gigabits/s; 0 = unlimited) on every link, then
+    per-link rules as the CLI's ``--link-latency`` / ``--link-bandwidth``: ``"to:R=x"``,
+    ``"from:R=x"``, ``"S->D=x"`` (milliseconds, Gb/s). See ALGORITHMS.md, "Network emulation".
+    """
+    return LinkNetwork.build(world.size, latency_ms, gbps, tuple(latency_rules), tuple(bandwidth_rules))
 
 
 def _rates(world, drop_rate, rates) -> LinkRates:
@@ -217,18 +246,21 @@ class RPS(Strategy):
         rates: per-link rates from :func:`link_rates` instead of ``drop_rate``.
         seed: seeds the drop masks (the same on every rank).
         average_optimizer_state: exchange momentum buffers with the model's blocks.
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        network: an emulated network from :func:`link_network`.
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, drop_rate: float = 0.0, rates: LinkRates | None = None,
-                 seed: int = 0, average_optimizer_state: bool = False):
+                 seed: int = 0, average_optimizer_state: bool = False, overlap_rounds: bool = False,
+                 network: LinkNetwork | None = None):
         tau, seed = _check_tau(tau), _check_seed(seed)
         rates = _rates(world, drop_rate, rates)
-        super().__init__(model, optimizer, world, tau=tau, rates=rates, seed=seed,
-                         average_optimizer_state=bool(average_optimizer_state))
+        super().__init__(model, optimizer, world, network=network, tau=tau, rates=rates, seed=seed,
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
 
-    def _build(self, tau, rates, seed, average_optimizer_state):
+    def _build(self, tau, rates, seed, average_optimizer_state, overlap_rounds):
         return _rps.RPS(self.coll, self.flat, self.optimizer, tau=tau, rates=rates, seed=seed,
-                        average_optimizer_state=average_optimizer_state)
+                        average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
 
 
 class LossyAllreduce(Strategy):
@@ -240,10 +272,11 @@ class LossyAllreduce(Strategy):
         seed: seeds the drop masks.
     """
 
-    def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None, seed: int = 0):
+    def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None, seed: int = 0,
+                 network: LinkNetwork | None = None):
         seed = _check_seed(seed)
         rates = _rates(world, drop_rate, rates)
-        super().__init__(model, optimizer, world, rates=rates, seed=seed)
+        super().__init__(model, optimizer, world, network=network, rates=rates, seed=seed)
 
     def _build(self, rates, seed):
         return _lossy.LossyAllreduce(self.coll, self.flat, self.optimizer, tau=1, rates=rates, seed=seed)
@@ -258,4 +291,4 @@ def build(name: str, model, optimizer, world, **options) -> Strategy:
     return globals()[algorithm(name).strategy](model, optimizer, world, **options)
 
 
-__all__ = ["LocalSGD", "LossyAllreduce", "RPS", "Strategy", "SyncSGD", "build", "link_rates"]
+__all__ = ["LocalSGD", "LossyAllreduce", "RPS", "Strategy", "SyncSGD", "build", "link_network", "link_rates"]

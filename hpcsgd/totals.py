@@ -100,6 +100,10 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "bytes_sent": int(totals[4]),
         "bytes_saved": int(totals[5]),
         "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+        # How the rounds travelled: the block exchange's path (shared-memory, alltoallv,
+        # allreduce when lossless), or allreduce for sync and local.
+        "exchange": getattr(getattr(run.strategy.algorithm, "exchange", None), "path", "allreduce"),
+        **{key: round(value, 3) for key, value in run.strategy.coll.network_stats().items()},
         "skipped_steps": int(totals[11]),
         "live_ranks": L,
         "live_rank_ids": list(m.live),

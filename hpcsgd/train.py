@@ -81,6 +81,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (collective over the live ranks)."""
+        self.api.flush()  # an overlapped round in flight is applied before the model is saved
         m, shards = self.membership, ckpt.shard_identity(self.job.index)
         record = {"ranks": m.P, **m.state_dict(), "fingerprint": ckpt.fingerprint(self.cfg, shards),
                   "shards": shards, "wall_s": float(time.perf_counter() - self.t_start)}
@@ -180,6 +181,7 @@ class Trainer:
             **self.totals.timers.as_dict(),
             **api.counters.as_dict(),
             "arrival": api.counters.arrival,
+            **api.coll.network_stats(),
             "live_ranks": len(m.live),
             "coverage": m.coverage(),
             "consensus_distance": distance,

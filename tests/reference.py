@@ -52,6 +52,7 @@ def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
     workers = [Worker(copy.deepcopy(base), cfg, i, P, index, data) for i in range(P)]
     schedule = Schedule.from_config(cfg, index.train_size, P)
     rates = LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop)
+    pending = None
     for t in range(steps):
         lr = schedule.lr_at(cfg, t)
         for w in workers:
@@ -66,6 +67,9 @@ def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
             blockwise_average([w.flat.grad for w in workers], cfg.seed, t, rates)
         for w in workers:
             w.opt.step()
+        if getattr(cfg, "overlap_rounds", False):
+            pending = _overlapped_round(workers, pending if t else None, cfg, t, rates, P)
+            continue
         if (t + 1) % cfg.tau == 0:
             if cfg.algorithm == "local":
                 mean = sum(w.flat.flat for w in workers) / P
@@ -73,7 +77,45 @@ def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
                     w.flat.flat.copy_(mean)
             elif cfg.algorithm == "rps":
                 blockwise_average([w.flat.flat for w in workers], cfg.seed, t, rates)
+    if getattr(cfg, "overlap_rounds", False) and steps:
+        _apply_delayed(workers, pending)  # the last round, applied at the end of training
     return [w.flat.flat.detach().clone() for w in workers]
+
+
+def _overlapped_round(workers, pending, cfg, t, rates, P):
+    """ALGORITHMS.md, "Overlapped rounds": apply the round started after step t-1, then start
+    step t's on snapshots. Returns what is in flight: (snapshots, averages, received masks)."""
+    _apply_delayed(workers, pending)
+    if (t + 1) % cfg.tau:
+        return None
+    snapshots = [w.flat.flat.detach().clone() for w in workers]
+    averages = [s.clone() for s in snapshots]
+    d = snapshots[0].numel()
+    if cfg.algorithm == "local":
+        mean = sum(snapshots) / P
+        for a in averages:
+            a.copy_(mean)
+        received = [torch.ones(d, dtype=torch.bool) for _ in workers]
+    else:  # rps: per block, where w_j reached worker i
+        blockwise_average(averages, cfg.seed, t, rates)
+        a2 = arrival_mask(cfg.seed, t, 2, rates.phase2)
+        offsets = block_offsets(d, P)
+        received = [torch.zeros(d, dtype=torch.bool) for _ in workers]
+        for i in range(P):
+            for j in range(P):
+                if i == j or a2[j, i]:
+                    received[i][offsets[j]:offsets[j + 1]] = True
+    return snapshots, averages, received
+
+
+def _apply_delayed(workers, pending):
+    """x_i <- avg_i + (x_i - s_i) where the average reached worker i; unchanged elsewhere."""
+    if pending is None:
+        return
+    snapshots, averages, received = pending
+    for w, s, a, r in zip(workers, snapshots, averages, received):
+        x = w.flat.flat
+        x[r] = a[r] + (x[r] - s[r])
 
 
 def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: LinkRates) -> None:

@@ -82,13 +82,15 @@ def test_exchange_lossless_fast_path_is_the_two_phase_result_within_a_few_ulp(co
     assert all_ranks(bool(((mine - vectors[r]).abs() <= max(2, P - 1) * ulp).all()))
 
 
+@pytest.mark.parametrize("path", ["alltoallv", "shared-memory"])
 @pytest.mark.parametrize("delta", [0.1, 0.5, 0.9])
-def test_exchange_matches_reference_with_drops(coll, delta):
+def test_exchange_matches_reference_with_drops(coll, delta, path):
     P, r, d = coll.size, coll.rank, 333
     rng = np.random.default_rng(42)
     vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
     rates = LinkRates.build(P, delta)
-    ex = BlockExchange(coll, d, rates, seed=5)
+    ex = BlockExchange(coll, d, rates, seed=5, path=path)
+    assert all_ranks(ex.path == (path if P > 1 else "allreduce"))  # a network of one drops nothing
     for step in range(6):
         mine = vectors[r].clone()
         ex.average(mine, step)
@@ -96,12 +98,13 @@ def test_exchange_matches_reference_with_drops(coll, delta):
         assert all_ranks(torch.allclose(mine, vectors[r], atol=1e-6)), f"step {step}"
 
 
-def test_dropped_messages_save_bytes(coll):
+@pytest.mark.parametrize("path", ["alltoallv", "shared-memory"])
+def test_dropped_messages_save_bytes(coll, path):
     P, d, steps = coll.size, 4000, 200
     totals = {}
     for delta in (0.0, 0.1):
         local = Collectives(coll.comm)
-        ex = BlockExchange(local, d, LinkRates.build(P, delta), seed=3)
+        ex = BlockExchange(local, d, LinkRates.build(P, delta), seed=3, path=path)
         x = torch.zeros(d)
         for step in range(steps):
             ex.average(x, step)
@@ -114,6 +117,30 @@ def test_dropped_messages_save_bytes(coll):
     assert saved0 == 0
     assert sent1 + saved1 == pytest.approx(sent0)  # every byte is either sent or saved
     assert sent1 / sent0 == pytest.approx(0.9, abs=0.02)
+
+
+@pytest.mark.parametrize("d", [5, 4099])
+def test_shared_memory_path_is_the_alltoallv_path_bit_for_bit(coll, d):
+    """The node-local fast path adds the same terms in the same order as the message path:
+    identical bits, step after step, with drops, uneven blocks and a rank that skipped."""
+    P, r = coll.size, coll.rank
+    rates = LinkRates.build(P, 0.3)
+    paths = {p: BlockExchange(coll, d, rates, seed=11, path=p) for p in ("alltoallv", "shared-memory")}
+    rng = np.random.default_rng(100 + r)
+    x = {p: torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for p in paths}
+    x["shared-memory"] = x["alltoallv"].clone()
+    skipper = np.ones(P, dtype=bool)
+    skipper[P - 1] = False
+    for step in range(8):
+        contributors = skipper if step % 3 == 2 else None
+        reports = {p: ex.average(x[p], step, contributors=contributors) for p, ex in paths.items()}
+        assert all_ranks(torch.equal(x["alltoallv"], x["shared-memory"])), f"step {step}"
+        assert all_ranks(reports["alltoallv"] == reports["shared-memory"])  # the same bytes counted
+
+
+def test_exchange_path_is_checked(coll):
+    with pytest.raises(ValueError, match="exchange path must be one of"):
+        BlockExchange(coll, 10, LinkRates.build(coll.size, 0.1), seed=1, path="rdma")
 
 
 def test_masks_identical_on_every_rank(coll):

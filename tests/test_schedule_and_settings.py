@@ -41,6 +41,7 @@ def test_cosine_without_warmup_is_unchanged():
     [
         ({"algorithm": "sync", "drop_rate": 0.3}, "drop rates apply to rps and lossy-allreduce only"),
         ({"algorithm": "local", "link_drop": ["to:1=0.5"]}, "drop rates apply"),
+        ({"algorithm": "sync", "overlap_rounds": True}, "overlap_rounds applies to local and rps only"),
         ({"algorithm": "sync", "tau": 4}, "tau=4 is ignored"),
         ({"algorithm": "local", "tau": 500}, "tau=500 exceeds the run's 100 steps"),
         ({"algorithm": "rps", "fail": ["2@100"]}, "fail 2@100 is at or after the run's last step (99)"),

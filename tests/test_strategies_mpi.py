@@ -84,10 +84,18 @@ def test_local_tau1_q1_plain_sgd_equals_sync(shared_tmp):
     assert all_ranks(close(x_local, x_sync))
 
 
-def test_rps_lossless_tau1_is_model_averaging(shared_tmp):
-    x_rps, _ = run(shared_tmp, "r", algorithm="rps", tau=1, drop_rate=0.0)
-    x_local, _ = run(shared_tmp, "l", algorithm="local", tau=1)
-    assert all_ranks(close(x_rps, x_local))
+@pytest.mark.parametrize("tau", [1, 3])
+def test_rps_lossless_is_model_averaging_bit_for_bit(shared_tmp, tau):
+    """At drop 0 the exchange is one Allreduce whose 1/L rides in the optimizer step, as local
+    SGD's: the same arithmetic, so the same bits (and the same rounds; the bytes as its block
+    messages, which differ from the ring's 2(L-1)/L share by the uneven cut only)."""
+    x_rps, t_rps = run(shared_tmp, "r", algorithm="rps", tau=tau, drop_rate=0.0, momentum=0.9)
+    x_local, t_local = run(shared_tmp, "l", algorithm="local", tau=tau, momentum=0.9)
+    assert all_ranks(torch.equal(x_rps, x_local))
+    c_rps, c_local = t_rps.api.coll.counters, t_local.api.coll.counters
+    assert all_ranks(c_rps.rounds == c_local.rounds and c_rps.bytes_saved == 0)
+    assert all_ranks(c_rps.bytes_sent == pytest.approx(c_local.bytes_sent, rel=0.01))
+    assert all_ranks(c_rps.messages_dropped == 0 and c_rps.arrival in (1.0, None))
 
 
 def test_lossy_allreduce_lossless_equals_sync(shared_tmp):
@@ -152,3 +160,34 @@ def test_overlapped_sync_equals_blocking_sync(shared_tmp, bucket_mb):
     buckets = len(trainer.api.algorithm._buckets)
     assert all_ranks(buckets > 1 if bucket_mb < 0.001 else buckets >= 1)
     assert all_ranks(trainer.api.coll.counters.rounds == STEPS)  # one round per step, however many buckets
+
+
+@pytest.mark.parametrize("algorithm,tau,drop", [("local", 1, 0.0), ("local", 3, 0.0), ("rps", 1, 0.0),
+                                                ("rps", 1, 0.3), ("rps", 2, 0.3)])
+def test_overlapped_rounds_equal_the_delayed_averaging_reference(shared_tmp, algorithm, tau, drop):
+    """x <- avg + (x - s), one step late, per block for RPS (ALGORITHMS.md, "Overlapped rounds")."""
+    import dataclasses
+
+    x, trainer = run(shared_tmp, f"overlap-{algorithm}{tau}{drop}", algorithm=algorithm, tau=tau, drop_rate=drop,
+                     momentum=0.5, overlap_rounds=True)
+    expected = reference(trainer)
+    assert all_ranks(close(x, expected))
+    if trainer.membership.P > 1:  # the delay is real: the blocking rule gives other values
+        m = trainer.membership
+        blocking = simulate(dataclasses.replace(trainer.cfg, overlap_rounds=False), m.P, STEPS)[m.rank]
+        assert all_ranks(not close(x, blocking))
+    rounds = len([t for t in range(STEPS) if (t + 1) % tau == 0])
+    assert all_ranks(trainer.api.coll.counters.rounds == rounds)  # every round started was applied and counted
+
+
+@pytest.mark.parametrize("algorithm", ["local", "rps"])
+def test_overlapped_rounds_with_batchnorm_repeat_bit_for_bit(shared_tmp, algorithm):
+    """The round's thread must not copy the model while the next forward updates BatchNorm's
+    running statistics (they live in the flat buffer): two runs give the same bits."""
+    from mpi4py import MPI
+
+    data = make_shards(shared_tmp / "img", MPI.COMM_WORLD.size, partition="label", features=3 * 8 * 8,
+                       input_shape=(3, 8, 8))
+    runs = [run(shared_tmp, f"bn-{algorithm}{i}", data=str(data), algorithm=algorithm, model="resnet20",
+                batch_size=4, drop_rate=0.2 if algorithm == "rps" else 0.0, overlap_rounds=True)[0] for i in range(2)]
+    assert all_ranks(torch.equal(runs[0], runs[1]))

@@ -1,7 +1,7 @@
 """The papers' experiments at small scale: one command each, then `hpcsgd report`.
 
 Usage (from the checkout, after tools/setup):
-    .venv/bin/python tools/experiments.py {rps,risgd,faults,diversity,all} [--out experiments/]
+    .venv/bin/python tools/experiments.py {rps,risgd,faults,diversity,network,all} [--out experiments/]
 
 Each experiment is a grid file in jobs/sweeps/ (the same file the Slurm array job runs) on the
 embedded digits data set, label-skewed over 4 ranks: its runs go through mpiexec one after the
@@ -33,6 +33,7 @@ FIGURES = {
     "risgd": ("loss_vs_epoch", "loss_vs_rounds"),
     "faults": ("accuracy_vs_epoch", "loss_vs_epoch"),
     "diversity": ("grad_diversity_vs_q", "consensus_vs_epoch"),
+    "network": ("accuracy_vs_wall_s", "loss_vs_wall_s"),
 }
 EXPERIMENTS = {
     # name: (grid file, extra columns of the printed table)
@@ -40,7 +41,11 @@ EXPERIMENTS = {
     "risgd": ("risgd-q-tau.txt", ("rounds", "wall_s")),
     "faults": ("fault-tolerance.txt", ("live_ranks", "coverage", "lost_class_accuracy")),
     "diversity": ("gradient-diversity.txt", ("grad_diversity_intra", "grad_diversity_inter", "consensus_distance")),
+    "network": ("emulated-network.txt", ("rounds", "wall_s", "wall_s_to_85", "network_emulated_s", "network_held_s")),
 }
+# `hpcsgd report` options per experiment (default: none).
+REPORT_ARGS = {"network": ["--target", "0.85", "--x", "wall_s"]}
+TARGET_ACCURACY = 0.85
 
 
 def read_grid(path: Path) -> tuple[Path, list[list[str]]]:
@@ -107,10 +112,23 @@ def train(run_dir: Path, config: Path, shards: Path, ranks: int, flags: list[str
 def derived(summary: dict, run_dir: Path, shards: Path) -> dict:
     """Figures the summary does not hold: accuracy on the classes of a lost chunk."""
     out = dict(summary)
+    out["wall_s_to_85"] = _wall_to_accuracy(run_dir, TARGET_ACCURACY)
     failed = [int(r) for r in summary.get("failures", {})]
     if failed and summary.get("per_class_accuracy"):
         out["lost_class_accuracy"] = _accuracy_on_classes_only_in(failed, summary, shards)
     return out
+
+
+def _wall_to_accuracy(run_dir: Path, target: float) -> float | None:
+    """Rank 0's training wall time at the first evaluation whose averaged model reached ``target``."""
+    metrics = run_dir / "metrics" / "rank-0.jsonl"
+    if not metrics.exists():
+        return None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if (record.get("avg_test_accuracy") or 0) >= target:
+            return record["wall_s"]
+    return None
 
 
 def _accuracy_on_classes_only_in(chunks: list[int], summary: dict, shards: Path) -> float | None:
@@ -145,7 +163,8 @@ def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str], reco
         table.append(f"| {run:<{width}} | " + " | ".join(_fmt(s.get(c)) for c in cols) + " |")
     print("\n".join(table))
     report = out / "report"
-    subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n in names], "--out", str(report)],
+    subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n in names], "--out", str(report),
+                    *REPORT_ARGS.get(name, [])],
                    env=_env(), check=True, stdout=subprocess.DEVNULL)
     print(f"\nreport: {report}/report.md", file=sys.stderr)
     if record is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..comm import Collectives, FlatParams
+from ..optim import scaled_sgd_step
 
 
 class Strategy:
@@ -57,8 +58,32 @@ class Strategy:
         """Continue on a new set of live ranks (after a crash-stop failure)."""
         self.coll = coll
 
+    def flush(self) -> None:
+        """Complete and apply a round still in flight (overlapped rounds; collective).
+
+        Called before anything reads or saves the model as a whole: a checkpoint, the end of
+        training, a change of the live ranks.
+        """
+
     def close(self) -> None:
         """Release hooks or buffers the strategy holds on the model."""
+
+
+def prescaled_optimizer_step(strategy: Strategy) -> None:
+    """The optimizer step that also multiplies the model by ``1/L`` in the same pass.
+
+    The round's average is then a bare Allreduce of the sum: no extra pass over the model
+    after it (that pass was most of the gap between an averaging round and a raw Allreduce).
+    A rank skipping a non-finite step takes no optimizer step but still scales, so that it
+    contributes its current model to a sum every rank has scaled alike. For a power-of-two
+    ``L`` the result is bit for bit the plain step followed by ``(1/L) * sum``.
+    """
+    scale = 1.0 / strategy.coll.size
+    if strategy.contributes():
+        scaled_sgd_step(strategy.optimizer, scale)
+        strategy.flat.buffers.mul_(scale)  # floating buffers (BatchNorm statistics) are averaged too
+    else:
+        strategy.flat.flat.mul_(scale)
 
 
 def momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

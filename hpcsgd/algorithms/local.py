@@ -4,44 +4,51 @@ RI-SGD is this strategy run on a q-redundant data assignment; redundancy lives e
 the data layer, so the communication pattern is local SGD's.
 """
 
-from ..optim import can_scale, scaled_sgd_step
-from .base import Strategy, average_momentum
+from ..errors import ConfigError
+from ..optim import can_scale
+from .base import Strategy, average_momentum, prescaled_optimizer_step
+from .overlap import RoundInFlight
 
 
 class LocalSGD(Strategy):
     """``x_i <- mean over live ranks`` after every step t with ``(t + 1) % tau == 0``.
 
     Momentum stays local unless ``average_optimizer_state`` (like PeriodicModelAverager).
+    With ``overlap_rounds`` the round runs behind the next step and is applied one step
+    late (ALGORITHMS.md, "Overlapped rounds"; hpcsgd/algorithms/overlap.py).
     """
 
     name = "local"
 
-    def __init__(self, *args, average_optimizer_state: bool = False, **kwargs):
+    def __init__(self, *args, average_optimizer_state: bool = False, overlap_rounds: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if overlap_rounds and average_optimizer_state:
+            raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
+                              "(the spec delays the model's average only)")
         self.average_optimizer_state = average_optimizer_state
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
         self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
+        self._in_flight = None
+        if overlap_rounds:
+            self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
 
     def optimizer_step(self, step: int) -> None:
-        """On a round step, the optimizer also multiplies the model by 1/L in the same pass.
-
-        The average is then a bare Allreduce: no extra pass over the model after it (that
-        pass was most of the gap between an averaging round and a raw Allreduce).
-        A rank skipping a non-finite step takes no optimizer step but still scales, so that
-        it contributes its current model to a sum every rank has scaled alike.
-        """
-        size = self.coll.size
-        if not (self.is_round(step) and size > 1 and self._scales):
+        """On a round step, the optimizer also multiplies the model by 1/L (prescaled_optimizer_step)."""
+        if self._in_flight is not None:
+            self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
-            return
-        if self.contributes():
-            scaled_sgd_step(self.optimizer, 1.0 / size)
-            self.flat.buffers.mul_(1.0 / size)  # floating buffers (BatchNorm statistics) are averaged too
+        elif self.is_round(step) and self.coll.size > 1 and self._scales:
+            prescaled_optimizer_step(self)
+            self._prescaled = True
         else:
-            self.flat.flat.mul_(1.0 / size)
-        self._prescaled = True
+            super().optimizer_step(step)
 
     def after_step(self, step: int) -> None:
+        if self._in_flight is not None:
+            self._in_flight.finish(self.flat.flat)  # the previous step's round, if any
+            if self.is_round(step):
+                self._in_flight.start(self.flat.flat, lambda work, coll: coll.allreduce_mean(work))
+            return
         if not self.is_round(step):
             return
         # Parameters and floating buffers travel together in the one flat buffer.
@@ -52,3 +59,17 @@ class LocalSGD(Strategy):
             self.coll.allreduce_mean(self.flat.flat)
         if self.average_optimizer_state:
             average_momentum(self.optimizer, lambda v: self.coll.allreduce_mean(v, tag="momentum", count_round=False))
+
+    def flush(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.finish(self.flat.flat)
+
+    def set_collectives(self, coll) -> None:
+        super().set_collectives(coll)
+        if self._in_flight is not None:  # flushed before the live ranks changed
+            self._in_flight.close()
+            self._in_flight = RoundInFlight(coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
+
+    def close(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.close()

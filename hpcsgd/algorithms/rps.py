@@ -1,7 +1,10 @@
 """RPS, the Reliable Parameter Server: block-wise model averaging over a lossy network."""
 
 from ..comm import BlockExchange, Collectives, LinkRates
-from .base import Strategy, average_momentum
+from ..errors import ConfigError
+from ..optim import can_scale
+from .base import Strategy, average_momentum, prescaled_optimizer_step
+from .overlap import RoundInFlight
 
 
 class RPS(Strategy):
@@ -10,20 +13,39 @@ class RPS(Strategy):
     A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS).
     With ``average_optimizer_state`` the momentum buffers go through the same lossy
     exchange, in the same messages as the model's blocks (the same drop masks), so they are
-    counted as bytes but not as rounds of their own.
+    counted as bytes but not as rounds of their own. With ``overlap_rounds`` the exchange
+    runs behind the next step and the blocks whose average arrived are updated one step late
+    (ALGORITHMS.md, "Overlapped rounds").
     """
 
     name = "rps"
 
-    def __init__(self, *args, rates: LinkRates, seed: int, average_optimizer_state: bool = False, **kwargs):
+    def __init__(self, *args, rates: LinkRates, seed: int, average_optimizer_state: bool = False,
+                 overlap_rounds: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if overlap_rounds and average_optimizer_state:
+            raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
+                              "(the spec delays the model's average only)")
         self.rates = rates
         self.seed = seed
         self.average_optimizer_state = average_optimizer_state
+        self.overlap_rounds = overlap_rounds
+        self._in_flight = None
+        self._prescaled = False  # this round's 1/L already applied by the optimizer step
+        self._scales = can_scale(self.optimizer)
         self._build_exchanges()
 
     def _build_exchanges(self) -> None:
-        self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
+        if self.overlap_rounds:
+            # The exchange lives on the round's own communicator, used only by its thread.
+            if self._in_flight is not None:
+                self._in_flight.close()
+            self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
+            # Message path: its waits can poll (the shared-memory path's fences block and spin).
+            self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed,
+                                          path="alltoallv")
+        else:
+            self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
         self._momentum_exchange = None  # built at first use: momentum buffers appear with the first step
 
     def set_collectives(self, coll: Collectives) -> None:
@@ -35,9 +57,41 @@ class RPS(Strategy):
             self._momentum_exchange = BlockExchange(self.coll, vector.numel(), self.rates, self.seed)
         self._momentum_exchange.average(vector, step, count_round=False)
 
+    def optimizer_step(self, step: int) -> None:
+        """At drop 0 a round is an Allreduce, and its 1/L rides in the optimizer step, as local SGD's."""
+        if self._in_flight is not None:
+            self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
+            super().optimizer_step(step)
+        elif self.exchange.path == "allreduce" and self.is_round(step) and self.coll.size > 1 and self._scales:
+            prescaled_optimizer_step(self)
+            self._prescaled = True
+        else:
+            super().optimizer_step(step)
+
     def after_step(self, step: int) -> None:
+        if self._in_flight is not None:
+            self._start_overlapped(step)
+            return
         if not self.is_round(step):
             return
-        self.exchange.average(self.flat.flat, step)
+        self.exchange.average(self.flat.flat, step, prescaled=self._prescaled)
+        self._prescaled = False
         if self.average_optimizer_state:
             average_momentum(self.optimizer, lambda v: self._average_momentum(v, step))
+
+    def _start_overlapped(self, step: int) -> None:
+        """Apply the previous step's round; start this step's, if it is a round step."""
+        self._in_flight.finish(self.flat.flat)
+        if not self.is_round(step):
+            return
+        exchange = self.exchange  # a skipping rank contributes its current model, as without overlap
+        self._in_flight.start(self.flat.flat, lambda work, coll: exchange.average(work, step),
+                              exchange.received_spans(step))
+
+    def flush(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.finish(self.flat.flat)
+
+    def close(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.close()

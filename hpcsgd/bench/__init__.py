@@ -22,9 +22,10 @@ from .comm import SCALING_SIZES, exchange_rows, scaling_rows, watchdog_rows
 from .costmodel import TABLE, fit_cost_model, print_projection, project
 from .jobs import run_env
 from .timing import DEFAULT_PARAMS, format_rows, time_interleaved, write_json
+from .overlap import overlap_rows
 from .training import accuracy_rows, api_rows, data_rows, ddp_rows, local_rows
 
-SECTIONS = ("exchange", "ddp", "local", "api", "data", "accuracy")
+SECTIONS = ("exchange", "ddp", "local", "api", "overlap", "data", "accuracy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             new = local_rows(comm, reps, warmup, args.quick)
         elif section == "api":
             new = api_rows(comm, reps, warmup, args.quick)
+        elif section == "overlap":
+            new = overlap_rows(comm, reps, warmup, args.quick)
         elif section == "data":
             new = data_rows(comm, reps, args.quick)
         else:

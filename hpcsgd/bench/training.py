@@ -29,7 +29,7 @@ def _gloo_group(comm):
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=comm.rank, world_size=comm.size)
 
 
-def _models(kind: str, quick: bool):
+def models(kind: str, quick: bool):
     """(name, builder, input batch, labels) for the DDP and averager comparisons."""
     import torch
 
@@ -62,7 +62,7 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     world = init(comm, device="cpu")
     rows = []
     for kind in ("mlp", "resnet20"):
-        name, builder, x, y = _models(kind, quick)
+        name, builder, x, y = models(kind, quick)
         torch.manual_seed(0)
         model_h = builder()
         opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01, momentum=0.9)
@@ -105,7 +105,7 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     world = init(comm, device="cpu")
     rows = []
     for kind in ("mlp", "resnet20"):
-        name, builder, x, y = _models(kind, quick)
+        name, builder, x, y = models(kind, quick)
         torch.manual_seed(0)
         model_h = builder()
         opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01)

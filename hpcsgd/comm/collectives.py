@@ -8,12 +8,14 @@ go directly when MPI is CUDA-aware, else through a pinned host buffer reused bet
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from .netem import LinkNetwork, NetworkClock
 from .watchdog import WATCHDOG
 
 
@@ -75,7 +77,10 @@ class AverageRequest:
     """A pending in-place average; owns its staging buffer; ``wait()``/``test()`` like MPI."""
 
     def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int,
-                 comm: MPI.Comm | None = None, op: str = "Iallreduce"):
+                 comm: MPI.Comm | None = None, op: str = "Iallreduce", clock: NetworkClock | None = None,
+                 deadline: float = 0.0):
+        self._clock = clock  # an emulated network: done no earlier than deadline
+        self._deadline = deadline
         self._request = request
         self._comm = comm if comm is not None else MPI.COMM_WORLD
         self._op = op
@@ -86,12 +91,15 @@ class AverageRequest:
 
     def test(self) -> bool:
         if not self._done and self._request.Test():
-            self._finish()
+            if self._clock is None or self._clock.done(self._deadline):
+                self._finish()
         return self._done
 
     def wait(self) -> torch.Tensor:
         if not self._done:
             WATCHDOG.wait(self._request, self._op, self._comm)
+            if self._clock is not None:
+                self._clock.hold(self._deadline)
             self._finish()
         return self._tensor
 
@@ -111,9 +119,11 @@ class Collectives:
         world_ranks: the original (COMM_WORLD) rank of each member of ``comm``, in order;
             drop masks and fault schedules are indexed by these ids.
         cuda_aware: pass CUDA tensors straight to MPI instead of staging through host memory.
+        network: an emulated network (see hpcsgd/comm/netem.py); None: the real one only.
     """
 
-    def __init__(self, comm: MPI.Comm, world_ranks: list[int] | None = None, cuda_aware: bool | None = None):
+    def __init__(self, comm: MPI.Comm, world_ranks: list[int] | None = None, cuda_aware: bool | None = None,
+                 network: LinkNetwork | None = None):
         self.comm = comm
         self.world_ranks = np.asarray(world_ranks if world_ranks is not None else range(comm.size), dtype=np.int64)
         if len(self.world_ranks) != comm.size:
@@ -121,6 +131,12 @@ class Collectives:
         self.cuda_aware = cuda_aware_from_env() if cuda_aware is None else cuda_aware
         self.counters = CommCounters()
         self._staging = HostStaging()
+        self.clock = NetworkClock(network) if network is not None else None
+        # Wait by polling with Test and yielding the core between polls (sched_yield) instead
+        # of blocking in MPI, whose wait spins without yielding. The worker thread of an
+        # overlapped round does: beside the training thread on shared cores, a spinning wait
+        # took the core the computation needed (forward and backward ran at half speed).
+        self.yield_while_waiting = False
 
     @property
     def size(self) -> int:
@@ -148,6 +164,15 @@ class Collectives:
         host.copy_(tensor.reshape(-1))
         return host.numpy(), host
 
+    def wait(self, request: MPI.Request, op: str) -> None:
+        """Wait for ``request`` under the watchdog: blocking, or polling and yielding (see above)."""
+        if not self.yield_while_waiting:
+            WATCHDOG.wait(request, op, self.comm)
+            return
+        with WATCHDOG.guard(op, self.comm):
+            while not request.Test():
+                os.sched_yield()
+
     # -- averaging ---------------------------------------------------------------------
     def iallreduce_mean(
         self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
@@ -159,10 +184,12 @@ class Collectives:
         bucket of several is not a round of its own).
         """
         buf, host = self.mpi_view(tensor, tag)
+        t0 = time.perf_counter() if self.clock is not None else 0.0
         request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._count_allreduce(tensor, count_round)
         return AverageRequest(
-            request, tensor, host, self.size if count is None else max(count, 1), self.comm, f"Iallreduce [{tag}]"
+            request, tensor, host, self.size if count is None else max(count, 1), self.comm, f"Iallreduce [{tag}]",
+            self.clock, self.ring_deadline(t0, tensor.numel() * tensor.element_size()),
         )
 
     def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
@@ -172,8 +199,14 @@ class Collectives:
         Allreduce of a large buffer measured about 10% faster than Iallreduce + Wait.
         """
         buf, host = self.mpi_view(tensor, tag)
-        with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        t0 = time.perf_counter() if self.clock is not None else 0.0
+        if self.yield_while_waiting:
+            self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
+        else:
+            with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if self.clock is not None:
+            self.clock.hold(self.ring_deadline(t0, tensor.numel() * tensor.element_size()))
         self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
@@ -195,6 +228,19 @@ class Collectives:
         if divisor > 1:
             tensor.mul_(1.0 / divisor)
         return tensor
+
+    def ring_deadline(self, t0: float, nbytes: int) -> float:
+        """When an Allreduce of ``nbytes`` started at ``t0`` completes on the emulated network."""
+        if self.clock is None:
+            return 0.0
+        latency, transfer = self.clock.network.ring_seconds(self.world_ranks, nbytes)
+        return self.clock.deadline(t0, latency, transfer)
+
+    def network_stats(self) -> dict:
+        """Emulated network time of this rank's rounds, and how much of it was not hidden ({} when off)."""
+        if self.clock is None:
+            return {}
+        return {"network_emulated_s": self.clock.emulated_seconds, "network_held_s": self.clock.held_seconds}
 
     def _count_allreduce(self, tensor: torch.Tensor, count_round: bool = True) -> None:
         size = self.size
@@ -258,4 +304,5 @@ class Collectives:
             return None
         live = Collectives(new_comm, list(self.world_ranks[flags]), self.cuda_aware)
         live.counters = self.counters
+        live.clock = self.clock  # one emulated link per rank, before and after
         return live

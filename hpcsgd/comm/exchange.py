@@ -9,6 +9,7 @@ whose average was lost keeps the rank's own values without any copy.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,12 @@ from mpi4py import MPI
 from .blocks import block_offsets
 from .collectives import Collectives
 from .lossy import LinkRates, arrival_mask
+from .shm import SharedWindow
 from .watchdog import WATCHDOG
+
+# How the two phases travel, when messages can be dropped (lossless exchanges are one Allreduce):
+# auto: shared-memory where every live rank shares one node, else alltoallv.
+PATHS = ("auto", "alltoallv", "shared-memory")
 
 
 @dataclass
@@ -40,9 +46,12 @@ class BlockExchange:
         rates: per-link drop rates indexed by original (world) rank.
         seed: the run's seed, the key of the drop generator.
         align: block alignment in elements (1: sizes differ by at most one).
+        path: ``auto``, ``alltoallv`` or ``shared-memory`` (see ``PATHS``); ``self.path``
+            says which one runs (``allreduce`` when nothing can be dropped).
     """
 
-    def __init__(self, coll: Collectives, numel: int, rates: LinkRates, seed: int, align: int = 1):
+    def __init__(self, coll: Collectives, numel: int, rates: LinkRates, seed: int, align: int = 1,
+                 path: str = "auto"):
         self.coll = coll
         self.numel = numel
         self.rates = rates
@@ -60,6 +69,20 @@ class BlockExchange:
         self._rates = {phase: rates.for_phase(phase)[live] for phase in (1, 2)}
         self._lossless = not (self._rates[1].any() or self._rates[2].any())
         self._all = np.ones((size, size), dtype=bool)
+        self._window = self._open_window(path)
+        self.path = "allreduce" if self._lossless else ("shared-memory" if self._window else "alltoallv")
+
+    def _open_window(self, path: str) -> SharedWindow | None:
+        """The shared window of the fast path, when ``path`` allows it and the node has it (collective)."""
+        if path not in PATHS:
+            raise ValueError(f"exchange path must be one of {', '.join(PATHS)}, not {path!r}")
+        if self._lossless or self.coll.size == 1 or path == "alltoallv":
+            return None
+        window = SharedWindow.create(self.coll.comm, self.numel, max(self._stride, 1))
+        if window is None and path == "shared-memory":
+            raise ValueError("exchange path shared-memory needs every live rank on one node, "
+                             "with room for the window on /dev/shm")
+        return window
 
     def masks(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Arrival masks (live-rank indexed) of phases 1 and 2 at ``step``."""
@@ -73,7 +96,8 @@ class BlockExchange:
         return full[1][np.ix_(world, world)], full[2][np.ix_(world, world)]
 
     def average(
-        self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True
+        self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True,
+        prescaled: bool = False,
     ) -> ExchangeReport:
         """Replace ``tensor`` in place by its block-wise average over the messages that arrived.
 
@@ -84,75 +108,165 @@ class BlockExchange:
                 every rank keeps its own values there, as where an average is lost.
             count_round: whether this exchange is a round of its own (momentum riding with
                 the model's round is not).
+            prescaled: every rank already multiplied its vector by ``1/L`` (only where
+                nothing can be dropped, so the round is one Allreduce of the sum).
         """
         if tensor.numel() != self.numel or tensor.dtype != torch.float32:
             raise ValueError(f"exchange expects a float32 vector of {self.numel} elements")
-        size, me = self.coll.size, self.coll.rank
-        if size == 1:
+        if prescaled and (self.path != "allreduce" or contributors is not None):
+            raise ValueError("a prescaled exchange must be lossless, with every rank contributing")
+        if self.coll.size == 1:
             self.coll.counters.rounds += int(count_round)
             return ExchangeReport(0, 0, 0, 0)
         if contributors is not None and not contributors.any():
             return ExchangeReport(0, 0, 0, 0)  # nothing to average: every rank keeps its values
         buf, host = self.coll.mpi_view(tensor, "exchange")
+        arrived1, arrived2 = self._round_masks(step, contributors)
+        count = 1
+        if self._lossless:
+            count = self._sum_lossless(buf, contributors)
+        elif self._window is not None:
+            self._average_shared(buf, arrived1, arrived2, contributors)
+        else:
+            self._average_alltoallv(buf, arrived1, arrived2, contributors)
+        if host is not None:
+            tensor.copy_(host.view_as(tensor))
+        if count > 1 and not prescaled:
+            tensor.mul_(1.0 / count)
+        return self._account(arrived1, arrived2, self.coll.rank, self.sizes, self._my_size, tensor.element_size(),
+                             count_round)
+
+    def _round_masks(self, step: int, contributors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The phases' arrival masks at ``step``, phase 2 restricted to blocks that have an average."""
         arrived1, arrived2 = self.masks(step)
         if contributors is not None and not self._lossless:
             # A block whose arrived messages all came from non-contributors has no average:
             # its owner sends none, and every rank keeps its own values there.
             arrived2 = arrived2 & (arrived1 & contributors[:, None]).any(axis=0)[:, None]
-        if self._lossless:
-            # Nothing can be dropped: both phases together are the mean of the live ranks'
-            # vectors, which the MPI library's tuned Allreduce computes faster than two
-            # Alltoallv's. It equals the two-phase result up to float summation order (the
-            # Allreduce may add in another order: 1-2 ulp apart for P=4, see the tests).
-            # Traffic is counted as the exchange's, message for message.
-            if contributors is not None and not contributors[me]:
-                buf[...] = 0  # everything arrives, so its own values are replaced anyway
-            with WATCHDOG.guard("Allreduce [block exchange, lossless]", self.coll.comm):
-                self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            if host is not None:
-                tensor.copy_(host.view_as(tensor))
-            count = size if contributors is None else int(contributors.sum())
-            if count > 1:
-                tensor.mul_(1.0 / count)
-            return self._account(arrived1, arrived2, me, self.sizes, self._my_size, tensor.element_size(), count_round)
-        comm = self.coll.comm
-        offsets, sizes, stride = self.offsets[:-1], self.sizes, self._stride
-        my_size = self._my_size
+        return arrived1, arrived2
 
+    def received_spans(self, step: int, contributors: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` element ranges that :meth:`average` at ``step`` replaces by an
+        average on this rank (the blocks whose average reached it); elsewhere it keeps its values."""
+        if contributors is not None and not contributors.any():
+            return []
+        if self.coll.size == 1 or self._lossless:
+            return [(0, self.numel)]
+        _, arrived2 = self._round_masks(step, contributors)
+        off = self.offsets
+        return [(int(off[j]), int(off[j + 1])) for j in np.flatnonzero(arrived2[:, self.coll.rank])]
+
+    def _sum_lossless(self, buf, contributors) -> int:
+        """Nothing can be dropped: both phases together are the mean of the live ranks' vectors.
+
+        The MPI library's tuned Allreduce computes the sum faster than two Alltoallv's; the
+        caller divides by the count returned. It equals the two-phase result up to float
+        summation order (the Allreduce may add in another order: 1-2 ulp apart for P=4, see
+        the tests). Traffic is counted as the exchange's, message for message.
+        """
+        if contributors is not None and not contributors[self.coll.rank]:
+            buf[...] = 0  # everything arrives, so its own values are replaced anyway
+        t0 = time.perf_counter()
+        with WATCHDOG.guard("Allreduce [block exchange, lossless]", self.coll.comm):
+            self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if self.coll.clock is not None:
+            self.coll.clock.hold(self.coll.ring_deadline(t0, self.numel * 4))
+        return self.coll.size if contributors is None else int(contributors.sum())
+
+    def _block_average(self, rows: np.ndarray, block) -> None:
+        """``self._avg <- mean of block(i) over rows``, summed row by row in rank order.
+
+        Row by row: about 20% faster than np.sum over axis 0, which the profile showed as
+        the round's third-largest cost. Both paths add in this order, so they agree bit for bit.
+        """
+        avg = self._avg[:self._my_size]
+        np.copyto(avg, block(rows[0]))
+        for i in rows[1:]:
+            np.add(avg, block(i), out=avg)
+        np.multiply(avg, np.float32(1.0 / len(rows)), out=avg)
+
+    def _contributing_rows(self, arrived1, contributors) -> np.ndarray:
+        from_rows = arrived1[:, self.coll.rank]
+        return np.flatnonzero(from_rows if contributors is None else from_rows & contributors)
+
+    def _average_alltoallv(self, buf, arrived1, arrived2, contributors) -> None:
+        """Both phases as one ``Ialltoallv`` each, a dropped message with count 0 (never sent)."""
+        comm, size, me = self.coll.comm, self.coll.size, self.coll.rank
+        offsets, sizes, stride, my_size = self.offsets[:-1], self.sizes, self._stride, self._my_size
         # Phase 1: v_i[B_j] -> rank j, received into row i of a (size, stride) matrix.
         send_counts = np.where(arrived1[me], sizes, 0)
-        from_rows = arrived1[:, me]
-        recv_counts = np.where(from_rows, my_size, 0)
+        recv_counts = np.where(arrived1[:, me], my_size, 0)
         recv_displs = np.arange(size, dtype=np.int64) * stride
+        t0 = time.perf_counter()
         request = comm.Ialltoallv(
             [buf, (send_counts, offsets), MPI.FLOAT],
             [self._recv, (recv_counts, recv_displs), MPI.FLOAT],
         )
-        WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 1]", comm)
-        # Sum the rows that arrived (row by row: about 20% faster than np.sum over axis 0,
-        # which the profile showed as the round's third-largest cost), then divide.
-        avg = self._avg[:my_size]
-        counted = from_rows if contributors is None else from_rows & contributors
-        arrived_rows = np.flatnonzero(counted)
-        if len(arrived_rows):  # else no average of this block is sent (see arrived2)
-            np.copyto(avg, self._recv[arrived_rows[0], :my_size])
-            for i in arrived_rows[1:]:
-                np.add(avg, self._recv[i, :my_size], out=avg)
-            np.multiply(avg, np.float32(1.0 / len(arrived_rows)), out=avg)
-
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 1]")
+        self._hold_phase(t0, send_counts, recv_counts)
+        rows = self._contributing_rows(arrived1, contributors)
+        if len(rows):  # else no average of this block is sent (see arrived2)
+            self._block_average(rows, lambda i: self._recv[i, :my_size])
         # Phase 2: w_j -> every rank i, received in place into v_i[B_j] where it arrived.
         send_counts2 = np.where(arrived2[me], my_size, 0)
         zero_displs = np.zeros(size, dtype=np.int64)  # every destination reads the same w_j
         recv_counts2 = np.where(arrived2[:, me], sizes, 0)
+        t0 = time.perf_counter()
         request = comm.Ialltoallv(
             [self._avg, (send_counts2, zero_displs), MPI.FLOAT],
             [buf, (recv_counts2, offsets), MPI.FLOAT],
         )
-        WATCHDOG.wait(request, "Ialltoallv [block exchange, phase 2]", comm)
-        if host is not None:
-            tensor.copy_(host.view_as(tensor))
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 2]")
+        self._hold_phase(t0, send_counts2, recv_counts2)
 
-        return self._account(arrived1, arrived2, me, sizes, my_size, tensor.element_size(), count_round)
+    def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:
+        """Both phases through the node's shared window (see hpcsgd/comm/shm.py).
+
+        A rank copies into its region only the blocks whose phase-1 message arrives; block
+        j's owner reads the arrived ones from its peers' regions (its own from its vector)
+        and writes the average into its result slots; each rank copies the averages whose
+        phase-2 message reached it. Three fences: the sends are visible, the averages are
+        visible, and nobody still reads a region the next round overwrites.
+        """
+        win, me, off, sizes, my_size = self._window, self.coll.rank, self.offsets, self.sizes, self._my_size
+        mine = win.views[me]
+        t0 = time.perf_counter()
+        for j in np.flatnonzero(arrived1[me]):
+            if j != me:
+                mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
+        win.fence("phase 1 sent")
+        self._hold_phase(t0, np.where(arrived1[me], sizes, 0), np.where(arrived1[:, me], my_size, 0))
+        rows = self._contributing_rows(arrived1, contributors)
+        lo, hi = off[me], off[me + 1]
+        t0 = time.perf_counter()
+        if len(rows):
+            self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi])
+            win.result(me, my_size)[...] = self._avg[:my_size]
+        win.fence("phase 2 sent")
+        self._hold_phase(t0, np.where(arrived2[me], my_size, 0), np.where(arrived2[:, me], sizes, 0))
+        for j in np.flatnonzero(arrived2[:, me]):
+            buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
+        win.fence("round done")
+
+    def _hold_phase(self, t0: float, send_counts: np.ndarray, recv_counts: np.ndarray) -> None:
+        """On an emulated network, hold until the phase started at ``t0`` would complete.
+
+        The rank's sends queue on its one link (so both phases together move what a ring
+        Allreduce moves); its slowest incoming message and the longest latency of the links
+        it uses bound the phase too. Counts are in floats, indexed by live rank.
+        """
+        clock = self.coll.clock
+        if clock is None:
+            return
+        net, world, me = clock.network, self.coll.world_ranks, self.coll.rank
+        others = np.arange(self.coll.size) != me
+        sends = np.flatnonzero(others & (send_counts > 0))
+        recvs = np.flatnonzero(others & (recv_counts > 0))
+        send_time = sum(send_counts[j] * 4 / net.bandwidth[world[me], world[j]] for j in sends)
+        recv_time = max((recv_counts[i] * 4 / net.bandwidth[world[i], world[me]] for i in recvs), default=0.0)
+        latency = max([net.latency[world[me], world[j]] for j in sends] + [net.latency[world[i], world[me]] for i in recvs],
+                      default=0.0)
+        clock.hold(clock.deadline(t0, float(latency), float(max(send_time, recv_time))))
 
     def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> ExchangeReport:
         """Count this rank's sends: off-diagonal messages only (its own block stays home)."""

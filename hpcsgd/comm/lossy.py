@@ -94,27 +94,34 @@ class LinkRates:
                 raise ConfigError("link drop matrix entries must be in [0, 1)")
             for m in mats:
                 m[:] = matrix
-        for rule in rules:
-            match = _RULE.match(rule)
-            if not match:
-                raise ConfigError(
-                    f"link_drop rule {rule!r} is not of the form 'to:R=x', 'from:R=x' or 'S->D=x'"
-                )
-            rate = float(match["rate"])
-            _check_rate(f"link_drop rule {rule!r}", rate)
-            ranks = [int(r) for r in (match["rank"], match["src"], match["dst"]) if r is not None]
-            if any(r >= size for r in ranks):
-                raise ConfigError(f"link_drop rule {rule!r} names a rank outside 0..{size - 1}")
-            for m in mats:
-                if match["kind"] == "to":
-                    m[:, ranks[0]] = rate
-                elif match["kind"] == "from":
-                    m[ranks[0], :] = rate
-                else:
-                    m[ranks[0], ranks[1]] = rate
+        apply_link_rules(mats, rules, size, "link_drop", _check_rate)
         for m in mats:
             np.fill_diagonal(m, 0.0)
         return cls(mats[0], mats[1])
+
+
+def apply_link_rules(mats: list[np.ndarray], rules, size: int, name: str, check) -> None:
+    """Apply ``"to:R=x"`` (links into R), ``"from:R=x"`` (out of R), ``"S->D=x"`` rules in order.
+
+    Shared by the drop rates and the emulated network's latency and bandwidth; ``check(what,
+    value)`` raises a ConfigError for a value out of range.
+    """
+    for rule in rules:
+        match = _RULE.match(rule)
+        if not match:
+            raise ConfigError(f"{name} rule {rule!r} is not of the form 'to:R=x', 'from:R=x' or 'S->D=x'")
+        value = float(match["rate"])
+        check(f"{name} rule {rule!r}", value)
+        ranks = [int(r) for r in (match["rank"], match["src"], match["dst"]) if r is not None]
+        if any(r >= size for r in ranks):
+            raise ConfigError(f"{name} rule {rule!r} names a rank outside 0..{size - 1}")
+        for m in mats:
+            if match["kind"] == "to":
+                m[:, ranks[0]] = value
+            elif match["kind"] == "from":
+                m[ranks[0], :] = value
+            else:
+                m[ranks[0], ranks[1]] = value
 
 
 def _check_rate(name: str, value: float) -> None:

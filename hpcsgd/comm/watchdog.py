@@ -48,19 +48,25 @@ class _Call:
 
 
 class _Guard:
-    __slots__ = ("dog", "call", "previous")
+    """Records the call for the thread that makes it (an overlapped round waits in its own thread)."""
+
+    __slots__ = ("dog", "call", "previous", "thread")
 
     def __init__(self, dog: "Watchdog", call: _Call):
         self.dog = dog
         self.call = call
 
     def __enter__(self):
-        self.previous = self.dog.current
-        self.dog.current = self.call
+        self.thread = threading.get_ident()
+        self.previous = self.dog.calls.get(self.thread)
+        self.dog.calls[self.thread] = self.call
         return self
 
     def __exit__(self, *exc):
-        self.dog.current = self.previous
+        if self.previous is None:
+            self.dog.calls.pop(self.thread, None)
+        else:
+            self.dog.calls[self.thread] = self.previous
         return False
 
 
@@ -88,11 +94,17 @@ class Watchdog:
     def __init__(self):
         self.timeout = 0.0
         self.step: int | None = None
-        self.current: _Call | None = None
+        self.calls: dict[int, _Call] = {}  # per thread: what it is waiting in
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._peers: dict[int, tuple[str, int]] = {}  # COMM_WORLD rank -> (host, pid)
         self._requests: list = []  # replies in flight (kept so their buffers live)
+
+    @property
+    def current(self) -> _Call | None:
+        """The longest-waiting guarded call of any thread (None: none)."""
+        calls = list(self.calls.values())
+        return min(calls, key=lambda call: call.t0) if calls else None
 
     # -- the main thread's side ----------------------------------------------------------
     def arm(self, comm: MPI.Comm, timeout: float) -> None:

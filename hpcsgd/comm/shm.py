@@ -1,0 +1,90 @@
+"""An MPI-3 shared-memory window over the ranks of one node: the block exchange's fast path.
+
+When every live rank shares one node, RPS's two phases need no messages at all: each rank
+puts the blocks it sends into its region of one shared window, each block's owner reads
+the blocks that arrived straight from its peers' regions and writes their average into its
+own region, and each rank copies the averages that reached it. Against MPICH's tuned
+Allreduce of the same vector this measured 0.75 (5.8M floats, 4 ranks on 2 cores), where
+two ``Ialltoallv`` took 1.2: a message through shared memory is copied twice (into a
+shared cell, out of it), a load from a peer's region once.
+
+A dropped message is never copied (its owner reads only the blocks that arrived, a rank
+copies only the averages that reached it), so bytes sent and saved mean what they mean
+for the ``Alltoallv`` path; the results are bit-identical to it (same additions in the
+same order).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+from .watchdog import WATCHDOG
+
+# Head-room left free on /dev/shm: a window that does not fit there fails with SIGBUS at
+# first touch, not with an error, so the space is checked before allocating.
+_SHM_DIR = "/dev/shm"
+_HEADROOM = 64 << 20
+
+
+def _free_shm_bytes() -> int | None:
+    """Free bytes on the node's shared-memory filesystem (None: unknown, no such mount)."""
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class SharedWindow:
+    """Each rank's float32 region of one shared window: ``numel`` send slots + ``stride`` result slots.
+
+    Build it with :meth:`create` (collective over ``comm``), which returns None when the
+    ranks of ``comm`` do not all share one node or the node lacks the memory.
+    """
+
+    def __init__(self, win: MPI.Win, comm: MPI.Comm, views: list[np.ndarray], numel: int):
+        self._win = win
+        self._comm = comm
+        self.views = views  # views[r]: rank r's region, readable and writable by every rank
+        self.numel = numel
+
+    @classmethod
+    def create(cls, comm: MPI.Comm, numel: int, stride: int) -> "SharedWindow | None":
+        """Collective over ``comm``: the window, or None where it cannot be used (every rank agrees)."""
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        one_node = node.size == comm.size
+        nbytes = (numel + stride) * 4
+        free = _free_shm_bytes() if node.rank == 0 else None
+        fits = free is None or free >= nbytes * node.size + _HEADROOM
+        # Every rank must take the same decision, or some would wait in Allocate_shared.
+        usable = comm.allreduce(int(one_node and fits), op=MPI.MIN)
+        if not usable:
+            node.Free()
+            return None
+        with WATCHDOG.guard("Win_allocate_shared [shared-memory exchange]", node):
+            win = MPI.Win.Allocate_shared(nbytes, 4, comm=node)
+        views = []
+        for r in range(node.size):
+            buf, _ = win.Shared_query(r)
+            views.append(np.frombuffer(buf, dtype=np.float32, count=numel + stride))
+        return cls(win, node, views, numel)
+
+    def fence(self, what: str) -> None:
+        """Every rank's stores to the window are visible to every rank after this (collective)."""
+        with WATCHDOG.guard(f"Win_fence [shared-memory exchange, {what}]", self._comm):
+            self._win.Fence()
+
+    def result(self, rank: int, size: int) -> np.ndarray:
+        """Rank ``rank``'s result slots (its block's average), ``size`` floats."""
+        return self.views[rank][self.numel:self.numel + size]
+
+    def free(self) -> None:
+        """Collective: release the window (MPI_Finalize releases one that is never freed)."""
+        self._win.Free()
+        self._comm.Free()
+
+
+__all__ = ["SharedWindow"]
