@@ -28,6 +28,7 @@ MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
 NAN_POLICIES = ("stop", "skip")
 CHUNK_WEIGHTINGS = ("size", "uniform")
+FAIL_MODES = ("leave", "kill")
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
@@ -72,6 +73,7 @@ class TrainConfig:
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
+    fail_mode: str = "leave"  # leave | kill: a failing rank leaves politely, or SIGKILLs itself (needs mpirun --with-ft ulfm)
     reweight: bool = False  # after failures, sample and scale losses so every covered chunk keeps its weight
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
@@ -296,6 +298,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _choice("nan_policy", cfg.nan_policy, NAN_POLICIES)
     _choice("chunk_weighting", cfg.chunk_weighting, CHUNK_WEIGHTINGS)
+    _choice("fail_mode", cfg.fail_mode, FAIL_MODES)
     _choice("progress", cfg.progress, PROGRESS)
     _choice("device", cfg.device, DEVICES)
     _at_least("q", cfg.q, 1)

@@ -66,6 +66,10 @@ class StopSignal:
         self._request = coll.comm.Iallreduce(self._send, self._result, op=MPI.MAX)
         return stop
 
+    def abandon(self) -> None:
+        """Forget the exchange in flight: its communicator was revoked after a rank died (ULFM)."""
+        self._request = None
+
     def drain(self) -> None:
         if self._request is not None:
             from .comm.watchdog import WATCHDOG

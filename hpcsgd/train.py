@@ -22,7 +22,8 @@ from mpi4py import MPI
 
 from . import checkpoint as ckpt
 from . import startup
-from .comm import LinkRates
+from .comm import LinkRates, ulfm
+from .recovery import Recovery, check_launch
 from .comm.agree import agree
 from .comm.device import apply_threads, select_device
 from .comm.watchdog import WATCHDOG
@@ -153,6 +154,7 @@ class Trainer:
         self.index = agree(world, lambda: read_index(cfg.data), "shards")
         self.P = self.index.parts
         agree(world, lambda: validate_for_world(cfg, self.P, self.index.chunk_sizes), "config")
+        agree(world, lambda: check_launch(cfg), "config")
         self.schedule = Schedule.from_config(cfg, self.index.train_size, self.P)
         faults = cfg.fault_schedule(self.P, self.schedule.steps_per_epoch, self.schedule.total_steps)
         # A failure scheduled at or after the last step never happens (warned about below).
@@ -181,7 +183,8 @@ class Trainer:
         )
         # The strategy a user would build (hpcsgd.SyncSGD, ...): it moves the model into a
         # flat buffer, broadcasts rank 0's copy and takes every step.
-        run_world = world_for_run(world, self.roles, self.P, self.device)
+        # Under ULFM training runs on a duplicate that returns errors (see hpcsgd.recovery).
+        run_world = world_for_run(ulfm.training_comm(world), self.roles, self.P, self.device)
         self.api = build_strategy(cfg.algorithm, self.model, self.optimizer, run_world, **self._strategy_options())
         self.flat, self.coll, self.strategy = self.api.flat, self.api.coll, self.api.algorithm
         sizes = {c: self.index.chunk_sizes[c] for c in chunks_for_rank(self.P, cfg.q, self.rank)}
@@ -336,14 +339,17 @@ class Trainer:
         fail_step = self.faults.get(world_rank)
         return world_rank not in self.departed and (fail_step is None or step < fail_step)
 
-    def _apply_failures(self, step: int) -> None:
-        """At ``step``, ranks scheduled to fail leave; survivors continue on a new comm."""
+    def _apply_failures(self, step: int, survivors: MPI.Comm | None = None) -> None:
+        """At ``step``, ranks scheduled to fail leave; survivors continue on a new comm.
+
+        ``survivors``: the live ranks' communicator when the ranks really died (hpcsgd.recovery).
+        """
         leaving = {**self.faults, **dict.fromkeys(self.departed, self.start_step)}
         failing = [r for r, s in leaving.items() if s <= step and r in self.live_world]
         if not failing:
             return
         self.stop.drain()  # a pending flag exchange must finish on the old communicator
-        still_alive = self.api.fail(failing)
+        still_alive = self.api.fail(failing, survivors)
         self.live_world = [r for r in self.live_world if r not in failing]
         if not still_alive:
             self.alive = False
@@ -392,27 +398,40 @@ class Trainer:
         self.t_start = time.perf_counter() - (self.resume_state or {}).get("wall_s", 0.0)
         self.loss_window: list[float] = getattr(self, "resume_loss_window", [])
         sched = self.schedule
-        for step in range(self.start_step, sched.total_steps):
-            WATCHDOG.step = step + 1  # named, as metrics count steps, if a collective times out
-            self._apply_failures(step)
-            if not self.alive:
-                self.metrics.close()
-                return None
-            self.train_step(step)
-            done = step + 1
-            if self._is_log_step(step):
-                self.log(step, evaluate=sched.eval_every > 0 and done % sched.eval_every == 0)
-            if sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.total_steps:
-                ckpt.save(self, done)
-            if self.stop.requested(self.coll):
-                self.stop.drain()
-                ckpt.save(self, done)
-                self.progress.close()
-                self.metrics.close()
-                raise ckpt.Preempted(done)
+        self.recovery = Recovery(self)
+        step = self.start_step
+        while True:
+            try:
+                self.recovery.begin(step)  # under ULFM: the values to redo this step from
+                if step == sched.total_steps:
+                    return self._end()
+                WATCHDOG.step = step + 1  # named, as metrics count steps, if a collective times out
+                self._apply_failures(step)
+                if not self.alive:
+                    self.metrics.close()
+                    return None
+                self.train_step(step)
+                done = step + 1
+                if self._is_log_step(step):
+                    self.log(step, evaluate=sched.eval_every > 0 and done % sched.eval_every == 0)
+                if sched.checkpoint_every and done % sched.checkpoint_every == 0 and done < sched.total_steps:
+                    ckpt.save(self, done)
+                if self.stop.requested(self.coll):
+                    self.stop.drain()
+                    ckpt.save(self, done)
+                    self.progress.close()
+                    self.metrics.close()
+                    raise ckpt.Preempted(done)
+            except MPI.Exception as exc:  # a rank died (ULFM): redo from the step the survivors agree on
+                step = self.recovery.recover(exc, step)  # anything else is raised again
+                continue
+            step += 1
+
+    def _end(self) -> dict | None:
+        """After the last step: final checkpoint, evaluation and summary."""
         self.stop.drain()
         self.progress.close()
-        ckpt.save(self, sched.total_steps)
+        ckpt.save(self, self.schedule.total_steps)
         summary = self.finish()
         self.api.close()
         self.metrics.close()
@@ -659,6 +678,7 @@ class Trainer:
             "live_rank_ids": list(self.live_world),
             "coverage": self.coverage(),
             "failures": {str(r): s for r, s in sorted(self.faults.items())},
+            "failure_records": self.recovery.failure_records(),
             "reweight": cfg.reweight,
             "chunk_holders": {str(k): v for k, v in chunk_holders(self.P, cfg.q, self.live_world, self.adopted).items()},
             "world_size": self.W,

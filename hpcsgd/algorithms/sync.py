@@ -108,6 +108,12 @@ class SyncSGD(Strategy):
         self._pending = list(self._counts)
         self._take_buffers()
 
+    def set_collectives(self, coll) -> None:
+        """Continue on new live ranks; bucket Averages of a round a real failure interrupted are dropped."""
+        super().set_collectives(coll)
+        self._requests.clear()
+        self._pending = list(self._counts) if self.overlap else self._pending
+
     def _take_buffers(self) -> None:
         if self.contributor_count() > 0:  # with no contribution the sum is zeros: keep our own
             self.flat.unpack_buffers()

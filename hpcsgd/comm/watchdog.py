@@ -144,7 +144,12 @@ class Watchdog:
             if self.timeout <= 0 or MPI.Is_finalized():
                 continue
             if self._multiple:
-                self._answer_alarms()
+                try:
+                    self._answer_alarms()
+                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.recovery repairs the job)
+                    from .ulfm import ack_world_failures
+
+                    ack_world_failures()
             call = self.current
             if call is not None and time.monotonic() - call.t0 > self.timeout:
                 self._fire(call)
