@@ -268,6 +268,9 @@ def leave(code: int) -> typing.NoReturn:
             pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        watchdog = sys.modules.get("hpcsgd.comm.watchdog")
+        if watchdog is not None:
+            watchdog.WATCHDOG.shutdown()  # its thread must not probe while MPI finalizes
         mpi.Finalize()
     os._exit(code)
 

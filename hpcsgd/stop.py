@@ -67,7 +67,14 @@ class StopSignal:
         return stop
 
     def abandon(self) -> None:
-        """Forget the exchange in flight: its communicator was revoked after a rank died (ULFM)."""
+        """End the exchange in flight: its communicator was revoked after a rank died (ULFM)."""
+        from mpi4py import MPI
+
+        if self._request is not None:
+            try:
+                self._request.Wait()  # returns at once with MPI_ERR_REVOKED (or completed)
+            except MPI.Exception:
+                pass
         self._request = None
 
     def drain(self) -> None:

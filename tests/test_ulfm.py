@@ -115,6 +115,13 @@ def test_rps_lossy_killed_rank_continues_as_simulated(tmp_path, digits):
 
 
 @needs_ulfm
+def test_sync_overlapped_buckets_killed_rank_continues_as_simulated(tmp_path, digits):
+    # The death lands while bucket Iallreduces are in flight from backward's hooks.
+    kill, leave = killed_and_simulated(tmp_path, digits, "--algorithm", "sync", "--fail", "1@40")
+    check_same_as_simulated(tmp_path, kill, leave, {1: 40})
+
+
+@needs_ulfm
 def test_rank0_and_a_second_rank_killed_at_different_steps(tmp_path, digits):
     kill, leave = killed_and_simulated(tmp_path, digits, "--algorithm", "local", "--fail", "0@30", "3@50")
     check_same_as_simulated(tmp_path, kill, leave, {0: 30, 3: 50})

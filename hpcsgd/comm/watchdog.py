@@ -130,6 +130,10 @@ class Watchdog:
         self._thread.start()
         atexit.register(self._shutdown)  # runs before mpi4py's MPI_Finalize (registered earlier)
 
+    def shutdown(self) -> None:
+        """Stop the monitor thread (before MPI_Finalize: no thread may call MPI during it)."""
+        self._shutdown()
+
     def _shutdown(self) -> None:
         self._stop.set()
         if self._thread is not None:
