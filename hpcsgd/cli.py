@@ -271,7 +271,11 @@ def leave(code: int) -> typing.NoReturn:
         watchdog = sys.modules.get("hpcsgd.comm.watchdog")
         if watchdog is not None:
             watchdog.WATCHDOG.shutdown()  # its thread must not probe while MPI finalizes
-        mpi.Finalize()
+        ulfm = sys.modules.get("hpcsgd.comm.ulfm")
+        if ulfm is not None:
+            ulfm.finalize_bounded(code)  # after a survived death Open MPI's finalize may never return
+        else:
+            mpi.Finalize()
     os._exit(code)
 
 

@@ -12,8 +12,17 @@ is False and nothing here is used: a death aborts the job as before.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 from mpi4py import MPI
+
+# Ranks of this job that died and were survived (repair() counts them).
+deaths_survived = 0
+# After a death, Open MPI's MPI_Finalize sometimes waits forever for the dead (3 of 6 runs with
+# two deaths here, in ompi_mpi_finalize's progress loop): it is given this long, then the
+# process leaves without it (see finalize_bounded).
+FINALIZE_TIMEOUT_S = 10.0
 
 # What `mpirun --with-ft ulfm` (or `--mca mpi_ft_enable 1`) exports to every rank.
 FT_VARIABLE = "OMPI_MCA_mpi_ft_enable"
@@ -85,8 +94,47 @@ def repair(comm: MPI.Comm) -> tuple[MPI.Comm, list[int]]:
         ordered.Set_errhandler(MPI.ERRORS_RETURN)
         survivors, kept = ordered, sorted(kept)
     dead = sorted(set(range(comm.size)) - set(kept))
+    global deaths_survived
+    deaths_survived += len(dead)
     ack_world_failures()
     return survivors, dead
+
+
+def finalize_bounded(code: int) -> None:
+    """``MPI_Finalize``; after a survived death, leave with ``code`` if it has not returned in time.
+
+    The run's results are written before this; only the library's teardown is cut short.
+    """
+    if deaths_survived:
+        def give_up() -> None:
+            sys.stderr.write(f"hpcsgd: warning: MPI_Finalize did not return within {FINALIZE_TIMEOUT_S:.0f} s "
+                             f"after a process death (Open MPI ULFM); leaving without it\n")
+            sys.stderr.flush()
+            os._exit(code)
+
+        timer = threading.Timer(FINALIZE_TIMEOUT_S, give_up)
+        timer.daemon = True
+        timer.start()
+        library = _libmpi()
+        if library is not None:
+            # Through ctypes, which lets go of the GIL during the call (mpi4py's Finalize holds
+            # it): the timer's thread must be able to run while the library waits. The process
+            # leaves right after, so mpi4py never learns that MPI was finalized.
+            library.MPI_Finalize()
+            return
+    MPI.Finalize()
+
+
+def _libmpi():
+    """The MPI library this process loaded, for ctypes (None where it cannot be found)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "/libmpi.so" in line), None)
+        return ctypes.CDLL(path) if path else None
+    except OSError:
+        return None
 
 
 def ack_world_failures() -> None:
@@ -100,4 +148,4 @@ def ack_world_failures() -> None:
         pass
 
 
-__all__ = ["FT_VARIABLE", "LAUNCH_HINT", "ack_world_failures", "active", "is_process_failure", "repair", "training_comm", "why_inactive"]
+__all__ = ["FT_VARIABLE", "LAUNCH_HINT", "ack_world_failures", "active", "finalize_bounded", "is_process_failure", "repair", "training_comm", "why_inactive"]
