@@ -20,6 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .comm import LinkRates
 from .comm.netem import LinkNetwork
+from .comm import ulfm
 from .comm.agree import agree
 from .comm.device import apply_threads, select_device
 from .comm.watchdog import WATCHDOG
@@ -29,6 +30,7 @@ from .errors import ConfigError
 from .membership import Membership
 from .models import build_model
 from .optim import ScalingSGD
+from .recovery import check_launch
 from .registry import algorithm
 from .rundir import claim, prepare
 from .schedule import Schedule, pointless_settings
@@ -93,7 +95,8 @@ def assemble(cfg: TrainConfig, comm) -> Run:
     # The strategy a user would build (hpcsgd.SyncSGD, ...): it moves the model into a
     # flat buffer, broadcasts rank 0's copy and takes every step.
     m = run.membership
-    run_world = world_for_run(comm, m.roles, m.P, run.device)
+    # Under ULFM training runs on a duplicate that returns errors (see hpcsgd.recovery).
+    run_world = world_for_run(ulfm.training_comm(comm), m.roles, m.P, run.device)
     run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates, network))
     m.attach(run.strategy)
     return run
@@ -106,6 +109,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     index = agree(comm, lambda: read_index(cfg.data), "shards")
     P = index.parts
     agree(comm, lambda: validate_for_world(cfg, P, index.chunk_sizes), "config")
+    agree(comm, lambda: check_launch(cfg), "config")  # fail_mode kill needs ULFM
     schedule = Schedule.from_config(cfg, index.train_size, P)
     faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps)
     # A failure scheduled at or after the last step never happens (warned about here).

@@ -269,7 +269,14 @@ def leave(code: int) -> typing.NoReturn:
             pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
+        watchdog = sys.modules.get("hpcsgd.comm.watchdog")
+        if watchdog is not None:
+            watchdog.WATCHDOG.shutdown()  # its thread must not probe while MPI finalizes
+        ulfm = sys.modules.get("hpcsgd.comm.ulfm")
+        if ulfm is not None:
+            ulfm.finalize_bounded(code)  # after a survived death Open MPI's finalize may never return
+        else:
+            mpi.Finalize()
     os._exit(code)
 
 

@@ -28,6 +28,7 @@ MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
 NAN_POLICIES = ("stop", "skip")
 CHUNK_WEIGHTINGS = ("size", "uniform")
+FAIL_MODES = ("leave", "kill")
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
@@ -77,6 +78,7 @@ class TrainConfig:
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
+    fail_mode: str = "leave"  # leave | kill: a failing rank leaves politely, or SIGKILLs itself (needs mpirun --with-ft ulfm)
     reweight: bool = False  # after failures, sample and scale losses so every covered chunk keeps its weight
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
@@ -338,6 +340,12 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1) (an arrival rate above 0), got {value}")
+    _validate_faults(cfg)
+
+
+def _validate_faults(cfg: TrainConfig) -> None:
+    """The injected faults: failures (rate, schedule, mode) and stragglers."""
+    _choice("fail_mode", cfg.fail_mode, FAIL_MODES)
     if not 0.0 <= cfg.fail_rate < 1.0:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:

@@ -101,10 +101,11 @@ class Membership:
         leaving = {**self.faults, **dict.fromkeys(self.departed, self.start_step)}
         return [r for r, s in leaving.items() if s <= step and r in self.live]
 
-    def fail(self, run_ranks, step: int) -> bool:
+    def fail(self, run_ranks, step: int, survivors=None) -> bool:
         """Ranks ``run_ranks`` stop for good at ``step``; the others go on (collective over the live ranks).
 
-        The one path by which ranks leave (simulated crash-stop and departed ranks alike).
+        The one path by which ranks leave (simulated crash-stop, departed ranks, and real
+        deaths under ULFM, where ``survivors`` is the repaired communicator of the live ranks).
         Returns whether this process still trains.
         """
         failing = [r for r in run_ranks if r in self.live]
@@ -112,7 +113,7 @@ class Membership:
             return self.alive
         for hook in self.before_change:
             hook()
-        still_alive = self.strategy.fail(failing)
+        still_alive = self.strategy.fail(failing, survivors)
         self.live = [r for r in self.live if r not in failing]
         if not still_alive:
             self.alive = False

@@ -66,6 +66,17 @@ class StopSignal:
         self._request = coll.comm.Iallreduce(self._send, self._result, op=MPI.MAX)
         return stop
 
+    def abandon(self) -> None:
+        """End the exchange in flight: its communicator was revoked after a rank died (ULFM)."""
+        from mpi4py import MPI
+
+        if self._request is not None:
+            try:
+                self._request.Wait()  # returns at once with MPI_ERR_REVOKED (or completed)
+            except MPI.Exception:
+                pass
+        self._request = None
+
     def drain(self) -> None:
         if self._request is not None:
             from .comm.watchdog import WATCHDOG

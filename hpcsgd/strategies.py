@@ -110,14 +110,22 @@ class Strategy:
         """``(1/L) sum_i ||x_i - mean||^2`` over the live ranks (collective)."""
         return self.mean_and_consensus()[1]
 
-    def fail(self, ranks) -> bool:
+    def fail(self, ranks, survivors=None) -> bool:
         """Ranks ``ranks`` (run ranks) stop for good; the others go on without them (collective).
 
         Returns whether this rank is still training. A failed rank hands its traffic counts
         to the survivors (:attr:`failed_counters`) and must stop calling :meth:`step`.
+        ``survivors``: the communicator of the live ranks when ``ranks`` really died (ULFM,
+        see :mod:`hpcsgd.recovery`): it is collective over the survivors only, and the dead
+        ranks' traffic died with them.
         """
         failing = sorted({int(r) for r in ranks} & set(self.live_ranks))
         if not failing:
+            return True
+        if survivors is not None:
+            self.live_ranks = [r for r in self.live_ranks if r not in failing]
+            self.coll = self.coll.over(survivors, list(self.live_ranks))
+            self.algorithm.set_collectives(self.coll)
             return True
         self.flush()  # a round in flight completes among the ranks that started it
         me = self.coll.world_rank

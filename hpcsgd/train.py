@@ -28,6 +28,7 @@ from .errors import TrainingError
 from .evaluation import Evaluator
 from .metrics import MetricsWriter, atomic_write_text, dumps
 from .progress import Progress
+from .recovery import Recovery
 from .schedule import Schedule, pointless_settings
 from .stop import StopSignal
 from .totals import RunTotals, summary
@@ -94,27 +95,46 @@ class Trainer:
         if self.world.rank == 0 and self.progress.mode != "none":
             print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.job.resume or {}).get("wall_s", 0.0)
+        self.recovery = Recovery(self)
+        step = self.start_step
+        while True:
+            try:
+                self.recovery.begin(step)  # under ULFM: the values to redo this step from
+                if step == self.schedule.total_steps:
+                    return self._end()
+                if not self._step(step):
+                    self.metrics.close()
+                    return None
+            except MPI.Exception as exc:  # a rank died (ULFM): redo from the step the survivors agree on
+                step = self.recovery.recover(exc, step)  # anything else is raised again
+                continue
+            step += 1
+
+    def _step(self, step: int) -> bool:
+        """Step ``step`` with its failures, metrics, checkpoint and stop check; False: this rank left."""
         sched, m = self.schedule, self.membership
-        for step in range(self.start_step, sched.total_steps):
-            WATCHDOG.step = step + 1  # named, as metrics count steps, if a collective times out
-            if not m.fail(m.due(step), step):
-                self.metrics.close()
-                return None
-            self.train_step(step)
-            done = step + 1
-            if sched.logs_at(step):
-                self.log(step, evaluate=sched.evaluates_at(step))
-            if sched.checkpoints_after(done):
-                self.save(done)
-            if self.stop.requested(self.api.coll):
-                self.stop.drain()
-                self.save(done)
-                self.progress.close()
-                self.metrics.close()
-                raise ckpt.Preempted(done)
+        WATCHDOG.step = step + 1  # named, as metrics count steps, if a collective times out
+        if not m.fail(m.due(step), step):
+            return False
+        self.train_step(step)
+        done = step + 1
+        if sched.logs_at(step):
+            self.log(step, evaluate=sched.evaluates_at(step))
+        if sched.checkpoints_after(done):
+            self.save(done)
+        if self.stop.requested(self.api.coll):
+            self.stop.drain()
+            self.save(done)
+            self.progress.close()
+            self.metrics.close()
+            raise ckpt.Preempted(done)
+        return True
+
+    def _end(self) -> dict | None:
+        """After the last step: final checkpoint, evaluation and summary."""
         self.stop.drain()
         self.progress.close()
-        self.save(sched.total_steps)
+        self.save(self.schedule.total_steps)
         result = self.finish()
         self.api.close()
         self.metrics.close()
@@ -219,6 +239,7 @@ class Trainer:
         if self.api.coll.rank != 0:
             return None
         result = summary(self.job, totals, avg_train, avg_test, distance, wall)
+        result["failure_records"] = self.recovery.failure_records()
         atomic_write_text(self.job.run_dir / "summary.json", dumps(result) + "\n")
         return result
 

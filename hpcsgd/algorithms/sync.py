@@ -114,6 +114,19 @@ class SyncSGD(Strategy):
         self._pending = list(self._counts)
         self._take_buffers()
 
+    def set_collectives(self, coll) -> None:
+        """Continue on new live ranks; bucket averages of a round a real failure interrupted are dropped."""
+        from mpi4py import MPI
+
+        for request in self._requests.values():  # completed, in error, on the revoked communicator
+            try:
+                request.wait()
+            except MPI.Exception:
+                pass
+        super().set_collectives(coll)
+        self._requests.clear()
+        self._pending = list(self._counts) if self.overlap else self._pending
+
     def _take_buffers(self) -> None:
         if self.contributor_count() > 0:  # with no contribution the sum is zeros: keep our own
             self.flat.unpack_buffers()

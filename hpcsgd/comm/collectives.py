@@ -302,7 +302,11 @@ class Collectives:
             flags = np.array(self.comm.allgather(alive), dtype=bool)
         if not alive:
             return None
-        live = Collectives(new_comm, list(self.world_ranks[flags]), self.cuda_aware)
+        return self.over(new_comm, list(self.world_ranks[flags]))
+
+    def over(self, comm: MPI.Comm, world_ranks: list[int]) -> "Collectives":
+        """A layer over ``comm`` (the live ranks ``world_ranks``) that keeps counting in these counters."""
+        live = Collectives(comm, world_ranks, self.cuda_aware)
         live.counters = self.counters
         live.clock = self.clock  # one emulated link per rank, before and after
         return live

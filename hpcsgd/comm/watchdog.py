@@ -142,6 +142,10 @@ class Watchdog:
         self._thread.start()
         atexit.register(self._shutdown)  # runs before mpi4py's MPI_Finalize (registered earlier)
 
+    def shutdown(self) -> None:
+        """Stop the monitor thread (before MPI_Finalize: no thread may call MPI during it)."""
+        self._shutdown()
+
     def _shutdown(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -156,7 +160,12 @@ class Watchdog:
             if self.timeout <= 0 or MPI.Is_finalized():
                 continue
             if self._multiple:
-                self._answer_alarms()
+                try:
+                    self._answer_alarms()
+                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.recovery repairs the job)
+                    from .ulfm import ack_world_failures
+
+                    ack_world_failures()
             call = self.current
             if call is not None and time.monotonic() - call.t0 > self.timeout:
                 self._fire(call)
