@@ -19,6 +19,7 @@ from mpi4py import MPI
 from .blocks import block_offsets
 from .collectives import Collectives
 from .lossy import LinkRates, arrival_mask
+from . import ulfm
 from .shm import SharedWindow
 from .watchdog import WATCHDOG
 
@@ -77,6 +78,10 @@ class BlockExchange:
         if path not in PATHS:
             raise ValueError(f"exchange path must be one of {', '.join(PATHS)}, not {path!r}")
         if self._lossless or self.coll.size == 1 or path == "alltoallv":
+            return None
+        if path == "auto" and ulfm.active():
+            # Open MPI's one-sided windows are not fault tolerant: a peer's death surfaces in a
+            # fence as MPI_ERR_OTHER, not as a process failure the job could survive.
             return None
         window = SharedWindow.create(self.coll.comm, self.numel, max(self._stride, 1))
         if window is None and path == "shared-memory":
