@@ -59,6 +59,7 @@ class FlatParams:
         self.params = self.flat[: self.n_params]
         self.buffers = self.flat[self.n_params :]
 
+        self._grad_views: list[torch.Tensor] = []  # what each parameter's .grad is while untouched
         offset = 0
         with torch.no_grad():
             for p in params:
@@ -68,6 +69,7 @@ class FlatParams:
                 p.data = view
                 if self.grad is not None:
                     p.grad = self.grad[offset : offset + n].view_as(p)
+                    self._grad_views.append(p.grad)
                 offset += n
             for module, name, buf in buffers:
                 n = buf.numel()
@@ -96,16 +98,18 @@ class FlatParams:
         parameter got no gradient) and the view put back. A no-op when ``.grad`` is the view.
         """
         p = self.parameters[index]
-        lo, hi = self.param_offsets[index], self.param_offsets[index + 1]
-        view = self.grad[lo:hi]
+        view = self._grad_views[index]
         grad = p.grad
-        if grad is not None and grad.data_ptr() == view.data_ptr():
+        if grad is view:  # the common case, checked first: this runs in a hook per parameter per step
+            return
+        if grad is not None and grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride() and grad.shape == view.shape:
+            self._grad_views[index] = grad  # the same memory under a new tensor object
             return
         if grad is None:
             view.zero_()
         else:
-            view.copy_(grad.reshape(-1))
-        p.grad = view.view_as(p)
+            view.copy_(grad)
+        p.grad = view
 
     def adopt_grads(self, lo: int = 0, hi: int | None = None) -> None:
         """:meth:`adopt_grad` for every parameter whose values lie in ``flat[lo:hi]``."""
