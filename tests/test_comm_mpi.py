@@ -40,6 +40,26 @@ def test_iallreduce_request_test_and_wait(coll):
     assert all_ranks(same and torch.allclose(x, expected))
 
 
+@pytest.mark.parametrize("mode", ["spin", "yield", "sleep"])
+def test_every_wait_mode_gives_the_same_average_and_exchange(coll, mode):
+    """How a rank waits (hpcsgd/comm/waiting.py) changes when it gives its core away, never a result."""
+    P, r, d = coll.size, coll.rank, 4099
+    coll.wait_mode = mode
+    x = torch.arange(d, dtype=torch.float32) * (r + 1)
+    coll.iallreduce_mean(x, tag="mode").wait()
+    coll.allreduce_mean(y := torch.arange(d, dtype=torch.float32) * (r + 1), tag="mode")
+    expected = torch.arange(d, dtype=torch.float32) * (P + 1) / 2
+    rng = np.random.default_rng(3)
+    vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
+    rates = LinkRates.build(P, 0.3)
+    ex = BlockExchange(coll, d, rates, seed=5, path="alltoallv" if P > 1 else "auto")
+    mine = vectors[r].clone()
+    ex.average(mine, 0)
+    blockwise_average(vectors, 5, 0, rates)
+    assert all_ranks(torch.allclose(x, expected) and torch.allclose(y, expected)
+                     and torch.allclose(mine, vectors[r], atol=1e-6))
+
+
 def test_bcast_overwrites_with_root(coll):
     x = torch.full((5,), float(coll.rank + 7))
     coll.bcast_(x)

@@ -61,6 +61,24 @@ def test_threads_per_rank_precedence(clean_env):
     assert threads.threads_per_rank(4, requested=5) == 5  # the threads config key wins
 
 
+def test_waits_give_the_core_away_only_on_an_oversubscribed_node(clean_env):
+    """hpcsgd/comm/waiting.py: MPI's spinning wait on a node with a core per rank, polite waits beyond."""
+    from hpcsgd.comm.waiting import default_wait_mode
+
+    clean_env.delenv("HPCSGD_WAIT", raising=False)
+    cores = threads.node_cores()
+    assert default_wait_mode() == "spin"  # the launcher says nothing: nothing to share
+    clean_env.setenv("MPI_LOCALNRANKS", str(cores))
+    assert default_wait_mode() == "spin"
+    clean_env.setenv("MPI_LOCALNRANKS", str(cores + 1))
+    assert default_wait_mode() == "sleep"
+    clean_env.setenv("HPCSGD_WAIT", "Yield")
+    assert default_wait_mode() == "yield"
+    clean_env.setenv("HPCSGD_WAIT", "nap")
+    with pytest.raises(ValueError, match="HPCSGD_WAIT must be one of spin, yield, sleep, got 'nap'"):
+        default_wait_mode()
+
+
 def test_limit_before_import_sets_every_pool_and_keeps_what_the_user_set(clean_env):
     clean_env.setattr(threads, "node_cores", lambda: 2)
     assert threads.limit_before_import() is None and "OMP_NUM_THREADS" not in os.environ  # no launcher

@@ -52,7 +52,8 @@ class RoundInFlight:
         self._snapshot_in_worker = snapshot_in_worker
         self.coll = Collectives(coll.comm.Dup(), list(coll.world_ranks), coll.cuda_aware)
         self.coll.clock = coll.clock  # one emulated link per rank
-        self.coll.yield_while_waiting = True  # see Collectives: a spinning wait takes the training thread's core
+        # A spinning wait would take the training thread's core (hpcsgd/comm/waiting.py).
+        self.coll.wait_mode = "yield"
         self._main_counters = coll.counters
         self.snapshot = torch.empty_like(like)
         self.work = torch.empty_like(like)

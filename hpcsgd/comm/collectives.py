@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 from .netem import LinkNetwork, NetworkClock
+from .waiting import default_wait_mode, wait_request
 from .watchdog import WATCHDOG
 
 
@@ -78,7 +79,8 @@ class AverageRequest:
 
     def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int,
                  comm: MPI.Comm | None = None, op: str = "Iallreduce", clock: NetworkClock | None = None,
-                 deadline: float = 0.0):
+                 deadline: float = 0.0, wait_mode: str = "spin"):
+        self._wait_mode = wait_mode
         self._clock = clock  # an emulated network: done no earlier than deadline
         self._deadline = deadline
         self._request = request
@@ -97,7 +99,7 @@ class AverageRequest:
 
     def wait(self) -> torch.Tensor:
         if not self._done:
-            WATCHDOG.wait(self._request, self._op, self._comm)
+            wait_request(self._request, self._op, self._comm, self._wait_mode)
             if self._clock is not None:
                 self._clock.hold(self._deadline)
             self._finish()
@@ -132,11 +134,9 @@ class Collectives:
         self.counters = CommCounters()
         self._staging = HostStaging()
         self.clock = NetworkClock(network) if network is not None else None
-        # Wait by polling with Test and yielding the core between polls (sched_yield) instead
-        # of blocking in MPI, whose wait spins without yielding. The worker thread of an
-        # overlapped round does: beside the training thread on shared cores, a spinning wait
-        # took the core the computation needed (forward and backward ran at half speed).
-        self.yield_while_waiting = False
+        # How requests are waited for (see hpcsgd/comm/waiting.py): spinning in MPI, or
+        # polling and giving the core to ranks or threads that share it.
+        self.wait_mode = default_wait_mode()
 
     @property
     def size(self) -> int:
@@ -164,14 +164,9 @@ class Collectives:
         host.copy_(tensor.reshape(-1))
         return host.numpy(), host
 
-    def wait(self, request: MPI.Request, op: str) -> None:
-        """Wait for ``request`` under the watchdog: blocking, or polling and yielding (see above)."""
-        if not self.yield_while_waiting:
-            WATCHDOG.wait(request, op, self.comm)
-            return
-        with WATCHDOG.guard(op, self.comm):
-            while not request.Test():
-                os.sched_yield()
+    def wait(self, request: MPI.Request, op: str, can_sleep: bool = True) -> None:
+        """Wait for ``request`` under the watchdog, the :attr:`wait_mode` way (see :func:`wait_request`)."""
+        wait_request(request, op, self.comm, self.wait_mode, can_sleep)
 
     # -- averaging ---------------------------------------------------------------------
     def iallreduce_mean(
@@ -189,7 +184,7 @@ class Collectives:
         self._count_allreduce(tensor, count_round)
         return AverageRequest(
             request, tensor, host, self.size if count is None else max(count, 1), self.comm, f"Iallreduce [{tag}]",
-            self.clock, self.ring_deadline(t0, tensor.numel() * tensor.element_size()),
+            self.clock, self.ring_deadline(t0, tensor.numel() * tensor.element_size()), self.wait_mode,
         )
 
     def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
@@ -200,7 +195,7 @@ class Collectives:
         """
         buf, host = self.mpi_view(tensor, tag)
         t0 = time.perf_counter() if self.clock is not None else 0.0
-        if self.yield_while_waiting:
+        if self.wait_mode == "yield":  # a worker thread beside the training thread (overlapped rounds)
             self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
         else:
             with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
@@ -309,4 +304,5 @@ class Collectives:
         live = Collectives(comm, world_ranks, self.cuda_aware)
         live.counters = self.counters
         live.clock = self.clock  # one emulated link per rank, before and after
+        live.wait_mode = self.wait_mode
         return live

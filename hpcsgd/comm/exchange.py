@@ -207,7 +207,7 @@ class BlockExchange:
             [buf, (send_counts, offsets), MPI.FLOAT],
             [self._recv, (recv_counts, recv_displs), MPI.FLOAT],
         )
-        self.coll.wait(request, "Ialltoallv [block exchange, phase 1]")
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 1]", can_sleep=False)
         self._hold_phase(t0, send_counts, recv_counts)
         rows = self._contributing_rows(arrived1, contributors)
         if len(rows):  # else no average of this block is sent (see arrived2)
@@ -221,7 +221,7 @@ class BlockExchange:
             [self._avg, (send_counts2, zero_displs), MPI.FLOAT],
             [buf, (recv_counts2, offsets), MPI.FLOAT],
         )
-        self.coll.wait(request, "Ialltoallv [block exchange, phase 2]")
+        self.coll.wait(request, "Ialltoallv [block exchange, phase 2]", can_sleep=False)
         self._hold_phase(t0, send_counts2, recv_counts2)
 
     def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:

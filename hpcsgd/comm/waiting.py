@@ -1,0 +1,72 @@
+"""How a rank waits for a nonblocking MPI request: spin in MPI, or poll and give the core away.
+
+MPI's own wait spins without yielding the core. That is the fastest wait when each rank has
+cores to itself (a cluster node, one rank per GPU). Where ranks share cores, a rank spinning
+for its peers takes the core the slowest of them needs to finish the work everyone waits
+for: on 4 ranks x 2 cores, sync SGD's step measured 5-10% slower than PyTorch DDP's (whose
+gloo waits sleep in the kernel), and beside a spinning worker thread an overlapped round's
+forward and backward ran at half speed. Three ways to wait:
+
+- ``spin``: ``MPI_Wait``.
+- ``yield``: poll with ``MPI_Test`` and ``sched_yield`` between polls; every poll also moves
+  the request (MPICH progresses a nonblocking collective only inside MPI calls).
+- ``sleep``: poll and yield for 100 us (a small message is done by then), then sleep between
+  polls, at most 5% of the time waited so far and at most ``SLEEP_MAX_S``: the wait ends at
+  most about 5% later than spinning would, and a rank waiting for its peers takes almost no
+  CPU from them.
+
+The default is ``sleep`` when the node is oversubscribed (more ranks on it, as the launcher
+says, than cores this process may use) and ``spin`` otherwise; ``HPCSGD_WAIT`` overrides it.
+This module imports only the standard library and mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..threads import launcher_local_size, node_cores
+from .watchdog import WATCHDOG
+
+WAIT_MODES = ("spin", "yield", "sleep")
+SPIN_S = 1e-4
+SLEEP_SHARE = 0.05
+SLEEP_MAX_S = 2e-4
+
+
+def default_wait_mode() -> str:
+    """``HPCSGD_WAIT`` if set, else ``sleep`` on an oversubscribed node and ``spin`` elsewhere."""
+    chosen = os.environ.get("HPCSGD_WAIT", "").strip().lower()
+    if chosen:
+        if chosen not in WAIT_MODES:
+            raise ValueError(f"HPCSGD_WAIT must be one of {', '.join(WAIT_MODES)}, got {chosen!r}")
+        return chosen
+    local = launcher_local_size()
+    return "sleep" if local is not None and local > node_cores() else "spin"
+
+
+def wait_request(request, op: str, comm, mode: str = "spin", can_sleep: bool = True) -> None:
+    """Complete ``request`` (named ``op`` on ``comm`` in the watchdog's messages) the ``mode`` way.
+
+    ``can_sleep=False``: ``sleep`` waits as ``yield`` does. For requests that move only a
+    piece per poll: MPICH's ``Ialltoallv`` of a 23 MB model took 16x as long with sleeps between
+    polls, while its ``Iallreduce`` lost nothing.
+    """
+    if mode == "sleep" and not can_sleep:
+        mode = "yield"
+    if mode == "spin":
+        WATCHDOG.wait(request, op, comm)
+        return
+    with WATCHDOG.guard(op, comm):
+        if request.Test():
+            return
+        t0 = time.perf_counter()
+        while not request.Test():
+            waited = time.perf_counter() - t0
+            if mode == "yield" or waited < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(min(SLEEP_MAX_S, waited * SLEEP_SHARE))
+
+
+__all__ = ["WAIT_MODES", "default_wait_mode", "wait_request"]
