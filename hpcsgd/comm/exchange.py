@@ -239,7 +239,7 @@ class BlockExchange:
         for j in np.flatnonzero(arrived1[me]):
             if j != me:
                 mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
-        win.fence("phase 1 sent")
+        win.fence("phase 1 sent", self.coll.wait_mode)
         self._hold_phase(t0, np.where(arrived1[me], sizes, 0), np.where(arrived1[:, me], my_size, 0))
         rows = self._contributing_rows(arrived1, contributors)
         lo, hi = off[me], off[me + 1]
@@ -247,11 +247,11 @@ class BlockExchange:
         if len(rows):
             self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi])
             win.result(me, my_size)[...] = self._avg[:my_size]
-        win.fence("phase 2 sent")
+        win.fence("phase 2 sent", self.coll.wait_mode)
         self._hold_phase(t0, np.where(arrived2[me], my_size, 0), np.where(arrived2[:, me], sizes, 0))
         for j in np.flatnonzero(arrived2[:, me]):
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
-        win.fence("round done")
+        win.fence("round done", self.coll.wait_mode)
 
     def _hold_phase(self, t0: float, send_counts: np.ndarray, recv_counts: np.ndarray) -> None:
         """On an emulated network, hold until the phase started at ``t0`` would complete.

@@ -21,6 +21,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from .waiting import wait_request
 from .watchdog import WATCHDOG
 
 # Head-room left free on /dev/shm: a window that does not fit there fails with SIGBUS at
@@ -72,8 +73,15 @@ class SharedWindow:
             views.append(np.frombuffer(buf, dtype=np.float32, count=numel + stride))
         return cls(win, node, views, numel)
 
-    def fence(self, what: str) -> None:
-        """Every rank's stores to the window are visible to every rank after this (collective)."""
+    def fence(self, what: str, wait_mode: str = "spin") -> None:
+        """Every rank's stores to the window are visible to every rank after this (collective).
+
+        ``wait_mode`` other than ``spin`` (hpcsgd/comm/waiting.py): the ranks first meet in an
+        ``Ibarrier`` waited for that way, so that a rank arriving early gives its core to the
+        ones still copying instead of spinning in the fence; the fence then finds everyone.
+        """
+        if wait_mode != "spin":
+            wait_request(self._comm.Ibarrier(), f"Ibarrier [shared-memory exchange, {what}]", self._comm, wait_mode)
         with WATCHDOG.guard(f"Win_fence [shared-memory exchange, {what}]", self._comm):
             self._win.Fence()
 
