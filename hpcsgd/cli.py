@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hpcsgd: unexpected error on rank {rank}:\n{traceback.format_exc()}")
         sys.stderr.flush()
         if size > 1:
-            from mpi4py import MPI
-
-            MPI.COMM_WORLD.Abort(EXIT_ERROR)
+            _abort(EXIT_ERROR)
         return EXIT_ERROR
 
 
@@ -234,10 +232,14 @@ def _report_error(exc: HpcsgdError) -> int:
         return EXIT_USAGE
     # Only this rank saw it (a NaN loss, say): the others are inside collectives, so abort.
     _say(f"hpcsgd: error on rank {rank}: {exc}")
-    from mpi4py import MPI
-
-    MPI.COMM_WORLD.Abort(EXIT_USAGE)
+    _abort(EXIT_USAGE)
     return EXIT_USAGE
+
+
+def _abort(code: int) -> None:
+    from .comm.watchdog import abort_job  # imports MPI: only on this path
+
+    abort_job(code)
 
 
 def entry() -> typing.NoReturn:

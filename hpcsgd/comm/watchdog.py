@@ -198,7 +198,7 @@ class Watchdog:
                 time.sleep(0.05)
         sys.stderr.write(f"hpcsgd: error: {message}\n")
         sys.stderr.flush()
-        world.Abort(EXIT_TIMEOUT)
+        abort_job(EXIT_TIMEOUT)
 
     def _grace(self) -> float:
         """How long to wait for answers: a few of the others' ticks."""
@@ -234,6 +234,21 @@ class Watchdog:
             host, pid = self._peers[rank]
             return f"pid {pid} on {host}"
         return "unknown process"
+
+
+# How long a rank that aborts the job waits first, so that its message reaches the terminal.
+ABORT_GRACE_S = 1.0
+
+
+def abort_job(code: int) -> None:
+    """``MPI_Abort(COMM_WORLD, code)``, after giving the launcher time to forward what this rank wrote.
+
+    The launcher kills every rank on an abort, and MPICH's hydra could do so before it had
+    forwarded the aborting rank's last lines: a NaN-loss job, where every rank aborts with its
+    own message, ended with none of them printed in 2 of 12 runs (0 of 16 with the wait).
+    """
+    time.sleep(ABORT_GRACE_S)
+    MPI.COMM_WORLD.Abort(code)
 
 
 def _reason(state: tuple | None) -> str:
