@@ -42,6 +42,11 @@ class SyncSGD(Strategy):
         if overlap:
             self._build_buckets(bucket_mb)
 
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` ranges of the packed gradient, one Iallreduce each, in the order they start."""
+        return list(self._buckets)
+
     def _build_buckets(self, bucket_mb: float) -> None:
         itemsize = self.flat.grad.element_size()
         limit = max(1, int(min(bucket_mb, FIRST_BUCKET_MB) * 1e6 / itemsize))  # the first bucket's
