@@ -68,7 +68,7 @@ def init(comm=None, device: str = "auto", threads: int = 0) -> World:
     if known is not None and known.comm is comm:
         return known
     apply_threads(comm, threads)
-    local_rank, local_size = local_rank_and_size(comm)
+    local_rank, local_size = local_rank_and_size(comm, decide_waits=True)
     world = World(comm, comm.rank, comm.size, local_rank, local_size, select_device(comm, device),
                   tuple(range(comm.size)))
     _WORLDS[id(comm)] = world
@@ -82,7 +82,7 @@ def world_for_run(comm, roles: list[int], run_size: int, device: torch.device) -
     """
     from .comm.device import local_rank_and_size
 
-    local_rank, local_size = local_rank_and_size(comm)
+    local_rank, local_size = local_rank_and_size(comm, decide_waits=True)
     return World(comm, roles[comm.rank], run_size, local_rank, local_size, device, tuple(roles))
 
 

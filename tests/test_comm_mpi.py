@@ -60,6 +60,29 @@ def test_every_wait_mode_gives_the_same_average_and_exchange(coll, mode):
                      and torch.allclose(mine, vectors[r], atol=1e-6))
 
 
+def test_init_decides_the_wait_from_the_node_s_affinity_masks(coll):
+    """hpcsgd.init (collective) replaces the launcher-count guess by the node's own masks."""
+    import os
+
+    from mpi4py import MPI
+
+    import hpcsgd
+    from hpcsgd.comm import waiting
+
+    hpcsgd.init(coll.comm, device="cpu")
+    node = coll.comm.Split_type(MPI.COMM_TYPE_SHARED)
+    masks = node.allgather(sorted(os.sched_getaffinity(0)))
+    shared = node.size > len(set().union(*map(set, masks)))
+    node.Free()
+    env = os.environ.pop("HPCSGD_WAIT", None)
+    try:
+        assert all_ranks(waiting._node_shared is shared
+                         and waiting.default_wait_mode() == ("sleep" if shared else "spin"))
+    finally:
+        if env is not None:
+            os.environ["HPCSGD_WAIT"] = env
+
+
 def test_bcast_overwrites_with_root(coll):
     x = torch.full((5,), float(coll.rank + 7))
     coll.bcast_(x)

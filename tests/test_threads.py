@@ -63,9 +63,11 @@ def test_threads_per_rank_precedence(clean_env):
 
 def test_waits_give_the_core_away_only_on_an_oversubscribed_node(clean_env):
     """hpcsgd/comm/waiting.py: MPI's spinning wait on a node with a core per rank, polite waits beyond."""
+    from hpcsgd.comm import waiting
     from hpcsgd.comm.waiting import default_wait_mode
 
     clean_env.delenv("HPCSGD_WAIT", raising=False)
+    clean_env.setattr(waiting, "_node_shared", None)  # before hpcsgd.init: the launcher's count stands in
     cores = threads.node_cores()
     assert default_wait_mode() == "spin"  # the launcher says nothing: nothing to share
     clean_env.setenv("MPI_LOCALNRANKS", str(cores))
@@ -77,6 +79,19 @@ def test_waits_give_the_core_away_only_on_an_oversubscribed_node(clean_env):
     clean_env.setenv("HPCSGD_WAIT", "nap")
     with pytest.raises(ValueError, match="HPCSGD_WAIT must be one of spin, yield, sleep, got 'nap'"):
         default_wait_mode()
+
+
+@pytest.mark.parametrize("affinities,shared", [
+    ([{0, 1}] * 4, True),  # 4 unbound ranks on 2 cores (this machine)
+    ([{0}, {1}, {2}, {3}], False),  # srun binding 4 tasks to a core each: a cluster node
+    ([{0}, {0}, {1}, {1}], True),  # bound two to a core (mpirun --oversubscribe --bind-to core)
+    ([{0, 1}] * 2, False),
+    ([set(range(16))] * 4, False),  # 4 unbound ranks on 16 cores
+])
+def test_whether_a_node_s_ranks_share_cores(affinities, shared):
+    from hpcsgd.comm.waiting import cores_are_shared
+
+    assert cores_are_shared(affinities) is shared
 
 
 def test_limit_before_import_sets_every_pool_and_keeps_what_the_user_set(clean_env):

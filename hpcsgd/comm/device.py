@@ -11,14 +11,22 @@ from mpi4py import MPI
 
 from ..errors import ConfigError
 from ..threads import limit_loaded_pools, threads_per_rank, warn_if_oversubscribed
+from .waiting import decide_for_node
 from .watchdog import WATCHDOG
 
 
-def local_rank_and_size(comm: MPI.Comm) -> tuple[int, int]:
-    """This rank's index among the ranks on its node, and how many share the node."""
+def local_rank_and_size(comm: MPI.Comm, decide_waits: bool = False) -> tuple[int, int]:
+    """This rank's index among the ranks on its node, and how many share the node.
+
+    ``decide_waits``: also decide, with the node's ranks, whether they share cores
+    (hpcsgd/comm/waiting.py: how a rank waits for its peers).
+    """
     with WATCHDOG.guard("Split_type [ranks per node]", comm):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     try:
+        if decide_waits:
+            with WATCHDOG.guard("Allgather [CPU affinity of the node's ranks]", node):
+                decide_for_node(node)
         return node.rank, node.size
     finally:
         node.Free()

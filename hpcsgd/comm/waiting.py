@@ -15,9 +15,11 @@ forward and backward ran at half speed. Three ways to wait:
   most about 5% later than spinning would, and a rank waiting for its peers takes almost no
   CPU from them.
 
-The default is ``sleep`` when the node is oversubscribed (more ranks on it, as the launcher
-says, than cores this process may use) and ``spin`` otherwise; ``HPCSGD_WAIT`` overrides it.
-This module imports only the standard library and mpi4py.
+The default is ``sleep`` when the node is oversubscribed and ``spin`` otherwise;
+``HPCSGD_WAIT`` overrides it. Oversubscribed: more ranks on the node than CPUs in the union of
+their affinity masks (:func:`decide_for_node`, run by ``hpcsgd.init``: 4 unbound ranks on 2
+cores, or 4 ranks bound 2 to a core, share; 4 tasks Slurm bound to a core each do not). Before
+that has run, the launcher's ranks-on-node count against this process's own mask stands in.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ SLEEP_SHARE = 0.05
 SLEEP_MAX_S = 2e-4
 
 
+_node_shared: bool | None = None  # decided by decide_for_node (None: not yet)
+
+
 def default_wait_mode() -> str:
     """``HPCSGD_WAIT`` if set, else ``sleep`` on an oversubscribed node and ``spin`` elsewhere."""
     chosen = os.environ.get("HPCSGD_WAIT", "").strip().lower()
@@ -41,8 +46,22 @@ def default_wait_mode() -> str:
         if chosen not in WAIT_MODES:
             raise ValueError(f"HPCSGD_WAIT must be one of {', '.join(WAIT_MODES)}, got {chosen!r}")
         return chosen
+    if _node_shared is not None:
+        return "sleep" if _node_shared else "spin"
     local = launcher_local_size()
     return "sleep" if local is not None and local > node_cores() else "spin"
+
+
+def cores_are_shared(affinities: list[set[int]]) -> bool:
+    """Whether the ranks of one node (their CPU affinity masks) must share cores."""
+    return len(affinities) > len(set().union(*affinities))
+
+
+def decide_for_node(node_comm) -> None:
+    """Collective over the ranks of one node: decide the default wait from their affinity masks."""
+    global _node_shared
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    _node_shared = cores_are_shared([set(cpus) for cpus in node_comm.allgather(mine)])
 
 
 def wait_request(request, op: str, comm, mode: str = "spin", can_sleep: bool = True) -> None:
@@ -69,4 +88,4 @@ def wait_request(request, op: str, comm, mode: str = "spin", can_sleep: bool = T
                 time.sleep(min(SLEEP_MAX_S, waited * SLEEP_SHARE))
 
 
-__all__ = ["WAIT_MODES", "default_wait_mode", "wait_request"]
+__all__ = ["WAIT_MODES", "cores_are_shared", "decide_for_node", "default_wait_mode", "wait_request"]
