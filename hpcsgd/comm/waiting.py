@@ -3,7 +3,7 @@
 MPI's own wait spins without yielding the core. That is the fastest wait when each rank has
 cores to itself (a cluster node, one rank per GPU). Where ranks share cores, a rank spinning
 for its peers takes the core the slowest of them needs to finish the work everyone waits
-for: on 4 ranks x 2 cores, sync SGD's step measured 5-10% slower than PyTorch DDP's (whose
+for: on 4 ranks x 2 cores, sync SGD's step measured 3-8% slower than PyTorch DDP's (whose
 gloo waits sleep in the kernel), and beside a spinning worker thread an overlapped round's
 forward and backward ran at half speed. Three ways to wait:
 
