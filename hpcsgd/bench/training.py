@@ -49,9 +49,18 @@ def models(kind: str, quick: bool):
     return name, builder, x, y
 
 
+def _seeded_model_and_sgd(builder, momentum: float = 0.0, wrap=None):
+    """A model built from seed 0 (every side of a comparison starts from the same one), optionally
+    wrapped (DDP), and a plain SGD over it."""
+    import torch
+
+    torch.manual_seed(0)
+    model = builder() if wrap is None else wrap(builder())
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
+
+
 def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     """hpcsgd sync-SGD step vs PyTorch DDP (gloo) step: same model, batch and ranks."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
@@ -63,13 +72,9 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = models(kind, quick)
-        torch.manual_seed(0)
-        model_h = builder()
-        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01, momentum=0.9)
+        model_h, opt_h = _seeded_model_and_sgd(builder, momentum=0.9)
         strategy = SyncSGD(model_h, opt_h, world)
-        torch.manual_seed(0)
-        model_d = DistributedDataParallel(builder())
-        opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01, momentum=0.9)
+        model_d, opt_d = _seeded_model_and_sgd(builder, momentum=0.9, wrap=DistributedDataParallel)
 
         def step_h():
             strategy.zero_grad()  # keeps the gradients in the flat buffer (opt.zero_grad() costs a copy)
@@ -94,7 +99,6 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     Both sides are a user's loop over a plain ``torch.optim.SGD``: ``zero_grad``, backward,
     then ``strategy.step()`` or ``opt.step()`` + ``average_parameters``.
     """
-    import torch
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
@@ -106,13 +110,9 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     rows = []
     for kind in ("mlp", "resnet20"):
         name, builder, x, y = models(kind, quick)
-        torch.manual_seed(0)
-        model_h = builder()
-        opt_h = torch.optim.SGD(model_h.parameters(), lr=0.01)
+        model_h, opt_h = _seeded_model_and_sgd(builder)
         strategy = LocalSGD(model_h, opt_h, world, tau=tau)
-        torch.manual_seed(0)
-        model_d = builder()
-        opt_d = torch.optim.SGD(model_d.parameters(), lr=0.01)
+        model_d, opt_d = _seeded_model_and_sgd(builder)
         averager = PeriodicModelAverager(period=tau, warmup_steps=0)
 
         def block_h():
