@@ -8,6 +8,7 @@ and blocks, so a bug in the vectorised MPI code cannot hide in a shared helper. 
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -19,28 +20,74 @@ from hpcsgd.models import build_model
 from hpcsgd.train import Schedule
 
 
+def chunk_plan(sizes, q: int, b: int, weighting: str = "size") -> dict[int, tuple[int, Fraction]]:
+    """Per chunk ``c``: (samples drawn per step by each holder, loss weight of each sample).
+
+    ALGORITHMS.md, "Data": under ``size`` a chunk's draw is proportional to its size,
+    ``round(b |C_c| / mean|C|)`` (at least 1), and its weight makes every sample weigh the
+    same: chunk ``c`` weighs ``|C_c| / N`` in the mean over the P ranks of the ranks' losses,
+    so each of its ``q`` holders gives each of its ``n_c`` samples ``(|C_c| / N) P / (q n_c)``.
+    Under ``uniform`` every chunk draws ``b`` and weighs ``1 / P``. Equal chunks: ``b`` and
+    ``1 / (q b)`` either way, the plain batch mean.
+    """
+    P, N = len(sizes), sum(sizes)
+    plan = {}
+    for c, n in enumerate(sizes):
+        if weighting == "uniform" or len(set(sizes)) == 1:
+            draws, target = b, Fraction(1, P)
+        else:
+            draws, target = max(1, round(Fraction(b * n * P, N))), Fraction(n, N)
+        plan[c] = (draws, target * P / (q * draws))
+    return plan
+
+
 class Worker:
     def __init__(self, model, cfg: TrainConfig, rank: int, P: int, index, chunks_data):
         self.model = model
         self.flat = FlatParams(model)
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        held = chunks_for_rank(P, cfg.q, rank)
-        self.sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in held}, cfg.batch_size, cfg.seed, rank)
+        self.sampler, self.weights = rank_sampler(cfg, P, rank, index)
         self.data = chunks_data
 
     def batch(self):
-        xs, ys = [], []
-        for c, idx in self.sampler.next_batch():
-            x, y = self.data[c]
-            xs.append(torch.from_numpy(x[idx]))
-            ys.append(torch.from_numpy(y[idx]))
-        return torch.cat(xs), torch.cat(ys)
+        return draw(self.sampler, self.data)
+
+    def loss(self, x, y) -> torch.Tensor:
+        """The sample-weighted loss; the plain batch mean when every sample weighs ``1 / B``."""
+        return weighted_loss(self.model(x), y, self.weights)
 
     def backward(self, x, y) -> float:
         self.flat.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss(x, y)
         loss.backward()
         return float(loss.detach())
+
+
+def rank_sampler(cfg: TrainConfig, P: int, rank: int, index):
+    """Rank ``rank``'s stratified sampler (its held chunks, per-chunk draws) and per-sample weights."""
+    plan = chunk_plan(index.chunk_sizes, cfg.q, cfg.batch_size, cfg.chunk_weighting)
+    held = chunks_for_rank(P, cfg.q, rank)
+    sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in held}, {c: plan[c][0] for c in held},
+                                cfg.seed, rank)
+    weights = [plan[c][1] for c in held for _ in range(plan[c][0])]
+    return sampler, weights
+
+
+def draw(sampler, data):
+    xs, ys = [], []
+    for c, idx in sampler.next_batch():
+        x, y = data[c]
+        xs.append(torch.from_numpy(x[idx]))
+        ys.append(torch.from_numpy(y[idx]))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def weighted_loss(out, y, weights) -> torch.Tensor:
+    """``sum_k a_k loss_k``; torch's batch mean when every ``a_k`` is ``1 / B`` (the same value, its bits)."""
+    if all(a == Fraction(1, len(weights)) for a in weights):
+        return F.cross_entropy(out, y)
+    a = torch.tensor([float(a) for a in weights], dtype=out.dtype)
+    return torch.dot(F.cross_entropy(out, y, reduction="none"), a)
 
 
 def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
@@ -140,7 +187,9 @@ def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: 
 def single_process_concatenated(cfg: TrainConfig, P: int, steps: int) -> torch.Tensor:
     """One model, one optimizer, each step's batch the concatenation of the P ranks' batches.
 
-    What sync SGD must equal (ALGORITHMS.md): no simulated workers, no averaging at all.
+    What sync SGD must equal (ALGORITHMS.md): no simulated workers, no averaging at all; the
+    loss is the mean over ranks of each rank's sample-weighted loss (the plain mean over the
+    concatenated batch when the chunks are equal).
     """
     index = read_index(cfg.data)
     data = {c: load_chunk(index, c) for c in range(P)}
@@ -148,20 +197,16 @@ def single_process_concatenated(cfg: TrainConfig, P: int, steps: int) -> torch.T
     model = build_model(cfg.model, tuple(index.input_shape), index.num_classes, tuple(cfg.mlp_hidden))
     flat = FlatParams(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    samplers = [
-        StratifiedSampler({c: index.chunk_sizes[c] for c in chunks_for_rank(P, cfg.q, i)}, cfg.batch_size, cfg.seed, i)
-        for i in range(P)
-    ]
+    ranks = [rank_sampler(cfg, P, i, index) for i in range(P)]
     schedule = Schedule.from_config(cfg, index.train_size, P)
     for t in range(steps):
-        xs, ys = [], []
-        for sampler in samplers:
-            for c, idx in sampler.next_batch():
-                xs.append(torch.from_numpy(data[c][0][idx]))
-                ys.append(torch.from_numpy(data[c][1][idx]))
+        batches = [draw(sampler, data) for sampler, _ in ranks]
         for g in opt.param_groups:
             g["lr"] = schedule.lr_at(cfg, t)
         flat.zero_grad()
-        F.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+        # The mean over ranks of each rank's weighted loss: with equal weights, the plain
+        # mean over the concatenated batch.
+        weights = [a / P for _, w in ranks for a in w]
+        weighted_loss(model(torch.cat([x for x, _ in batches])), torch.cat([y for _, y in batches]), weights).backward()
         opt.step()
     return flat.flat.detach().clone()

@@ -11,7 +11,7 @@ from hpcsgd.config import build_config
 from hpcsgd.train import Trainer
 
 from conftest import all_ranks, make_shards
-from reference import simulate, single_process_concatenated
+from reference import chunk_plan, simulate, single_process_concatenated
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
@@ -76,6 +76,37 @@ def test_local_equals_reference(shared_tmp, tau, q):
     # the reference averages the plain way, after torch's SGD step.
     x, trainer = run(shared_tmp, f"local{tau}{q}", algorithm="local", tau=tau, q=q, momentum=0.5, weight_decay=1e-3)
     assert all_ranks(close(x, reference(trainer)))
+
+
+@pytest.mark.parametrize("algorithm,tau,q,weighting", [("sync", 1, 1, "size"), ("sync", 1, 2, "size"),
+                                                        ("local", 2, 2, "size"), ("rps", 2, 1, "size"),
+                                                        ("local", 2, 1, "uniform")])
+def test_unequal_chunks_against_the_size_weighted_reference(shared_tmp, algorithm, tau, q, weighting):
+    """dirichlet shards (chunks of very different sizes): draws in proportion to size and loss
+    weights that make every sample weigh the same (ALGORITHMS.md, "Data"), against the
+    single-process reference written from that rule; sync also against one SGD on the
+    concatenated, weighted batch."""
+    from mpi4py import MPI
+
+    from hpcsgd.data import read_index
+
+    P = MPI.COMM_WORLD.size
+    if q > P:
+        pytest.skip("q > P")
+    data = make_shards(shared_tmp / "dirichlet", P, partition="dirichlet:0.3", n_train=400)
+    sizes = read_index(data).chunk_sizes
+    if P > 1:
+        assert all_ranks(len(set(sizes)) > 1)  # the case this test is about
+    plan = chunk_plan(sizes, q, 8, weighting)
+    # The reference's own rule, checked: per step, chunk c weighs |C_c| / N (size) or 1/P
+    # (uniform) in the mean over ranks, whatever the rounding of its draws.
+    expected = [n / sum(sizes) if weighting == "size" else 1 / P for n in sizes]
+    assert all_ranks(all(float(q * n * a / P) == pytest.approx(w) for (n, a), w in zip(plan.values(), expected)))
+    x, trainer = run(shared_tmp, f"w-{algorithm}{q}{weighting}", data=str(data), algorithm=algorithm, tau=tau, q=q,
+                     drop_rate=0.3 if algorithm == "rps" else 0.0, momentum=0.5, chunk_weighting=weighting)
+    assert all_ranks(close(x, reference(trainer)))
+    if algorithm == "sync":
+        assert all_ranks(close(x, single_process_concatenated(trainer.cfg, P, STEPS)))
 
 
 def test_local_tau1_q1_plain_sgd_equals_sync(shared_tmp):
