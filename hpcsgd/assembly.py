@@ -120,8 +120,8 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     resume = None
     if cfg.resume:
         resume = agree(comm, lambda: ckpt.find_latest(Path(cfg.run_dir), cfg, P, index, comm), "resume")
-    membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data),
-                       "shards")
+    membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
+                                                       index.chunk_sizes), "shards")
     return Run(cfg, comm, index, schedule, membership, resume)
 
 

@@ -21,6 +21,7 @@ class Membership:
 
     Attributes:
         P, q: ranks of the run (chunks) and chunks per rank.
+        chunk_sizes: samples per chunk (the shard index's; None: equal), which coverage counts.
         rank: the run rank this process plays; ``roles``: the run rank of each process.
         faults: ``{run rank: step}`` of the scheduled failures that happen in this run.
         departed: run ranks that left at a resume on fewer processes (at ``start_step``).
@@ -29,8 +30,10 @@ class Membership:
     """
 
     def __init__(self, P: int, q: int, roles: list[int], rank: int, faults: dict[int, int],
-                 departed: list[int], adopted: dict[int, int], start_step: int = 0):
+                 departed: list[int], adopted: dict[int, int], start_step: int = 0,
+                 chunk_sizes: list[int] | None = None):
         self.P, self.q, self.roles, self.rank = P, q, list(roles), rank
+        self.chunk_sizes = None if chunk_sizes is None else list(chunk_sizes)
         self.faults, self.departed, self.adopted = dict(faults), list(departed), dict(adopted)
         self.start_step = start_step
         self.live = list(roles)
@@ -41,7 +44,7 @@ class Membership:
 
     @classmethod
     def assign(cls, P: int, q: int, comm_size: int, comm_rank: int, faults: dict[int, int],
-               resume: dict | None, data: str = "") -> "Membership":
+               resume: dict | None, data: str = "", chunk_sizes: list[int] | None = None) -> "Membership":
         """Which of the run's P ranks each process plays, and who takes over whose chunks.
 
         Normally process r plays rank r of P. A run resumed from its checkpoint on W < P
@@ -69,7 +72,7 @@ class Membership:
         departed = sorted(set(range(P)) - training - failed)
         previous = resume["adopted"] if resume else {}
         adopted = adopt_orphans(P, q, training - failed, departed, previous) if departed else {}
-        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start)
+        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start, chunk_sizes)
 
     def attach(self, strategy) -> None:
         """The strategy whose :meth:`~hpcsgd.Strategy.fail` every failure goes through."""
@@ -85,9 +88,9 @@ class Membership:
         fail_step = self.faults.get(run_rank)
         return run_rank not in self.departed and (fail_step is None or step < fail_step)
 
-    def coverage(self) -> float:
-        """The share of chunks some live rank still holds."""
-        return coverage(self.P, self.q, self.live, self.adopted)
+    def coverage(self, live=None) -> float:
+        """The share of training samples some live rank (of ``live``, default :attr:`live`) still holds."""
+        return coverage(self.P, self.q, self.live if live is None else live, self.adopted, self.chunk_sizes)
 
     def chunk_holders(self) -> dict[int, list[int]]:
         return chunk_holders(self.P, self.q, self.live, self.adopted)
@@ -137,7 +140,7 @@ class Membership:
         return (
             f"hpcsgd: resuming a run of {self.P} ranks on {world_size} processes at step {self.start_step}: "
             f"rank(s) {', '.join(map(str, self.departed))} of the run departed; their chunks are re-assigned "
-            f"from the same shards ({moved}); coverage {coverage(self.P, self.q, staying, self.adopted):.0%}{extra}"
+            f"from the same shards ({moved}); coverage {self.coverage(staying):.0%}{extra}"
         )
 
     def state_dict(self) -> dict:

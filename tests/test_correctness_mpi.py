@@ -249,3 +249,26 @@ def test_size_weighting_on_uneven_chunks_draws_and_weighs_by_size(shared_tmp):
     assert all_ranks(uniform.batches.weight_vector is None and uniform.batches.sampler.local_batch_size == 8)
     if len(set(sizes)) > 1:
         assert all_ranks(trainer.batches.weight_vector is not None or len(trainer.batches.sampler.held_chunks) == 1)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_coverage_counts_samples_on_unequal_chunks(shared_tmp):
+    """dirichlet shards, q = 1, rank 0 fails: coverage = 1 - |C_0| / N in the survivors'
+    metrics and in summary.json (ALGORITHMS.md, "Data": the fraction of samples held)."""
+    from mpi4py import MPI
+
+    from hpcsgd.data import read_index
+
+    comm = MPI.COMM_WORLD
+    data = make_shards(shared_tmp / "dir", comm.size, partition="dirichlet:0.3", n_train=400)
+    sizes = read_index(data).chunk_sizes
+    assert all_ranks(len(set(sizes)) > 1 and sizes[0] * comm.size != sum(sizes))  # not the chunk fraction
+    trainer = Trainer(_config(shared_tmp, "cov", data=data, algorithm="local", tau=2, q=1, fail=["0@6"]), comm)
+    summaries = [s for s in comm.allgather(trainer.run()) if s is not None]  # the first live rank's
+    summary = summaries[0]
+    expected = 1 - sizes[0] / sum(sizes)
+    on_disk = json.loads((shared_tmp / "cov" / "summary.json").read_text())
+    assert all_ranks(summary["coverage"] == pytest.approx(expected, abs=1e-12) and on_disk["coverage"] == summary["coverage"])
+    records = _records(trainer)
+    assert all_ranks(records[0]["coverage"] == 1.0)
+    assert all_ranks(comm.rank == 0 or records[-1]["coverage"] == pytest.approx(expected, abs=1e-12))

@@ -193,3 +193,14 @@ def test_size_weighting_draws_in_proportion_to_size():
     # Uniform: each chunk weighs 1/P whatever its size.
     weights = _chunk_weights(4, 2, 16, range(4), sizes=[156, 451, 452, 379], weighting="uniform")
     assert set(weights.values()) == {Fraction(1, 4)}
+
+
+def test_coverage_counts_samples_not_chunks():
+    """Chunk sizes [200, 30, 20, 10], q = 1, rank 0 failed: 60 of 260 samples are held, not 3 of 4 chunks."""
+    sizes = [200, 30, 20, 10]
+    assert coverage(4, 1, [1, 2, 3], chunk_sizes=sizes) == pytest.approx(1 - 200 / 260)
+    assert coverage(4, 1, [1, 2, 3]) == 0.75  # equal chunks: the fraction of chunks
+    assert coverage(4, 2, [1, 2, 3], chunk_sizes=sizes) == 1.0  # chunk 0 is still held by rank 3
+    assert coverage(4, 1, [0], adopted={1: 0}, chunk_sizes=sizes) == pytest.approx(230 / 260)
+    with pytest.raises(ConfigError, match="size of each of the P=4 chunks"):
+        coverage(4, 1, [0], chunk_sizes=[1, 2])

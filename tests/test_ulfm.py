@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from hpcsgd.data import read_index
+
 from launch import ROOT, env, hpcsgd, mpi
 
 VENV = Path(os.environ.get("HPCSGD_OPENMPI_VENV", ROOT / ".venv-openmpi"))
@@ -126,8 +128,9 @@ def test_rank0_and_a_second_rank_killed_at_different_steps(tmp_path, digits):
     kill, leave = killed_and_simulated(tmp_path, digits, "--algorithm", "local", "--fail", "0@30", "3@50")
     check_same_as_simulated(tmp_path, kill, leave, {0: 30, 3: 50})
     # Rank 0 is gone: the lowest live rank wrote the summary. With q = 2 rank i holds chunks i, i+1:
-    # chunk 0 was held by ranks 0 and 3 only, so it is gone with both.
-    assert kill["live_rank_ids"] == [1, 2] and kill["coverage"] == 0.75
+    # chunk 0 was held by ranks 0 and 3 only, so it is gone with both (coverage counts samples).
+    sizes = read_index(digits).chunk_sizes
+    assert kill["live_rank_ids"] == [1, 2] and kill["coverage"] == pytest.approx(1 - sizes[0] / sum(sizes), abs=1e-12)
 
 
 def _rank_pid(marker: str, rank: int, deadline: float) -> int:

@@ -278,15 +278,18 @@ class Collectives:
         return total[:-1], float(total[-1])
 
     def mean_and_consensus(self, flat: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The mean model over live ranks and the consensus distance, by one Allreduce.
+        """The mean model over live ranks and the consensus distance ``(1/L) sum_i ||x_i - mean||^2``.
 
-        Consensus distance ``(1/L) sum_i ||x_i - mean||^2`` equals
-        ``(1/L) sum_i ||x_i||^2 - ||mean||^2``; summing in float64 keeps the cancellation
-        harmless for the magnitudes models have.
+        Two passes (the mean, then one float64 Allreduce of the squared deviations), not the
+        one-pass identity ``(1/L) sum_i ||x_i||^2 - ||mean||^2``: where ``L`` is not a power of
+        two that identity leaves rounding residue for replicas that are identical, which must
+        read exactly 0. The float64 mean of identical float32 replicas is exact, so they do.
         """
-        total, squares = self.sum_with_squared_norms(flat)
-        mean = total / self.size
-        distance = max(0.0, squares / self.size - float(np.dot(mean, mean)))
+        v = flat.detach().to("cpu", torch.float64).numpy()
+        mean = self.sum_float64(v) / self.size
+        deviation = v - mean
+        squares = self.sum_float64(np.array([np.dot(deviation, deviation)]))
+        distance = float(squares[0]) / self.size
         return torch.from_numpy(mean).to(flat.device, flat.dtype), distance
 
     def split_live(self, alive: bool) -> "Collectives | None":

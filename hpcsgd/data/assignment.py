@@ -51,10 +51,19 @@ def chunk_holders(
     return holders
 
 
-def coverage(P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None) -> float:
-    """Fraction of the ``P`` chunks held by at least one live rank."""
+def coverage(P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None,
+             chunk_sizes: Sequence[int] | None = None) -> float:
+    """Fraction of the training samples whose chunk at least one live rank holds (ALGORITHMS.md, "Data").
+
+    ``chunk_sizes``: the samples of each of the ``P`` chunks (the shard index's); None for
+    chunks of equal size, where this is the fraction of chunks held. The one place coverage
+    is computed: metrics, summary.json and the failure messages all report this value.
+    """
     holders = chunk_holders(P, q, live_ranks, adopted)
-    return sum(1 for n in holders.values() if n > 0) / P
+    sizes = [1] * int(P) if chunk_sizes is None else [int(n) for n in chunk_sizes]
+    if len(sizes) != P:
+        raise ConfigError(f"coverage needs the size of each of the P={P} chunks, got {len(sizes)}")
+    return sum(sizes[c] for c, n in holders.items() if n > 0) / sum(sizes)
 
 
 def adopt_orphans(
