@@ -49,7 +49,8 @@ class Membership:
 
         Normally process r plays rank r of P. A run resumed from its checkpoint on W < P
         processes (a requeued job with a node gone) keeps the first W ranks that were live
-        at the checkpoint; the others depart there. Their chunks that no live rank holds are
+        at the checkpoint (those not scheduled to fail at the resume step first); the others
+        depart there. Their chunks that no live rank holds are
         re-assigned round-robin and read from the same shards (unlike a simulated failure,
         whose data is lost by design).
         """
@@ -66,8 +67,10 @@ class Membership:
             raise ShardError(
                 f"checkpoint {resume['dir']} has {len(live)} live ranks of {P}: launch at most {len(live)} ranks, or {P}"
             )
-        roles = list(range(P)) if W == P else live[:W]
         failed = {r for r, s in faults.items() if s <= start}
+        # Fewer processes than live ranks: ranks due to fail at the resume step go last, so a
+        # process never plays a rank that leaves at once while a healthy one departs.
+        roles = list(range(P)) if W == P else sorted(sorted(live, key=lambda r: r in failed)[:W])
         training = set(roles) & set(live)
         departed = sorted(set(range(P)) - training - failed)
         previous = resume["adopted"] if resume else {}

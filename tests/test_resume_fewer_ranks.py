@@ -104,6 +104,39 @@ def test_resume_on_fewer_ranks_reassigns_orphaned_chunks_and_says_so(shards, tmp
     assert _summary(run)["adopted_chunks"] == {"3": 0}
 
 
+def test_roles_on_fewer_ranks_skip_a_rank_due_to_fail_at_the_resume_step():
+    """Faults {0: 60}, resumed on 3 ranks at step 60: rank 0 leaves at once, so the processes
+    play 1, 2, 3 and none departs (was: roles 0, 1, 2, rank 3 departed, 2 ranks training)."""
+    from hpcsgd.membership import Membership
+
+    resume = {"step": 60, "live_world": [0, 1, 2, 3], "adopted": {}, "dir": "step-00000060"}
+    plans = [Membership.assign(4, 1, 3, i, {0: 60}, resume) for i in range(3)]
+    assert [m.rank for m in plans] == [1, 2, 3] and plans[0].roles == [1, 2, 3]
+    assert plans[0].departed == [] and plans[0].adopted == {}
+    # A rank due to fail later is played like any other; with room for it, the doomed one is kept.
+    later = Membership.assign(4, 1, 3, 0, {0: 90}, resume)
+    assert later.roles == [0, 1, 2] and later.departed == [3]
+    four = [Membership.assign(4, 1, 4, i, {0: 60}, resume).rank for i in range(4)]
+    assert four == [0, 1, 2, 3]
+
+
+def test_resume_on_fewer_ranks_when_a_rank_fails_at_the_resume_step(shards, tmp_path):
+    """The issue's case end to end: faults {0: 60}, q = 2, checkpoint at 60, resumed on 3 ranks:
+    3 ranks train (1, 2, 3) and the run equals the uninterrupted one in which rank 0 fails at 60."""
+    flags = ("--q", 2, "--fail", "0@60")
+    reference = tmp_path / "reference"
+    _train(4, shards, reference, *flags)
+    run = tmp_path / "run"
+    _stopped_at_60(shards, run, *flags)
+    resumed = _train(3, shards, run, *flags, "--resume")
+    assert "departed" not in resumed.stderr
+    s, r = _summary(run), _summary(reference)
+    assert s["live_rank_ids"] == [1, 2, 3] and s["live_ranks"] == 3 and s["departed"] == []
+    for rank in (1, 2, 3):
+        assert _records(run, rank) == _records(reference, rank)
+    assert (s["train_loss"], s["test_accuracy"], s["rounds"]) == (r["train_loss"], r["test_accuracy"], r["rounds"])
+
+
 def test_resume_on_fewer_ranks_needs_the_checkpoint(shards, tmp_path):
     fresh = mpi(3, "train", "--data", shards, "--run-dir", tmp_path / "fresh", *FLAGS, timeout=60)
     assert fresh.returncode == 2 and fresh.seconds < 30
