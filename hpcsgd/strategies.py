@@ -164,8 +164,10 @@ class Strategy:
         self.failed_counters = np.asarray(state.get("failed_counters", [0.0] * 4), dtype=np.float64)
 
     def close(self) -> None:
-        """Remove the hooks the strategy put on the model (sync's overlapped buckets)."""
+        """Remove the hooks the strategy put on the model (sync's overlapped buckets); free
+        its shared-memory windows (collective over the live ranks)."""
         self.algorithm.close()
+        self.coll.free_windows()
 
 
 class SyncSGD(Strategy):

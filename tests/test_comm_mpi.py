@@ -223,3 +223,46 @@ def test_split_live_continues_on_survivors(coll):
     live.allreduce_mean(x)
     survivors = [r for r in range(coll.size) if r != dead]
     assert torch.allclose(x, torch.full((3,), sum(survivors) / len(survivors)))  # survivors only: the dead rank has left
+
+
+def _shm_mapped() -> tuple[int, int]:
+    """(regions, bytes) this process maps from /dev/shm: where MPI's shared windows live."""
+    files: dict[str, int] = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/dev/shm/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                files[fields[5]] = files.get(fields[5], 0) + hi - lo
+    return len(files), sum(files.values())
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shared_windows_are_freed_when_exchanges_are_rebuilt_and_at_close(coll):
+    """Ten rebuilds (each failure rebuilds the model's and the momentum's exchange over the new
+    live ranks): /dev/shm mappings do not grow; the strategy's close frees the last ones."""
+    import os
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    d = 250_000  # 1 MB per rank and window
+    rates = LinkRates.build(coll.size, 0.2)
+    before = _shm_mapped()
+    x = torch.ones(d)
+    for i in range(10):
+        model = BlockExchange(coll, d, rates, seed=1, path="shared-memory")
+        momentum = BlockExchange(coll, d, rates, seed=1, path="shared-memory")
+        model.average(x, step=i)
+        momentum.average(x, step=i, count_round=False)
+        opened = _shm_mapped()
+        coll = coll.split_live(True)  # what Strategy.fail does: every rank is still there
+    after = _shm_mapped()
+    assert all_ranks(opened[1] >= before[1] + 2 * d * 4)  # the windows were there (the probe sees them)
+    assert all_ranks(after[1] <= before[1] and torch.all(x == 1.0))
+    last = BlockExchange(coll, d, rates, seed=1, path="shared-memory")
+    last.average(x, step=0)
+    coll.free_windows()  # Strategy.close
+    coll.free_windows()  # twice is harmless
+    assert all_ranks(_shm_mapped()[1] <= before[1])
+    with pytest.raises(IndexError):
+        last.average(x, step=1)  # a freed window is never touched again

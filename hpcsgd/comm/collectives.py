@@ -137,6 +137,7 @@ class Collectives:
         # How requests are waited for (see hpcsgd/comm/waiting.py): spinning in MPI, or
         # polling and giving the core to ranks or threads that share it.
         self.wait_mode = default_wait_mode()
+        self._windows: list = []  # shared-memory windows over comm (hpcsgd/comm/shm.py), freed together
 
     @property
     def size(self) -> int:
@@ -292,8 +293,29 @@ class Collectives:
         distance = float(squares[0]) / self.size
         return torch.from_numpy(mean).to(flat.device, flat.dtype), distance
 
+    # -- shared-memory windows ----------------------------------------------------------
+    def keep_window(self, window) -> None:
+        """Own ``window`` (a :class:`~hpcsgd.comm.shm.SharedWindow` over :attr:`comm`) until :meth:`free_windows`."""
+        self._windows.append(window)
+
+    def free_windows(self) -> None:
+        """Collective over :attr:`comm`: free the shared-memory windows opened over it.
+
+        Each holds its node's share of a vector on /dev/shm until freed: without this, every
+        exchange rebuilt after a failure (model and momentum) kept its window until finalize.
+        The exchanges that used them must not run again.
+        """
+        windows, self._windows = self._windows, []
+        for window in windows:
+            window.free()
+
     def split_live(self, alive: bool) -> "Collectives | None":
-        """Collective over the current ranks: a new layer over those still alive (None if not)."""
+        """Collective over the current ranks: a new layer over those still alive (None if not).
+
+        The windows over the current ranks are freed first, while every rank that opened them
+        is still here: the strategies rebuild their exchanges over the new layer.
+        """
+        self.free_windows()
         color = 0 if alive else MPI.UNDEFINED
         with WATCHDOG.guard("Split [the live ranks, after a failure]", self.comm):
             new_comm = self.comm.Split(color, key=self.comm.rank)
@@ -303,7 +325,11 @@ class Collectives:
         return self.over(new_comm, list(self.world_ranks[flags]))
 
     def over(self, comm: MPI.Comm, world_ranks: list[int]) -> "Collectives":
-        """A layer over ``comm`` (the live ranks ``world_ranks``) that keeps counting in these counters."""
+        """A layer over ``comm`` (the live ranks ``world_ranks``) that keeps counting in these counters.
+
+        This layer's windows stay where they are: freeing is collective, and under ULFM some of
+        their ranks are dead (the shared-memory path is off there by default).
+        """
         live = Collectives(comm, world_ranks, self.cuda_aware)
         live.counters = self.counters
         live.clock = self.clock  # one emulated link per rank, before and after

@@ -87,6 +87,8 @@ class BlockExchange:
         if window is None and path == "shared-memory":
             raise ValueError("exchange path shared-memory needs every live rank on one node, "
                              "with room for the window on /dev/shm")
+        if window is not None:
+            self.coll.keep_window(window)  # freed when the live ranks change, and at close
         return window
 
     def masks(self, step: int) -> tuple[np.ndarray, np.ndarray]:

@@ -90,7 +90,13 @@ class SharedWindow:
         return self.views[rank][self.numel:self.numel + size]
 
     def free(self) -> None:
-        """Collective: release the window (MPI_Finalize releases one that is never freed)."""
+        """Collective: release the window and its node communicator (once; later calls do nothing).
+
+        The views go with it, so a use after the free fails loudly instead of touching unmapped memory.
+        """
+        if self._win == MPI.WIN_NULL:
+            return
+        self.views = []
         self._win.Free()
         self._comm.Free()
 
