@@ -112,7 +112,11 @@ class RoundInFlight:
         if self._future is None:
             return
         future, self._future = self._future, None
+        clock = self.coll.clock  # an emulated network: count the wait that fell on the worker's holds
+        waited_from = clock.now() if clock is not None else 0.0
         future.result()  # re-raises what the round raised
+        if clock is not None:
+            clock.charge_wait(waited_from, clock.now())
         for lo, hi in self._spans:
             x[lo:hi].add_(self.work[lo:hi])
         self._merge_counters()

@@ -8,14 +8,13 @@ go directly when MPI is CUDA-aware, else through a pinned host buffer reused bet
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from .netem import LinkNetwork, NetworkClock
+from .netem import LinkNetwork, NetworkClock, agreed_offset
 from .waiting import default_wait_mode, wait_request
 from .watchdog import WATCHDOG
 
@@ -74,15 +73,45 @@ class HostStaging:
         return buf
 
 
+class RingTiming:
+    """When an Allreduce on the emulated network completes: its ring time from the moment its
+    last participant got its port, which the ranks learn by a one-number Iallreduce (MAX)
+    started beside the data's."""
+
+    def __init__(self, coll: "Collectives", nbytes: int):
+        clock = self.clock = coll.clock
+        self.latency, self.transfer = clock.network.ring_seconds(coll.world_ranks, nbytes)
+        ready = clock.ready(clock.now())
+        clock.port_free = ready + self.transfer  # its own share now; the agreed start at completion
+        self._start = np.array([ready])
+        self._request = coll.comm.Iallreduce(MPI.IN_PLACE, self._start, op=MPI.MAX)
+        self._comm, self._wait_mode = coll.comm, coll.wait_mode
+        self._deadline: float | None = None
+
+    def test(self) -> bool:
+        """Whether the emulated transfer is over (its start times known and its deadline passed)."""
+        if self._deadline is None and not self._request.Test():
+            return False
+        return self.clock.done(self.deadline())
+
+    def deadline(self) -> float:
+        if self._deadline is None:
+            wait_request(self._request, "Iallreduce [emulated network: start times]", self._comm, self._wait_mode)
+            self._deadline = self.clock.deadline(float(self._start[0]), self.latency, self.transfer)
+        return self._deadline
+
+    def hold(self) -> None:
+        self.clock.hold(self.deadline())
+
+
 class AverageRequest:
     """A pending in-place average; owns its staging buffer; ``wait()``/``test()`` like MPI."""
 
     def __init__(self, request: MPI.Request, tensor: torch.Tensor, host: torch.Tensor | None, divisor: int,
-                 comm: MPI.Comm | None = None, op: str = "Iallreduce", clock: NetworkClock | None = None,
-                 deadline: float = 0.0, wait_mode: str = "spin"):
+                 comm: MPI.Comm | None = None, op: str = "Iallreduce", timing: RingTiming | None = None,
+                 wait_mode: str = "spin"):
         self._wait_mode = wait_mode
-        self._clock = clock  # an emulated network: done no earlier than deadline
-        self._deadline = deadline
+        self._timing = timing  # an emulated network: done no earlier than its deadline
         self._request = request
         self._comm = comm if comm is not None else MPI.COMM_WORLD
         self._op = op
@@ -93,15 +122,15 @@ class AverageRequest:
 
     def test(self) -> bool:
         if not self._done and self._request.Test():
-            if self._clock is None or self._clock.done(self._deadline):
+            if self._timing is None or self._timing.test():
                 self._finish()
         return self._done
 
     def wait(self) -> torch.Tensor:
         if not self._done:
             wait_request(self._request, self._op, self._comm, self._wait_mode)
-            if self._clock is not None:
-                self._clock.hold(self._deadline)
+            if self._timing is not None:
+                self._timing.hold()
             self._finish()
         return self._tensor
 
@@ -133,7 +162,8 @@ class Collectives:
         self.cuda_aware = cuda_aware_from_env() if cuda_aware is None else cuda_aware
         self.counters = CommCounters()
         self._staging = HostStaging()
-        self.clock = NetworkClock(network) if network is not None else None
+        # The emulated network's clock, agreed among the ranks (collective when network is set).
+        self.clock = NetworkClock(network, agreed_offset(comm)) if network is not None else None
         # How requests are waited for (see hpcsgd/comm/waiting.py): spinning in MPI, or
         # polling and giving the core to ranks or threads that share it.
         self.wait_mode = default_wait_mode()
@@ -180,12 +210,12 @@ class Collectives:
         bucket of several is not a round of its own).
         """
         buf, host = self.mpi_view(tensor, tag)
-        t0 = time.perf_counter() if self.clock is not None else 0.0
         request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        timing = self.ring_timing(tensor.numel() * tensor.element_size())
         self._count_allreduce(tensor, count_round)
         return AverageRequest(
             request, tensor, host, self.size if count is None else max(count, 1), self.comm, f"Iallreduce [{tag}]",
-            self.clock, self.ring_deadline(t0, tensor.numel() * tensor.element_size()), self.wait_mode,
+            timing, self.wait_mode,
         )
 
     def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
@@ -195,14 +225,14 @@ class Collectives:
         Allreduce of a large buffer measured about 10% faster than Iallreduce + Wait.
         """
         buf, host = self.mpi_view(tensor, tag)
-        t0 = time.perf_counter() if self.clock is not None else 0.0
+        timing = self.ring_timing(tensor.numel() * tensor.element_size())
         if self.wait_mode == "yield":  # a worker thread beside the training thread (overlapped rounds)
             self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
         else:
             with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
                 self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if self.clock is not None:
-            self.clock.hold(self.ring_deadline(t0, tensor.numel() * tensor.element_size()))
+        if timing is not None:
+            timing.hold()
         self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
@@ -225,12 +255,10 @@ class Collectives:
             tensor.mul_(1.0 / divisor)
         return tensor
 
-    def ring_deadline(self, t0: float, nbytes: int) -> float:
-        """When an Allreduce of ``nbytes`` started at ``t0`` completes on the emulated network."""
-        if self.clock is None:
-            return 0.0
-        latency, transfer = self.clock.network.ring_seconds(self.world_ranks, nbytes)
-        return self.clock.deadline(t0, latency, transfer)
+    def ring_timing(self, nbytes: int) -> RingTiming | None:
+        """Collective on an emulated network (None otherwise): the timing of an Allreduce of
+        ``nbytes`` this rank starts now; every rank starts it beside the same Allreduce."""
+        return RingTiming(self, nbytes) if self.clock is not None else None
 
     def network_stats(self) -> dict:
         """Emulated network time of this rank's rounds, and how much of it was not hidden ({} when off)."""

@@ -9,7 +9,6 @@ whose average was lost keeps the rank's own values without any copy.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,11 +172,11 @@ class BlockExchange:
         """
         if contributors is not None and not contributors[self.coll.rank]:
             buf[...] = 0  # everything arrives, so its own values are replaced anyway
-        t0 = time.perf_counter()
+        timing = self.coll.ring_timing(self.numel * 4)
         with WATCHDOG.guard("Allreduce [block exchange, lossless]", self.coll.comm):
             self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if self.coll.clock is not None:
-            self.coll.clock.hold(self.coll.ring_deadline(t0, self.numel * 4))
+        if timing is not None:
+            timing.hold()
         return self.coll.size if contributors is None else int(contributors.sum())
 
     def _block_average(self, rows: np.ndarray, block) -> None:
@@ -204,13 +203,13 @@ class BlockExchange:
         send_counts = np.where(arrived1[me], sizes, 0)
         recv_counts = np.where(arrived1[:, me], my_size, 0)
         recv_displs = np.arange(size, dtype=np.int64) * stride
-        t0 = time.perf_counter()
+        starts = self._phase_starts()
         request = comm.Ialltoallv(
             [buf, (send_counts, offsets), MPI.FLOAT],
             [self._recv, (recv_counts, recv_displs), MPI.FLOAT],
         )
         self.coll.wait(request, "Ialltoallv [block exchange, phase 1]", can_sleep=False)
-        self._hold_phase(t0, send_counts, recv_counts)
+        self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
         rows = self._contributing_rows(arrived1, contributors)
         if len(rows):  # else no average of this block is sent (see arrived2)
             self._block_average(rows, lambda i: self._recv[i, :my_size])
@@ -218,13 +217,13 @@ class BlockExchange:
         send_counts2 = np.where(arrived2[me], my_size, 0)
         zero_displs = np.zeros(size, dtype=np.int64)  # every destination reads the same w_j
         recv_counts2 = np.where(arrived2[:, me], sizes, 0)
-        t0 = time.perf_counter()
+        starts = self._phase_starts()
         request = comm.Ialltoallv(
             [self._avg, (send_counts2, zero_displs), MPI.FLOAT],
             [buf, (recv_counts2, offsets), MPI.FLOAT],
         )
         self.coll.wait(request, "Ialltoallv [block exchange, phase 2]", can_sleep=False)
-        self._hold_phase(t0, send_counts2, recv_counts2)
+        self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
 
     def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:
         """Both phases through the node's shared window (see hpcsgd/comm/shm.py).
@@ -237,43 +236,58 @@ class BlockExchange:
         """
         win, me, off, sizes, my_size = self._window, self.coll.rank, self.offsets, self.sizes, self._my_size
         mine = win.views[me]
-        t0 = time.perf_counter()
+        starts = self._phase_starts()
         for j in np.flatnonzero(arrived1[me]):
             if j != me:
                 mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
         win.fence("phase 1 sent", self.coll.wait_mode)
-        self._hold_phase(t0, np.where(arrived1[me], sizes, 0), np.where(arrived1[:, me], my_size, 0))
+        self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
         rows = self._contributing_rows(arrived1, contributors)
         lo, hi = off[me], off[me + 1]
-        t0 = time.perf_counter()
+        starts = self._phase_starts()
         if len(rows):
             self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi])
             win.result(me, my_size)[...] = self._avg[:my_size]
         win.fence("phase 2 sent", self.coll.wait_mode)
-        self._hold_phase(t0, np.where(arrived2[me], my_size, 0), np.where(arrived2[:, me], sizes, 0))
+        self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
         for j in np.flatnonzero(arrived2[:, me]):
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
         win.fence("round done", self.coll.wait_mode)
 
-    def _hold_phase(self, t0: float, send_counts: np.ndarray, recv_counts: np.ndarray) -> None:
-        """On an emulated network, hold until the phase started at ``t0`` would complete.
-
-        The rank's sends queue on its one link (so both phases together move what a ring
-        Allreduce moves); its slowest incoming message and the longest latency of the links
-        it uses bound the phase too. Counts are in floats, indexed by live rank.
-        """
+    def _phase_starts(self) -> np.ndarray | None:
+        """On an emulated network, every live rank's port-ready time for the phase it starts
+        now (one Allgather; collective), None otherwise."""
         clock = self.coll.clock
         if clock is None:
+            return None
+        starts = np.empty(self.coll.size)
+        with WATCHDOG.guard("Allgather [emulated network: start times]", self.coll.comm):
+            self.coll.comm.Allgather(np.array([clock.ready(clock.now())]), starts)
+        return starts
+
+    def _hold_phase(self, starts: np.ndarray | None, counts: np.ndarray) -> None:
+        """On an emulated network, hold until the phase would complete on this rank.
+
+        ``counts[i, j]``: floats rank ``i`` sends rank ``j`` in the phase (live-rank indexed).
+        Each sender's messages leave its one port in ring order (``i+1, i+2, ...``), so the
+        message from ``i`` completes at ``starts[i]`` + the sends queued before it + its own
+        transfer + the link's latency; this rank's phase ends when its last incoming message
+        has and its own sends have left its port (ALGORITHMS.md, "Network emulation").
+        """
+        if starts is None:
             return
-        net, world, me = clock.network, self.coll.world_ranks, self.coll.rank
-        others = np.arange(self.coll.size) != me
-        sends = np.flatnonzero(others & (send_counts > 0))
-        recvs = np.flatnonzero(others & (recv_counts > 0))
-        send_time = sum(send_counts[j] * 4 / net.bandwidth[world[me], world[j]] for j in sends)
-        recv_time = max((recv_counts[i] * 4 / net.bandwidth[world[i], world[me]] for i in recvs), default=0.0)
-        latency = max([net.latency[world[me], world[j]] for j in sends] + [net.latency[world[i], world[me]] for i in recvs],
-                      default=0.0)
-        clock.hold(clock.deadline(t0, float(latency), float(max(send_time, recv_time))))
+        clock, world, me, size = self.coll.clock, self.coll.world_ranks, self.coll.rank, self.coll.size
+        net = clock.network
+        seconds = counts * 4.0 / net.bandwidth[np.ix_(world, world)]
+        np.fill_diagonal(seconds, 0.0)  # a rank's own block stays home
+        incoming = []
+        for i in np.flatnonzero(counts[:, me]):
+            if i == me:
+                continue
+            before = [(i + k) % size for k in range(1, (me - i) % size)]
+            queue = float(seconds[i, before].sum())
+            incoming.append((float(starts[i]), queue + float(seconds[i, me]) + float(net.latency[world[i], world[me]])))
+        clock.hold(clock.phase_deadline(float(starts[me]), float(seconds[me].sum()), incoming))
 
     def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> ExchangeReport:
         """Count this rank's sends: off-diagonal messages only (its own block stays home)."""
