@@ -65,6 +65,7 @@ class Evaluator:
         The work is split over the live ranks (every n-th sample, or every n-th chunk) and the
         sums combined by one Allreduce.
         """
+        self.strategy.wait_snapshot()  # an overlapped round must copy this rank's model before we overwrite it
         flat = self.strategy.flat.flat
         own = flat.clone()
         flat.copy_(mean)

@@ -14,6 +14,9 @@ Arguments are checked at construction; an error names the argument and its allow
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -23,7 +26,7 @@ from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
 from .comm.netem import LinkNetwork
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
 
 
@@ -63,6 +66,7 @@ class Strategy:
         self.steps = 0
         self.live_ranks = list(world.roles or range(world.size))
         self.failed_counters = np.zeros(4)  # traffic of failed ranks, handed to the survivors
+        self._synchronized = False  # synchronize() already averaged this step's gradient
 
     def _build(self, **options):
         raise NotImplementedError
@@ -83,7 +87,10 @@ class Strategy:
         appended to it (``hpcsgd train`` splits its compute and communication time by them).
         """
         t, algorithm = self.steps, self.algorithm
-        algorithm.reduce_gradients(t)
+        if self._synchronized:
+            self._synchronized = False
+        else:
+            algorithm.reduce_gradients(t)
         if marks is not None:
             marks.append(time.perf_counter())
         algorithm.optimizer_step(t)
@@ -93,6 +100,45 @@ class Strategy:
         if marks is not None:
             marks.append(time.perf_counter())
         self.steps = t + 1
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate into ``.grad`` locally and start no communication.
+
+        DDP's name and meaning: the next backward outside it (the step's last) averages the
+        accumulated gradient. Local SGD and RPS average models, not gradients: there it
+        changes nothing.
+        """
+        if self._synchronized:
+            raise RuntimeError("no_sync() after synchronize() in the same step: call step() first")
+        algorithm = self.algorithm
+        before, algorithm.accumulating = algorithm.accumulating, True
+        try:
+            yield
+        finally:
+            algorithm.accumulating = before
+
+    def synchronize(self) -> None:
+        """Complete this step's gradient averaging now, so the averaged gradient can be read or edited.
+
+        Horovod's name: after it ``.grad`` holds the average over the live ranks (clip it with
+        ``torch.nn.utils.clip_grad_norm_``, for example), and the following :meth:`step`
+        does not average again. Collective under sync and lossy-allreduce; under local SGD and
+        RPS (which average models) it communicates nothing.
+        """
+        if self.algorithm.accumulating:
+            raise RuntimeError("synchronize() inside no_sync(): leave no_sync() and run the step's last backward first")
+        if not self._synchronized:
+            self.algorithm.reduce_gradients(self.steps)
+            self._synchronized = True
+
+    def wait_snapshot(self) -> None:
+        """Wait until an overlapped round in flight has copied the model (at once otherwise).
+
+        Call it before writing the model's values between steps; hpcsgd's own readers and
+        writers (evaluation, consensus distance, checkpoints) do.
+        """
+        self.algorithm.wait_snapshot()
 
     def zero_grad(self) -> None:
         """Clear gradients the cheapest way for this strategy (``optimizer.zero_grad()`` works too)."""
@@ -104,6 +150,7 @@ class Strategy:
 
     def mean_and_consensus(self) -> tuple[torch.Tensor, float]:
         """The live ranks' mean model (flat) and the consensus distance (collective)."""
+        self.algorithm.wait_snapshot()
         return self.coll.mean_and_consensus(self.flat.flat)
 
     def consensus_distance(self) -> float:
@@ -150,8 +197,15 @@ class Strategy:
         self.algorithm.flush()
 
     def state_dict(self) -> dict:
-        """Steps, traffic counters, live ranks and the failed ranks' traffic."""
+        """Steps, traffic counters, live ranks, the failed ranks' traffic and an overlapped round in flight.
+
+        The round in flight is saved, not applied (collective: it waits for the round), so a
+        checkpoint does not change the trajectory; :meth:`load_state_dict` applies it after
+        the next step, where it would have landed.
+        """
+        in_flight = self.algorithm.round_state()  # first: it adds the round's traffic to the counters
         return {
+            "round_in_flight": in_flight,
             "steps": self.steps,
             "counters": self.coll.counters.as_dict(),
             "live_ranks": list(self.live_ranks),
@@ -162,6 +216,10 @@ class Strategy:
         self.steps = int(state["steps"])
         self.coll.counters.load(state["counters"])
         self.failed_counters = np.asarray(state.get("failed_counters", [0.0] * 4), dtype=np.float64)
+        try:
+            self.algorithm.load_round_state(state.get("round_in_flight"))
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def close(self) -> None:
         """Remove the hooks the strategy put on the model (sync's overlapped buckets); free
@@ -196,7 +254,8 @@ class LocalSGD(Strategy):
 
     Args:
         tau: steps between averaging rounds, >= 1.
-        average_optimizer_state: average momentum buffers with the model.
+        average_optimizer_state: average every per-parameter optimizer state tensor with the model
+            (SGD momentum, Adam moments, ...; refused, by name, where it cannot be).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         network: an emulated network from :func:`link_network`.
     """
@@ -255,7 +314,8 @@ class RPS(Strategy):
         drop_rate: probability in [0, 1) that a block message is lost (every link).
         rates: per-link rates from :func:`link_rates` instead of ``drop_rate``.
         seed: seeds the drop masks (the same on every rank).
-        average_optimizer_state: exchange momentum buffers with the model's blocks.
+        average_optimizer_state: exchange every per-parameter optimizer state tensor through the
+            model's blocks and masks (SGD momentum, Adam moments, ...).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         network: an emulated network from :func:`link_network`.
     """

@@ -81,8 +81,7 @@ class Trainer:
                 "sampler": self.batches, "strategy": self.api, "totals": self.totals}
 
     def save(self, step: int) -> None:
-        """Checkpoint after ``step`` steps (collective over the live ranks)."""
-        self.api.flush()  # an overlapped round in flight is applied before the model is saved
+        """Checkpoint after ``step`` steps (collective; an overlapped round in flight is saved, not applied)."""
         m, shards = self.membership, ckpt.shard_identity(self.job.index)
         record = {"ranks": m.P, **m.state_dict(), "fingerprint": ckpt.fingerprint(self.cfg, shards),
                   "shards": shards, "wall_s": float(time.perf_counter() - self.t_start)}
@@ -134,6 +133,7 @@ class Trainer:
         """After the last step: final checkpoint, evaluation and summary."""
         self.stop.drain()
         self.progress.close()
+        self.api.flush()  # the last overlapped round lands after the last step, before the final checkpoint
         self.save(self.schedule.total_steps)
         result = self.finish()
         self.api.close()

@@ -210,3 +210,82 @@ def single_process_concatenated(cfg: TrainConfig, P: int, steps: int) -> torch.T
         weighted_loss(model(torch.cat([x for x, _ in batches])), torch.cat([y for _, y in batches]), weights).backward()
         opt.step()
     return flat.flat.detach().clone()
+
+
+# -- gradient accumulation and optimizer-state averaging (ALGORITHMS.md, issue 26) ----------
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def accumulated_sync(model, optimizer, batches, P: int, steps: int, micro: int, max_norm: float | None = None):
+    """Sync SGD with gradient accumulation, one model: ALGORITHMS.md, "Gradient accumulation".
+
+    Every step, rank r's gradient is the *sum* of its ``micro`` micro-batch gradients
+    ``batches(t, r, m)``; the optimizer steps on the mean over the P ranks, clipped to
+    ``max_norm`` as ``torch.nn.utils.clip_grad_norm_`` clips. Returns the averaged gradient
+    of every step (before clipping) and the final flat parameters.
+    """
+    averaged = []
+    for t in range(steps):
+        total = None
+        for r in range(P):
+            for m in range(micro):
+                model.zero_grad()
+                x, y = batches(t, r, m)
+                F.cross_entropy(model(x), y).backward()
+                g = _flat_grad(model).clone()
+                total = g if total is None else total + g
+        mean = total / P
+        averaged.append(mean.clone())
+        if max_norm is not None:
+            mean = mean * min(1.0, max_norm / (float(mean.norm()) + 1e-6))
+        offset = 0
+        for p in model.parameters():
+            n = p.numel()
+            p.grad = mean[offset:offset + n].view_as(p).clone()
+            offset += n
+        optimizer.step()
+    return averaged, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def averaged_state_run(models, optimizers, batches, steps: int, tau: int, algorithm: str,
+                       seed: int = 0, rates: LinkRates | None = None):
+    """P workers, each its own model and optimizer (any torch optimizer), local steps, and every
+    ``tau`` steps the models *and every per-parameter state tensor* averaged: plainly
+    (``local``) or block-wise by RPS's masks (``rps``), the state in the model's blocks.
+    Scalar state is left as it is (it agrees). ALGORITHMS.md, "Local SGD and RI-SGD".
+    """
+    P = len(models)
+    for t in range(steps):
+        for r, (model, opt) in enumerate(zip(models, optimizers)):
+            opt.zero_grad()
+            x, y = batches(t, r, 0)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        if (t + 1) % tau:
+            continue
+        vectors = [[torch.cat([p.detach().reshape(-1) for p in m.parameters()])] for m in models]
+        names = sorted(k for k, v in optimizers[0].state[next(models[0].parameters())].items()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0)
+        for r, (m, opt) in enumerate(zip(models, optimizers)):
+            for name in names:
+                vectors[r].append(torch.cat([opt.state[p][name].reshape(-1) for p in m.parameters()]))
+        for k in range(1 + len(names)):
+            column = [vectors[r][k] for r in range(P)]
+            if algorithm == "local":
+                mean = sum(column) / P
+                for v in column:
+                    v.copy_(mean)
+            else:
+                blockwise_average(column, seed, t, rates)
+        for r, (m, opt) in enumerate(zip(models, optimizers)):
+            offset = 0
+            for p in m.parameters():
+                n = p.numel()
+                with torch.no_grad():
+                    p.copy_(vectors[r][0][offset:offset + n].view_as(p))
+                    for k, name in enumerate(names, start=1):
+                        opt.state[p][name].copy_(vectors[r][k][offset:offset + n].view_as(p))
+                offset += n
+    return models, optimizers

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -30,6 +28,8 @@ class Strategy:
         self.optimizer = optimizer
         self.tau = tau
         self.contributors: np.ndarray | None = None  # bool per live rank; None: every rank
+        # Inside the public no_sync(): backward passes only accumulate (gradient-sharing strategies).
+        self.accumulating = False
 
     def contributes(self) -> bool:
         """Whether this rank's own update counts this step (its loss was finite)."""
@@ -58,6 +58,21 @@ class Strategy:
         """Continue on a new set of live ranks (after a crash-stop failure)."""
         self.coll = coll
 
+    def wait_snapshot(self) -> None:
+        """Return once an overlapped round in flight has copied the model (at once otherwise).
+
+        Whatever writes the model between steps calls it first (ALGORITHMS.md, "Overlapped rounds").
+        """
+
+    def round_state(self) -> dict | None:
+        """The overlapped round in flight as checkpoint data (None: none is), without applying it."""
+        return None
+
+    def load_round_state(self, state: dict | None) -> None:
+        """Take back a round in flight saved by :meth:`round_state`; it is applied after the next step."""
+        if state is not None:
+            raise ValueError(f"a {self.name} strategy without overlapped rounds cannot resume a round in flight")
+
     def flush(self) -> None:
         """Complete and apply a round still in flight (overlapped rounds; collective).
 
@@ -84,38 +99,3 @@ def prescaled_optimizer_step(strategy: Strategy) -> None:
         strategy.flat.buffers.mul_(scale)  # floating buffers (BatchNorm statistics) are averaged too
     else:
         strategy.flat.flat.mul_(scale)
-
-
-def momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every parameter's SGD momentum buffer, in parameter order (none when momentum is 0).
-
-    A parameter without one yet (no step taken, or a skipped first step) gets zeros, which
-    torch's SGD treats exactly like a fresh buffer, so every rank packs the same layout.
-    """
-    buffers = []
-    for group in optimizer.param_groups:
-        if not group.get("momentum", 0):
-            continue
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
-    return buffers
-
-
-def average_momentum(optimizer: torch.optim.Optimizer, average: Callable[[torch.Tensor], object]) -> None:
-    """Average SGD momentum buffers over the live ranks: packed into one vector, ``average``d in place.
-
-    Not a communication round of its own: it rides with the model's round.
-    """
-    buffers = momentum_buffers(optimizer)
-    if not buffers:
-        return
-    packed = torch.cat([b.reshape(-1) for b in buffers])
-    average(packed)
-    offset = 0
-    for b in buffers:
-        n = b.numel()
-        b.copy_(packed[offset : offset + n].view_as(b))
-        offset += n

@@ -4,16 +4,20 @@ RI-SGD is this strategy run on a q-redundant data assignment; redundancy lives e
 the data layer, so the communication pattern is local SGD's.
 """
 
+import torch
+
 from ..errors import ConfigError
 from ..optim import can_scale
-from .base import Strategy, average_momentum, prescaled_optimizer_step
+from .base import Strategy, prescaled_optimizer_step
+from .optimizer_state import OptimizerState
 from .overlap import RoundInFlight
 
 
 class LocalSGD(Strategy):
     """``x_i <- mean over live ranks`` after every step t with ``(t + 1) % tau == 0``.
 
-    Momentum stays local unless ``average_optimizer_state`` (like PeriodicModelAverager).
+    Optimizer state stays local unless ``average_optimizer_state`` (like PeriodicModelAverager):
+    then every per-parameter state tensor travels behind the model in the round's one Allreduce.
     With ``overlap_rounds`` the round runs behind the next step and is applied one step
     late (ALGORITHMS.md, "Overlapped rounds"; hpcsgd/algorithms/overlap.py).
     """
@@ -26,6 +30,9 @@ class LocalSGD(Strategy):
             raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                               "(the spec delays the model's average only)")
         self.average_optimizer_state = average_optimizer_state
+        state = OptimizerState(self.optimizer, self.flat) if average_optimizer_state else None
+        self._state = None if state is None or state.empty else state
+        self._pack = None  # [x | state segments], allocated at the first round that needs it
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
         self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
         self._in_flight = None
@@ -37,7 +44,7 @@ class LocalSGD(Strategy):
         if self._in_flight is not None:
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
-        elif self.is_round(step) and self.coll.size > 1 and self._scales:
+        elif self.is_round(step) and self.coll.size > 1 and self._scales and self._state is None:
             prescaled_optimizer_step(self)
             self._prescaled = True
         else:
@@ -51,18 +58,45 @@ class LocalSGD(Strategy):
             return
         if not self.is_round(step):
             return
+        if self._state is not None:
+            self._average_with_state()
+            return
         # Parameters and floating buffers travel together in the one flat buffer.
         if self._prescaled:
             self.coll.allreduce_sum(self.flat.flat)
             self._prescaled = False
         else:  # an optimizer that cannot scale (the same on every rank)
             self.coll.allreduce_mean(self.flat.flat)
-        if self.average_optimizer_state:
-            average_momentum(self.optimizer, lambda v: self.coll.allreduce_mean(v, tag="momentum", count_round=False))
+
+    def _average_with_state(self) -> None:
+        """The model and every optimizer state segment, averaged by one Allreduce of ``[x | segments]``."""
+        state, d = self._state, self.flat.numel
+        state.check_scalars(self.coll)  # before anything changes: every rank raises together
+        if self._pack is None:
+            self._pack = torch.empty((1 + len(state.names)) * d, dtype=self.flat.dtype, device=self.flat.device)
+        pack = self._pack
+        pack[:d].copy_(self.flat.flat)
+        pack[d:].copy_(state.gather().reshape(-1))
+        self.coll.allreduce_mean(pack)
+        self.flat.flat.copy_(pack[:d])
+        state.scatter(pack[d:].view(-1, d))
 
     def flush(self) -> None:
         if self._in_flight is not None:
             self._in_flight.finish(self.flat.flat)
+
+    def wait_snapshot(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.wait_snapshot()
+
+    def round_state(self) -> dict | None:
+        return None if self._in_flight is None else self._in_flight.state_dict()
+
+    def load_round_state(self, state: dict | None) -> None:
+        if self._in_flight is None:
+            super().load_round_state(state)
+        else:
+            self._in_flight.load_state_dict(state)
 
     def set_collectives(self, coll) -> None:
         super().set_collectives(coll)

@@ -121,6 +121,34 @@ class RoundInFlight:
             x[lo:hi].add_(self.work[lo:hi])
         self._merge_counters()
 
+    def state_dict(self) -> dict | None:
+        """The round in flight as checkpoint data: its correction ``avg - s`` and the spans it covers.
+
+        Waits for the round to complete but does not apply it: a checkpoint must not move the
+        step at which a round lands (ALGORITHMS.md, "Overlapped rounds"). Its traffic is
+        counted now, so the counters saved with it already include the round.
+        """
+        if self._future is None:
+            return None
+        self._future.result()
+        self._merge_counters()
+        return {"correction": self.work.clone(), "spans": [[int(lo), int(hi)] for lo, hi in self._spans]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Hold the completed round ``state`` (from :meth:`state_dict`); :meth:`finish` applies it."""
+        if self._future is not None:  # the model is being replaced: the round's correction is void
+            future, self._future = self._future, None
+            future.result()
+            self.coll.counters = CommCounters()
+        if state is None:
+            return
+        self.work.copy_(torch.as_tensor(state["correction"]).reshape(self.work.shape))
+        self._spans = [(int(lo), int(hi)) for lo, hi in state["spans"]]
+        done: Future = Future()
+        done.set_result(None)
+        self._future = done
+        self._snapshot_taken.set()
+
     def _merge_counters(self) -> None:
         done, main = self.coll.counters, self._main_counters
         for key, value in done.as_dict().items():

@@ -3,7 +3,8 @@
 from ..comm import BlockExchange, Collectives, LinkRates
 from ..errors import ConfigError
 from ..optim import can_scale
-from .base import Strategy, average_momentum, prescaled_optimizer_step
+from .base import Strategy, prescaled_optimizer_step
+from .optimizer_state import OptimizerState
 from .overlap import RoundInFlight
 
 
@@ -11,9 +12,9 @@ class RPS(Strategy):
     """Every ``tau`` steps, after the local step, two-phase block averaging of the models.
 
     A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS).
-    With ``average_optimizer_state`` the momentum buffers go through the same lossy
-    exchange, in the same messages as the model's blocks (the same drop masks), so they are
-    counted as bytes but not as rounds of their own. With ``overlap_rounds`` the exchange
+    With ``average_optimizer_state`` every per-parameter optimizer state tensor, laid out in
+    the model's coordinates, goes through the model's own exchange (the same blocks and drop
+    masks), counted as bytes but not as rounds of their own. With ``overlap_rounds`` the exchange
     runs behind the next step and the blocks whose average arrived are updated one step late
     (ALGORITHMS.md, "Overlapped rounds").
     """
@@ -29,6 +30,8 @@ class RPS(Strategy):
         self.rates = rates
         self.seed = seed
         self.average_optimizer_state = average_optimizer_state
+        state = OptimizerState(self.optimizer, self.flat) if average_optimizer_state else None
+        self._state = None if state is None or state.empty else state
         self.overlap_rounds = overlap_rounds
         self._in_flight = None
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
@@ -46,16 +49,18 @@ class RPS(Strategy):
                                           path="alltoallv")
         else:
             self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
-        self._momentum_exchange = None  # built at first use: momentum buffers appear with the first step
 
     def set_collectives(self, coll: Collectives) -> None:
         super().set_collectives(coll)
         self._build_exchanges()  # the cut adapts
 
-    def _average_momentum(self, vector, step: int) -> None:
-        if self._momentum_exchange is None or self._momentum_exchange.numel != vector.numel():
-            self._momentum_exchange = BlockExchange(self.coll, vector.numel(), self.rates, self.seed)
-        self._momentum_exchange.average(vector, step, count_round=False)
+    def _average_state(self, step: int) -> None:
+        """Each state segment through the model's exchange at ``step``: its blocks, its masks."""
+        self._state.check_scalars(self.coll)
+        segments = self._state.gather()
+        for row in segments:
+            self.exchange.average(row, step, count_round=False)
+        self._state.scatter(segments)
 
     def optimizer_step(self, step: int) -> None:
         """At drop 0 a round is an Allreduce, and its 1/L rides in the optimizer step, as local SGD's."""
@@ -74,10 +79,10 @@ class RPS(Strategy):
             return
         if not self.is_round(step):
             return
+        if self._state is not None:
+            self._average_state(step)  # first: a refused state leaves the model as it was on every rank
         self.exchange.average(self.flat.flat, step, prescaled=self._prescaled)
         self._prescaled = False
-        if self.average_optimizer_state:
-            average_momentum(self.optimizer, lambda v: self._average_momentum(v, step))
 
     def _start_overlapped(self, step: int) -> None:
         """Apply the previous step's round; start this step's, if it is a round step."""
@@ -91,6 +96,19 @@ class RPS(Strategy):
     def flush(self) -> None:
         if self._in_flight is not None:
             self._in_flight.finish(self.flat.flat)
+
+    def wait_snapshot(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.wait_snapshot()
+
+    def round_state(self) -> dict | None:
+        return None if self._in_flight is None else self._in_flight.state_dict()
+
+    def load_round_state(self, state: dict | None) -> None:
+        if self._in_flight is None:
+            super().load_round_state(state)
+        else:
+            self._in_flight.load_state_dict(state)
 
     def close(self) -> None:
         if self._in_flight is not None:

@@ -6,6 +6,12 @@ backward produces them), and each bucket's nonblocking Allreduce starts from a g
 as soon as its last gradient is accumulated. Later hooks poke the outstanding requests, so an
 MPI without a progress thread still moves them while backward runs.
 
+Gradient accumulation (ALGORITHMS.md, "Gradient accumulation and edits after averaging"):
+while :attr:`SyncSGD.accumulating` is set (the public ``no_sync()``) the hooks start nothing,
+so the next backward outside it averages the accumulated gradient. A second gradient for a
+parameter in one step outside ``no_sync()``, or a backward after the step's average was
+completed, raises instead of averaging a gradient that is still being written.
+
 Floating buffers (BatchNorm running statistics) ride in the first bucket, packed behind the
 gradients (``FlatParams.packed``): they are final once forward has run, and averaging them
 every step keeps the replicas identical (consensus distance 0). A rank that skips a
@@ -39,6 +45,8 @@ class SyncSGD(Strategy):
         self._pending: list[int] = []  # gradients still to come, per bucket
         self._requests: dict[int, AverageRequest] = {}
         self._hooks = []
+        self._fired: set[int] = set()  # parameters whose gradient hook fired this step (outside no_sync)
+        self._averaged = False  # this step's average is complete: no backward may write the gradient now
         if overlap:
             self._build_buckets(bucket_mb)
 
@@ -79,6 +87,10 @@ class SyncSGD(Strategy):
     def _make_hook(self, bucket: int, index: int):
         def hook(_param: torch.Tensor) -> None:
             self.flat.adopt_grad(index)  # a no-op unless the user's zero_grad set it to None
+            if self.accumulating or index in self._fired or self._averaged:
+                self._check_accumulation(bucket, index)
+                return
+            self._fired.add(index)
             self._pending[bucket] -= 1
             if self._pending[bucket] == 0:
                 self._start(bucket)
@@ -86,6 +98,22 @@ class SyncSGD(Strategy):
                 request.test()
 
         return hook
+
+    def _check_accumulation(self, bucket: int, index: int) -> None:
+        """A hook inside ``no_sync()`` (accumulate only), or one that would corrupt a running average."""
+        if self._averaged:
+            raise RuntimeError("a backward pass after synchronize() and before step(): the averaged gradient "
+                               "would change under the optimizer; call step() first")
+        if bucket in self._requests:
+            raise RuntimeError(
+                "a second backward pass in one step writes a gradient that is already being averaged: "
+                "run every backward but the last of a step inside strategy.no_sync() (as with DDP)"
+                if not self.accumulating else
+                "a backward pass inside no_sync() after one outside it in the same step: the average has "
+                "started; run the no_sync() backward passes first, the last one outside it")
+        if not self.accumulating:  # fired twice, its bucket not started yet: the count would be wrong
+            raise RuntimeError("a parameter got two gradients in one step outside strategy.no_sync(): "
+                               "run every backward but the last of a step inside no_sync() (as with DDP)")
 
     def _start(self, bucket: int) -> None:
         lo, hi = self._buckets[bucket]
@@ -98,6 +126,7 @@ class SyncSGD(Strategy):
 
     def optimizer_step(self, step: int) -> None:
         """Every rank applies the averaged gradient, a skipping one too (none if all skipped)."""
+        self._averaged = False
         if self.contributor_count() > 0:
             self.optimizer.step()
 
@@ -117,6 +146,8 @@ class SyncSGD(Strategy):
             self._requests[bucket].wait()
         self._requests.clear()
         self._pending = list(self._counts)
+        self._fired.clear()
+        self._averaged = True
         self._take_buffers()
 
     def set_collectives(self, coll) -> None:
@@ -131,6 +162,8 @@ class SyncSGD(Strategy):
         super().set_collectives(coll)
         self._requests.clear()
         self._pending = list(self._counts) if self.overlap else self._pending
+        self._fired.clear()
+        self._averaged = False
 
     def _take_buffers(self) -> None:
         if self.contributor_count() > 0:  # with no contribution the sum is zeros: keep our own
