@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -75,7 +76,7 @@ ACCEPTED: dict[str, set[str]] = {
     # Zero is the documented "off", "all" or "automatic" of these; tiny is a small legal value.
     **{f"train --{f}": _NONNEG for f in (
         "momentum", "warmup-epochs", "drop-rate", "drop-rate-phase1", "drop-rate-phase2", "fail-rate",
-        "link-latency-ms", "lr-milestones")},
+        "link-latency-ms")},
     "train --lr-milestones": _NONNEG | {"5"},  # warned: milestones under the constant schedule do nothing
     "train --collective-timeout": {"zero", "tiny"},  # 0: off; tiny: every collective times out (exit 4, named)
     "train --eval-every": {"zero", "tiny"},  # 0 and below one step: evaluate at the end only
@@ -97,6 +98,18 @@ ACCEPTED: dict[str, set[str]] = {
     # No table at that path: the projection says so and uses the model's form only (as without
     # tools/scaling.json); an unreadable or malformed table is refused.
     "bench --table": _ANY,
+}
+
+# Accepted cases whose no-op a warning must name (a fragment of it).
+WARNED = {
+    "train --lr-milestones 5": "lr_milestones apply to lr_schedule 'step' only",
+    "train --lr-milestones zero": "lr_milestones apply to lr_schedule 'step' only",
+    "train --link-drop 2->2=0.5": "link_drop rule '2->2=0.5' names the link from rank 2 to itself",
+    "train --link-latency 2->2=0.5": "link_latency rule '2->2=0.5' names the link from rank 2 to itself",
+    "train --link-bandwidth 2->2=0.5": "link_bandwidth rule '2->2=0.5' names the link from rank 2 to itself",
+    "train --link-drop-file matrix.csv": "drop rates apply to rps and lossy-allreduce only",
+    "train --fail 1@99999999999999999999999": "is at or after the run's last step",
+    "train --average-optimizer-state present": "average_optimizer_state does nothing with momentum 0",
 }
 
 
@@ -183,7 +196,7 @@ def _train_checks(args: argparse.Namespace) -> None:
     validate_for_world(cfg, WORLD, index.chunk_sizes)
     schedule = Schedule.from_config(cfg, index.train_size, WORLD)
     for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
-        print(f"hpcsgd: warning: {message}", file=__import__("sys").stderr)
+        print(f"hpcsgd: warning: {message}", file=sys.stderr)
     link_rates(cfg, WORLD)
     LinkNetwork.build(WORLD, cfg.link_latency_ms, cfg.link_gbps, cfg.link_latency, cfg.link_bandwidth)
     model_for(cfg, index)
@@ -192,9 +205,8 @@ def _train_checks(args: argparse.Namespace) -> None:
 def _bench_checks(args: argparse.Namespace) -> None:
     from hpcsgd import bench
 
-    cli_warnings = bench.check_arguments(args)
-    for message in cli_warnings:
-        print(f"hpcsgd bench: warning: {message}", file=__import__("sys").stderr)
+    for message in bench.check_arguments(args):
+        print(f"hpcsgd bench: warning: {message}", file=sys.stderr)
     if args.project:  # the only mode without MPI
         bench.run(args)
 
@@ -266,6 +278,8 @@ def test_every_flag_refuses_bad_values_in_one_line(command, flag, kind, value, w
         assert kind in accepted or kind == "present", (
             f"hpcsgd {' '.join(argv)} was accepted: refuse it with a message naming {flag}, or list it in ACCEPTED "
             f"with the reason\n{err}")
+        warning = WARNED.get(f"{command} {flag} {kind}")
+        assert warning is None or warning in err, err
         return
     assert code == 2, (code, err)
     errors = [line for line in err.splitlines() if "error" in line]
