@@ -115,7 +115,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     # A failure scheduled at or after the last step never happens (warned about here).
     faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
     if comm.rank == 0:
-        for message in pointless_settings(cfg, schedule.total_steps):
+        for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
             print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
     resume = None
     if cfg.resume:
@@ -123,6 +123,13 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
                                                        index.chunk_sizes), "shards")
     return Run(cfg, comm, index, schedule, membership, resume)
+
+
+def duplicate_chunks(index) -> list[str]:
+    """A warning for each group of identical chunks (see ShardIndex.duplicate_chunks)."""
+    return [f"chunks {', '.join(map(str, group))} of {index.path} hold the same samples in the same order "
+            f"(one SHA-256): was a chunk file copied over another and the index re-signed? Each still counts "
+            f"as its own chunk; re-run `hpcsgd shard` to restore the partition" for group in index.duplicate_chunks()]
 
 
 def strategy_options(cfg: TrainConfig, rates: LinkRates, network: LinkNetwork | None = None) -> dict:
@@ -162,12 +169,16 @@ def read_matrix(path: str) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"link_drop_file {path} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"link_drop_file {path} is not a file")
     try:
         if p.suffix == ".npy":
             return np.load(p)
         return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError, EOFError) as exc:
         raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"link_drop_file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def load_rank_data(index, held: list[int], device) -> RankData:
@@ -204,5 +215,5 @@ def load_train_eval_sample(cfg: TrainConfig, index, data: RankData, device) -> N
     data.y_train_eval = torch.from_numpy(np.concatenate(ys)).to(device)
 
 
-__all__ = ["RankData", "Run", "assemble", "link_rates", "load_rank_data", "model_for", "read_matrix",
+__all__ = ["RankData", "Run", "assemble", "duplicate_chunks", "link_rates", "load_rank_data", "model_for", "read_matrix",
            "strategy_options"]

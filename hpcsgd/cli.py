@@ -62,18 +62,24 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in FIELDS or k == "arrival"}
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .stop import install_stop_handlers
-
-    install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of ``hpcsgd train``'s file and flags, every value checked (no MPI, no torch)."""
     from .config import build_config, load_toml
 
     try:
         # Found before torch is imported: a typo costs a second, not ten.
-        cfg = build_config(load_toml(args.config) if args.config else {}, train_overrides(args), source=args.config or "config")
+        return build_config(load_toml(args.config) if args.config is not None else {}, train_overrides(args),
+                            source=args.config or "config")
     except HpcsgdError as exc:
         exc.collective = True  # every rank read the same file and flags: one message, no abort
         raise
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .stop import install_stop_handlers
+
+    install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
+    cfg = config_from_args(args)
     startup.mark("config")
     _banner(args.config, cfg)  # at once: the imports below take seconds per rank
     from mpi4py import MPI  # MPI_Init
@@ -129,11 +135,28 @@ def run_report(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    try:
+        warnings = bench.check_arguments(args)  # before MPI and the first measurement
+    except HpcsgdError as exc:
+        exc.collective = True  # every rank checked the same flags: one message, no abort
+        raise
+    if _world()[0] == 0:
+        for message in warnings:
+            _say(f"hpcsgd bench: warning: {message}")
     return bench.run(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage error (exit 2) is printed by one rank of a launched job, not by each."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if _world()[0] != 0:
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hpcsgd",
         description="MPI-native data-parallel training: RI-SGD, RPS and their baselines.",
     )
@@ -214,7 +237,9 @@ def _world() -> tuple[int, int]:
             return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
     rank = next((int(os.environ[v]) for v in _RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
     size = next((int(os.environ[v]) for v in _SIZE_VARIABLES if os.environ.get(v, "").isdigit()), 1)
-    return rank, size
+    # A rank without a world that holds it (SLURM_PROCID=2 left in the environment of a plain
+    # `python -m hpcsgd`) is this process alone: it must print its own errors.
+    return (rank, size) if rank < size else (0, size)
 
 
 def _say(message: str) -> None:

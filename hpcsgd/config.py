@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .registry import ALGORITHMS
+from .limits import FLOAT32_MAX, check_bytes, check_float32, check_seconds, node_cpus
+from .registry import ALGORITHMS, REGISTRY
 
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -35,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 _MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 INT_MAX = 2**63 - 1  # every other integer key must fit a signed 64-bit integer (TOML's, torch's)
+MIN_GBPS = 1e-6  # 1 kb/s: a slower emulated link would make a model's message a duration no clock takes
 _FAIL = re.compile(r"^(\d+)@(\d+)$")
 _STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
 
@@ -179,6 +181,8 @@ def _toml_value(value) -> str:
 
 def load_toml(path: str | Path) -> dict:
     """Read a config file; a missing or malformed file is a ConfigError naming it."""
+    if not str(path).strip():  # Path("") would be the current directory
+        raise ConfigError("the config file path is empty")
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -297,6 +301,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data (the shard directory, --data) is required")
     if not cfg.run_dir:
         raise ConfigError("run_dir (--run-dir) is required")
+    _validate_choices(cfg)
+    _validate_ranges(cfg)
+    _validate_limits(cfg)
+    _validate_faults(cfg)
+    _validate_links(cfg)
+    _validate_combinations(cfg)
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
     if cfg.model not in MODELS and not _MODEL_FACTORY.match(cfg.model):
         raise ConfigError(f"model must be one of {', '.join(MODELS)} or pkg.module:factory (your own), got {cfg.model!r}")
@@ -305,27 +318,20 @@ def validate(cfg: TrainConfig) -> None:
     _choice("chunk_weighting", cfg.chunk_weighting, CHUNK_WEIGHTINGS)
     _choice("progress", cfg.progress, PROGRESS)
     _choice("device", cfg.device, DEVICES)
-    _at_least("q", cfg.q, 1)
-    _at_least("tau", cfg.tau, 1)
-    _at_least("batch_size", cfg.batch_size, 1)
-    _at_least("steps", cfg.steps, 0)
-    _at_least("log_every", cfg.log_every, 0)
-    _at_least("checkpoint_every", cfg.checkpoint_every, 0)
-    _at_least("threads", cfg.threads, 0)
-    _at_least("eval_train_samples", cfg.eval_train_samples, 0)
-    _at_least("seed", cfg.seed, 0)
-    _at_least("momentum", cfg.momentum, 0.0)
-    _at_least("weight_decay", cfg.weight_decay, 0.0)
-    _at_least("warmup_epochs", cfg.warmup_epochs, 0.0)
-    _at_least("eval_every", cfg.eval_every, 0.0)
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    for name in ("q", "tau", "batch_size"):
+        _at_least(name, getattr(cfg, name), 1)
+    for name in ("steps", "log_every", "checkpoint_every", "threads", "eval_train_samples", "seed",
+                 "momentum", "weight_decay", "warmup_epochs", "eval_every"):
+        _at_least(name, getattr(cfg, name), 0)
     if cfg.steps == 0 and not cfg.epochs > 0:
         raise ConfigError(f"epochs must be > 0 (or set steps), got {cfg.epochs}")
     if cfg.seed > SEED_MAX:
         raise ConfigError(f"seed must be in 0..2**64-1, got {cfg.seed}")
     if cfg.collective_timeout < 0:
         raise ConfigError(f"collective_timeout must be >= 0 seconds (0: no watchdog), got {cfg.collective_timeout}")
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("give --resume (continue the run in run_dir) or --overwrite (replace it), not both")
     if not cfg.bucket_mb > 0:
         raise ConfigError(f"bucket_mb must be > 0, got {cfg.bucket_mb}")
     if not cfg.lr > 0:
@@ -336,11 +342,52 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     if any(w < 1 for w in cfg.mlp_hidden):
         raise ConfigError(f"mlp_hidden widths must be >= 1, got {cfg.mlp_hidden}")
+    if any(m < 0 for m in cfg.lr_milestones):
+        raise ConfigError(f"lr_milestones must be epochs >= 0, got {cfg.lr_milestones}")
     for name in ("drop_rate", "drop_rate_phase1", "drop_rate_phase2"):
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1) (an arrival rate above 0), got {value}")
-    _validate_faults(cfg)
+
+
+def _validate_limits(cfg: TrainConfig) -> None:
+    """What the values become: float32 tensors, step counts, durations, threads, a model in memory."""
+    check_float32("lr", cfg.lr, nonzero=True)
+    check_float32("weight_decay", cfg.weight_decay, nonzero=True)
+    check_float32("lr_gamma", cfg.lr_gamma, nonzero=True)  # a decayed lr that rounds to 0 stops learning
+    for name in ("epochs", "eval_every", "warmup_epochs"):  # become step counts (64-bit integers)
+        if getattr(cfg, name) > INT_MAX:
+            raise ConfigError(f"{name} must be at most 2**63-1 epochs, got {getattr(cfg, name)}")
+    if any(m > INT_MAX for m in cfg.lr_milestones):
+        raise ConfigError(f"lr_milestones must be at most 2**63-1 epochs, got {cfg.lr_milestones}")
+    check_seconds("collective_timeout", cfg.collective_timeout)
+    check_seconds("link_latency_ms", cfg.link_latency_ms, "ms", 1e3)
+    _check_gbps("link_gbps", cfg.link_gbps)
+    if cfg.threads > node_cpus():
+        raise ConfigError(f"threads must be at most this node's {node_cpus()} CPUs (0: chosen for the ranks "
+                          f"sharing the node), got {cfg.threads}")
+    if cfg.model == "mlp":
+        # A lower bound on the MLP's parameters whatever the data (1 feature, 2 classes):
+        # refused here, before torch allocates it.
+        widths = [1, *cfg.mlp_hidden, 2]
+        params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+        check_bytes(f"mlp_hidden {cfg.mlp_hidden} (at least {params:,} parameters: weights, gradients, "
+                    f"a flat copy)", 3 * 4 * params)
+
+
+def _check_gbps(name: str, gbps: float) -> None:
+    """A link bandwidth in Gb/s: 0 (unlimited) or enough that a message's time is a duration."""
+    if not (gbps == 0 or MIN_GBPS <= gbps <= FLOAT32_MAX):
+        raise ConfigError(f"{name} must be 0 (unlimited) or in {MIN_GBPS:g}..{FLOAT32_MAX:.4g} Gb/s, got {gbps}")
+
+
+def _validate_combinations(cfg: TrainConfig) -> None:
+    """Settings that are each legal but refused together: one message, before anything loads."""
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("give --resume (continue the run in run_dir) or --overwrite (replace it), not both")
+    if cfg.overlap_rounds and cfg.average_optimizer_state and REGISTRY[cfg.algorithm].uses_tau:
+        raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
+                          "(the spec delays the model's average only): turn one of them off")
 
 
 def _validate_faults(cfg: TrainConfig) -> None:
@@ -357,6 +404,38 @@ def _validate_faults(cfg: TrainConfig) -> None:
         m = _STRAGGLER.match(rule)
         if not m or (m[3] and int(m[3]) < int(m[2])):
             raise ConfigError(f"straggle entry {rule!r} must look like RANK@STEP[-END]:SECONDS, e.g. 1@10-20:0.5")
+        seconds = _number(m[4])
+        if seconds is None:
+            raise ConfigError(f"straggle entry {rule!r}: SECONDS {m[4]!r} is not a number")
+        check_seconds(f"straggle entry {rule!r}: SECONDS", seconds)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _validate_links(cfg: TrainConfig) -> None:
+    """The link rules' form and values, before the world size is known (their ranks: at assembly)."""
+    from .comm.lossy import apply_link_rules  # numpy only: no MPI
+
+    def rate(what: str, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{what} must be in [0, 1) (arrival rate above 0), got {value}")
+
+    checks = {"link_drop": rate,
+              "link_latency": lambda what, ms: check_seconds(what, ms, "ms", 1e3),
+              "link_bandwidth": _check_gbps}
+    for name, check in checks.items():
+        for rule in getattr(cfg, name):
+            try:
+                apply_link_rules([], [rule], INT_MAX + 1, name, check)  # no matrices: form and value only
+            except ConfigError:
+                raise
+            except ValueError:  # the form matched, but the value is no number ("2->3=1..2")
+                raise ConfigError(f"{name} rule {rule!r}: the value after '=' is not a number") from None
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int, ...] | None = None) -> None:
@@ -371,6 +450,10 @@ def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int
                 f"{chunk_sizes[smallest]} samples: one step would pass over it more than once and epochs would "
                 f"lose their meaning; use at most {chunk_sizes[smallest]}"
             )
+    if chunk_sizes and cfg.steps == 0:
+        per_epoch = max(1, math.ceil(sum(chunk_sizes) / len(chunk_sizes) / cfg.batch_size))
+        if cfg.epochs * per_epoch > INT_MAX:
+            raise ConfigError(f"epochs {cfg.epochs} at {per_epoch} steps per epoch is more than 2**63-1 steps")
     for rank, step in cfg.faults.items():
         if rank >= world_size:
             raise ConfigError(f"fail entry {rank}@{step} names rank {rank}, but ranks are 0..{world_size - 1}")

@@ -85,9 +85,26 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
                          f"(sync overlaps its buckets with backward: see overlap)")
     elif cfg.tau > total_steps:
         found.append(f"tau={cfg.tau} exceeds the run's {total_steps} steps: no averaging round will happen")
+    found += _pointless_options(cfg)
     for rank, step in sorted(cfg.faults.items()):
         if step >= total_steps:
             found.append(f"fail {rank}@{step} is at or after the run's last step ({total_steps - 1}): it never happens")
+    return found
+
+
+def _pointless_options(cfg: TrainConfig) -> list[str]:
+    """Options whose effect another setting cancels (momentum, the schedule, the diagonal of the links)."""
+    found = []
+    if cfg.average_optimizer_state and REGISTRY[cfg.algorithm].uses_tau and cfg.momentum == 0:
+        found.append("average_optimizer_state does nothing with momentum 0: plain SGD keeps no state to average")
+    if cfg.lr_milestones and cfg.lr_schedule != "step":
+        found.append(f"lr_milestones apply to lr_schedule 'step' only; under {cfg.lr_schedule!r} they do nothing")
+    for name in ("link_drop", "link_latency", "link_bandwidth"):
+        for rule in getattr(cfg, name):
+            src, arrow, dst = rule.split("=")[0].strip().partition("->")
+            if arrow and src.strip().isdigit() and dst.strip().isdigit() and int(src) == int(dst):
+                found.append(f"{name} rule {rule!r} names the link from rank {int(src)} to itself: "
+                             f"no message takes it (a rank keeps its own block), so it does nothing")
     return found
 
 

@@ -84,3 +84,40 @@ def test_projection_grows_with_ranks_and_prints(tmp_path):
     result = hpcsgd("bench", "--project", "--table", tmp_path / "none.json")
     assert result.returncode == 0, result.stderr
     assert "projection on a 100 Gb/s" in result.stdout and "1024" in result.stdout
+
+
+def test_json_into_a_missing_directory_fails_before_measuring(tmp_path):
+    result = mpi(2, "bench", "--quick", "--json", tmp_path / "nodir" / "rows.json", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("--json") == 1 and "directory" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and "median of" not in result.stdout  # nothing was measured
+    assert result.seconds < 30
+
+
+def test_projection_writes_its_json(tmp_path):
+    out = tmp_path / "projection.json"
+    result = hpcsgd("bench", "--project", "--table", tmp_path / "none.json", "--fabric-gbps", 200, "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8 and {r["ranks"] for r in rows} == {16, 64, 256, 1024}
+    assert all(r["fabric_gbps"] == 200 and r["averaging_round_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--project", "--fabric-gbps", "0"], "argument --fabric-gbps: must be a finite number in [1e-06, 3.40282e+38] Gb/s, got '0'"),
+    (["--project", "--fabric-gbps", "nan"], "argument --fabric-gbps: must be a finite number"),
+    (["--project", "--fabric-latency-us", "-1"], "argument --fabric-latency-us: must be a finite number in [0,"),
+    (["--project", "--table", "{bad}"], "is not a readable JSON file"),
+    (["--project", "--table", "{list}"], "row 0 needs positive finite numbers for bytes, allreduce_s, alltoall_s"),
+    (["--reps", "0"], "argument --reps: must be an integer >= 1, got 0"),
+    (["--env", "--reps", "-1"], "argument --reps: must be an integer >= 1, got -1"),
+    (["--project", "--env"], "--project and --env are different runs: give one of them"),
+])
+def test_bench_refuses_bad_values_in_one_line(tmp_path, argv, message):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "list.json").write_text('[{"ranks": 2, "bytes": -4}]')
+    argv = [a.replace("{bad}", str(tmp_path / "bad.json")).replace("{list}", str(tmp_path / "list.json")) for a in argv]
+    result = hpcsgd("bench", *argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr

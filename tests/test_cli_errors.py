@@ -339,3 +339,105 @@ def test_crafted_cifar_batch_runs_nothing(tmp_path):
     result = hpcsgd("shard", "--source", "cifar10", "--path", d, "--parts", 2, "--out", tmp_path / "s")
     _expect_shard_error(result, "cannot read CIFAR batch")
     assert "refusing posix.system" in result.stderr and not marker.exists()
+
+
+# --- issue 28: values checked where they are parsed (the whole sweep: tests/test_flag_sweep.py) ---
+
+
+def _once(result, message):
+    """Refused on every rank together: exit 2, the message printed once, no rank aborting alone."""
+    assert result.returncode == 2, result.stderr
+    _expect(result, message)
+    assert result.stderr.count(message) == 1, result.stderr
+    assert "error on rank" not in result.stderr, result.stderr
+
+
+def test_lr_that_overflows_float32(shards, tmp_path):
+    _once(_train(shards, tmp_path, "--lr", "1e300"), "lr must be at most 3.403e+38 in magnitude (it becomes a float32)")
+
+
+@pytest.mark.parametrize("rule", ["1@2:99999999999999999999999", "1@2:1..2", "1@2:."])
+def test_straggle_durations_time_sleep_cannot_take(shards, tmp_path, rule):
+    reason = "SECONDS must be a duration in 0..1e+09 seconds" if rule.endswith("9") else "is not a number"
+    result = _train(shards, tmp_path, "--straggle", rule)
+    _once(result, f"straggle entry '{rule}'")
+    assert reason in result.stderr, result.stderr
+
+
+def test_threads_beyond_the_node(shards, tmp_path):
+    _once(_train(shards, tmp_path, "--threads", 100000), "threads must be at most this node's")
+
+
+def test_overlap_rounds_with_optimizer_state_refused_at_config_time(shards, tmp_path):
+    result = _train(shards, tmp_path, "--algorithm", "local", "--tau", 2, "--momentum", 0.9, "--overlap-rounds",
+                    "--average-optimizer-state")
+    _once(result, "overlap_rounds does not combine with average_optimizer_state")
+    assert "starting" not in result.stderr  # before the banner: no torch, no MPI
+
+
+def test_no_op_settings_are_warned_once(shards, tmp_path):
+    result = _train(shards, tmp_path, "--algorithm", "rps", "--link-drop", "2->2=0.5", "--average-optimizer-state",
+                    "--lr-milestones", 5)
+    assert result.returncode == 0, result.stderr
+    for warning in ("link_drop rule '2->2=0.5' names the link from rank 2 to itself",
+                    "average_optimizer_state does nothing with momentum 0",
+                    "lr_milestones apply to lr_schedule 'step' only"):
+        assert result.stderr.count(warning) == 1, result.stderr
+
+
+def test_config_error_without_a_launcher_but_a_slurm_rank(shards, tmp_path, monkeypatch):
+    """SLURM_PROCID=2 left in the environment of a plain command: the error is still printed."""
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    result = hpcsgd("train", "--data", shards, "--run-dir", tmp_path / "run", "--tau", 0)
+    assert result.returncode == 2 and "tau must be >= 1, got 0" in result.stderr, result.stderr
+
+
+def test_chunk_copied_over_another_is_warned(shards, tmp_path):
+    import shutil
+
+    copied = _copy(shards, tmp_path / "s")
+    shutil.copy(copied / "chunk-00001.h5", copied / "chunk-00003.h5")
+    with h5py.File(copied / "chunk-00003.h5", "r+") as f:
+        f.attrs["chunk"] = 3
+    with h5py.File(copied / "index.h5", "r+") as f:  # the index re-signed to match
+        sums = list(read_index(copied).chunk_checksums)
+        sums[3] = sums[1]
+        f.attrs["chunk_checksums"] = sums
+    result = _train(copied, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: chunks 1, 3 of") == 1, result.stderr
+    assert "hold the same samples in the same order" in result.stderr
+
+
+def test_npz_with_a_negative_training_label(tmp_path):
+    _expect_shard_error(_shard_npz(tmp_path, x_train=X, y_train=np.r_[-1, Y[1:]], x_test=X, y_test=Y),
+                        "label -1 at sample 0 is negative; labels are class indices 0..K-1")
+
+
+def test_npz_with_text_or_complex_features(tmp_path):
+    _expect_shard_error(_shard_npz(tmp_path, x_train=X.astype(str), y_train=Y, x_test=X, y_test=Y),
+                        "features must be numbers, got dtype <U32 (text)")
+    _expect_shard_error(_shard_npz(tmp_path, x_train=X + 1j, y_train=Y, x_test=X, y_test=Y),
+                        "features are complex (complex64); float32 would drop their imaginary part")
+    assert not (tmp_path / "s").exists()
+
+
+def test_npz_with_a_trillion_classes_leaves_no_directory(tmp_path):
+    result = _shard_npz(tmp_path, x_train=X, y_train=Y, x_test=X, y_test=Y, num_classes=np.array(10**12))
+    _expect_shard_error(result, "num_classes 1000000000000 (its class counts) needs 21.8 TiB, more than this node's")
+    assert not (tmp_path / "s").exists()
+    # The same check in write_shards, for P: a failed first write removes the directory it made.
+    from hpcsgd.data.sources import Dataset
+    from hpcsgd.errors import ConfigError
+
+    data = Dataset("npz", X, Y, X, Y, 10**12, (3,))
+    with pytest.raises(ConfigError, match="over 2 chunks"):
+        write_shards(data, 2, "iid", tmp_path / "a" / "b", seed=0)
+    assert not (tmp_path / "a").exists()
+
+
+def test_synthetic_features_beyond_memory_are_refused_before_allocation(tmp_path):
+    result = hpcsgd("shard", "--source", "synthetic", "--synthetic-features", 100_000_000, "--parts", 2,
+                    "--out", tmp_path / "s")
+    _expect_shard_error(result, "--synthetic-samples 2048 x --synthetic-features 100000000")
+    assert result.seconds < DEADLINE and not (tmp_path / "s").exists()

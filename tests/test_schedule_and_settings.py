@@ -46,6 +46,10 @@ def test_cosine_without_warmup_is_unchanged():
         ({"algorithm": "local", "tau": 500}, "tau=500 exceeds the run's 100 steps"),
         ({"algorithm": "rps", "fail": ["2@100"]}, "fail 2@100 is at or after the run's last step (99)"),
         ({"algorithm": "lossy-allreduce", "average_optimizer_state": True}, "average_optimizer_state does nothing"),
+        ({"algorithm": "local", "average_optimizer_state": True}, "average_optimizer_state does nothing with momentum 0"),
+        ({"algorithm": "sync", "lr_milestones": [5]}, "lr_milestones apply to lr_schedule 'step' only"),
+        ({"algorithm": "rps", "link_drop": ["2->2=0.5"]}, "link_drop rule '2->2=0.5' names the link from rank 2 to itself"),
+        ({"algorithm": "sync", "link_latency": [" 1->01 = 3"]}, "link_latency rule ' 1->01 = 3' names the link from rank 1"),
     ],
 )
 def test_pointless_settings_are_named(overrides, fragment):
@@ -54,8 +58,20 @@ def test_pointless_settings_are_named(overrides, fragment):
 
 
 def test_useful_settings_give_no_warning():
-    for overrides in ({"algorithm": "rps", "drop_rate": 0.1, "tau": 2, "fail": ["1@50"]}, {"algorithm": "sync"}):
+    for overrides in ({"algorithm": "rps", "drop_rate": 0.1, "tau": 2, "fail": ["1@50"]}, {"algorithm": "sync"},
+                      {"algorithm": "local", "average_optimizer_state": True, "momentum": 0.9},
+                      {"algorithm": "rps", "lr_schedule": "step", "lr_milestones": [5], "link_drop": ["2->3=0.5"]}):
         assert pointless_settings(_cfg(**overrides), total_steps=100) == []
+
+
+def test_a_run_longer_than_a_64_bit_step_count_is_refused():
+    from hpcsgd.config import validate_for_world
+    from hpcsgd.errors import ConfigError
+
+    cfg = _cfg(epochs=9e18, batch_size=1)  # fits as epochs, not as steps: 2 steps per epoch
+    validate_for_world(cfg, 2, (1, 1))
+    with pytest.raises(ConfigError, match=r"epochs 9e\+18 at 2 steps per epoch is more than 2\*\*63-1 steps"):
+        validate_for_world(cfg, 2, (2, 2))
 
 
 def test_intra_diversity_equals_a_loop_over_samples():

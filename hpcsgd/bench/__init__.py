@@ -18,10 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from ..argtypes import integer, nonempty, number
+from ..errors import ConfigError
+from ..limits import FLOAT32_MAX, MAX_SECONDS, check_bytes
 from .comm import SCALING_SIZES, exchange_rows, scaling_rows, watchdog_rows
 from .costmodel import TABLE, fit_cost_model, print_projection, project
 from .jobs import run_env
-from .timing import DEFAULT_PARAMS, format_rows, time_interleaved, write_json
+from .timing import DEFAULT_PARAMS, check_writable, format_rows, time_interleaved, write_json
 from .overlap import overlap_rows
 from .training import accuracy_rows, api_rows, data_rows, ddp_rows, local_rows
 
@@ -30,22 +33,28 @@ SECTIONS = ("exchange", "ddp", "local", "api", "overlap", "data", "accuracy")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller workloads (under 2 minutes)")
-    parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="flat model size for the exchange rows (default 5.8M)")
-    parser.add_argument("--reps", type=int, default=0, help="timed rounds per measurement (default 20, 5 with --quick)")
+    parser.add_argument("--params", type=integer(1), default=DEFAULT_PARAMS,
+                        help="flat model size for the exchange rows (default 5.8M)")
+    parser.add_argument("--reps", type=integer(1), default=None,
+                        help="timed rounds per measurement, >= 1 (default 20, 5 with --quick; --env: 3, 1 with --quick)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable; default: all)")
     parser.add_argument("--scaling", action="store_true", help="only the exchange-time vs model-size table for this rank count")
     parser.add_argument("--project", action="store_true", help="fit the cost model to a scaling table and project to 16-1024 ranks")
-    parser.add_argument("--table", type=Path, default=TABLE, help=f"scaling table for --project (default {TABLE})")
-    parser.add_argument("--fabric-gbps", type=float, default=100.0, help="--project: link bandwidth in Gb/s (default 100)")
-    parser.add_argument("--fabric-latency-us", type=float, default=2.0, help="--project: per-message latency in us (default 2)")
+    parser.add_argument("--table", type=Path, default=None, help=f"scaling table for --project (default {TABLE})")
+    parser.add_argument("--fabric-gbps", type=number(1e-6, FLOAT32_MAX, unit="Gb/s"), default=None,
+                        help="--project: link bandwidth in Gb/s, at least 1e-6 (default 100)")
+    parser.add_argument("--fabric-latency-us", type=number(0, MAX_SECONDS * 1e6, unit="us"), default=None,
+                        help="--project: per-message latency in us, >= 0 (default 2)")
     parser.add_argument("--env", action="store_true",
                         help="run without mpiexec: the demo on 4 ranks with the default environment vs "
                              "OMP_NUM_THREADS=1, and its time from launch to the first step line")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
+    parser.add_argument("--json", metavar="FILE", type=nonempty,
+                        help="also write the rows as JSON (rank 0; its directory must exist)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """The benchmark ``args`` asks for, after :func:`check_arguments` (the command line calls it first)."""
     if args.project:
         return print_projection(args)
     if args.env:
@@ -98,4 +107,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", "fit_cost_model", "project", "time_interleaved"]
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """Refuse flags that cannot work together or cannot be written to, before anything is measured.
+
+    Fills in the defaults of --table and the fabric; returns the warnings for flags that do
+    nothing in this mode.
+    """
+    modes = [flag for flag, on in (("--project", args.project), ("--env", args.env), ("--scaling", args.scaling)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are different runs: give one of them")
+    if args.json is not None:
+        check_writable("--json", Path(args.json))
+    unused = []
+    if not args.project:
+        unused += [flag for flag, value in (("--table", args.table), ("--fabric-gbps", args.fabric_gbps),
+                                            ("--fabric-latency-us", args.fabric_latency_us)) if value is not None]
+    if modes and args.only:
+        unused.append("--only")
+    if args.project:
+        unused += [flag for flag, given in (("--reps", args.reps is not None), ("--quick", args.quick)) if given]
+    if (modes or (args.only and "exchange" not in args.only)) and args.params != DEFAULT_PARAMS:
+        unused.append("--params")
+    if not modes and (not args.only or "exchange" in args.only):
+        _check_params(args.params)
+    args.table = TABLE if args.table is None else args.table
+    args.fabric_gbps = 100.0 if args.fabric_gbps is None else args.fabric_gbps
+    args.fabric_latency_us = 2.0 if args.fabric_latency_us is None else args.fabric_latency_us
+    mode = modes[0] if modes else "the benchmark suite"
+    return [f"{flag} does nothing with {mode}" for flag in unused]
+
+
+def _check_params(params: int) -> None:
+    """The exchange rows' MLP (3072 inputs, 10 classes, two equal hidden layers) can have ``params`` and fits."""
+    from ..models import mlp_param_count
+
+    smallest = mlp_param_count(3072, 10, (1, 1))
+    if params < smallest:
+        raise ConfigError(f"--params must be at least {smallest} (the exchange rows' MLP with hidden widths 1), "
+                          f"got {params}")
+    # 4 bytes per parameter with its gradient, the optimizer's momentum and the exchange
+    # buffers: about 8 copies on each rank.
+    check_bytes(f"--params {params} (the exchange rows' model and its buffers, per rank)", 32 * params)
+
+
+__all__ = ["add_arguments", "check_arguments", "run", "fit_cost_model", "project", "time_interleaved"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .timing import write_json
+
 TABLE = Path(__file__).resolve().parents[2] / "tools" / "scaling.json"
 
 
@@ -61,8 +63,39 @@ def project(fabric_gbps: float, latency_us: float) -> list[dict]:
     return out
 
 
+_TABLE_KEYS = ("ranks", "bytes", "allreduce_s", "alltoall_s")
+
+
+def read_table(path: Path) -> list[dict]:
+    """The scaling table ``tools/bench --scaling`` writes, checked row by row ([] when there is none)."""
+    from ..errors import ConfigError
+
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--table {path} is not a readable JSON file: {exc}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"--table {path} must hold a JSON list of rows, got a {type(rows).__name__}")
+    for i, r in enumerate(rows):
+        bad = [k for k in _TABLE_KEYS if not (isinstance(r, dict) and _positive(r.get(k)))]
+        if isinstance(r, dict) and "cores" in r and not _positive(r["cores"]):
+            bad.append("cores")
+        if bad:
+            raise ConfigError(f"--table {path}: row {i} needs positive finite numbers for {', '.join(bad)} "
+                              f"(keys {', '.join(_TABLE_KEYS)}), got {r!r:.200}")
+    if len({(r["ranks"], r["bytes"]) for r in rows if r["ranks"] > 1}) < 2:
+        raise ConfigError(f"--table {path}: the fit needs measurements of 2 or more sizes at more than 1 rank")
+    return rows
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def print_projection(args) -> int:
-    rows = json.loads(Path(args.table).read_text()) if Path(args.table).exists() else []
+    rows = read_table(Path(args.table))
     if rows:
         fitted = fit_cost_model(rows)
         print(f"cost model fitted to {len(rows)} measurements in {args.table} (time = (alpha*f(P) + beta*bytes*g(P)) * max(1, P/cores)):")
@@ -73,12 +106,15 @@ def print_projection(args) -> int:
         print(f"no scaling table at {args.table}: run tools/bench --scaling first; projecting with the model form only")
     print(f"\nprojection on a {args.fabric_gbps:g} Gb/s, {args.fabric_latency_us:g} us fabric (per round, before overlap):")
     print(f"{'model':<22} {'ranks':>6} {'averaging ms':>13} {'RPS round ms':>13} {'DDP step comm ms':>17}")
-    for r in project(args.fabric_gbps, args.fabric_latency_us):
+    projected = project(args.fabric_gbps, args.fabric_latency_us)
+    for r in projected:
         print(f"{r['model']:<22} {r['ranks']:>6} {r['averaging_round_s'] * 1e3:>13.2f} {r['rps_round_s'] * 1e3:>13.2f} "
               f"{r['ddp_step_comm_s'] * 1e3:>17.2f}")
     print("\nlocal SGD / RI-SGD pay the averaging round once per tau steps; RPS pays its round once per tau steps;\n"
           "sync SGD and DDP pay the gradient Allreduce every step (hidden only as far as backward overlaps it).")
+    write_json(args.json, [{**r, "fabric_gbps": args.fabric_gbps, "fabric_latency_us": args.fabric_latency_us}
+                           for r in projected])
     return 0
 
 
-__all__ = ["TABLE", "fit_cost_model", "print_projection", "project"]
+__all__ = ["TABLE", "fit_cost_model", "print_projection", "project", "read_table"]

@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 DEFAULT_PARAMS = 5_800_000  # flat model size of the exchange rows (a ResNet-18-like size)
@@ -104,11 +105,29 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_writable(flag: str, path: Path) -> None:
+    """``path`` can be written: checked when the bench starts, not after minutes of measuring."""
+    from ..errors import ConfigError
+
+    parent = path.parent
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory: give a file name")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: not writable (permission denied)")
+
+
 def write_json(path, rows) -> None:
     """The rows as JSON to ``path`` (nothing when None)."""
+    from ..errors import ConfigError
+
     if path:
-        with open(path, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        try:
+            with open(path, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        except OSError as exc:
+            raise ConfigError(f"--json {path}: cannot write it: {exc.strerror or exc}") from None
 
 
-__all__ = ["DEFAULT_PARAMS", "flat_mlp", "format_rows", "node_cores", "ratio_paired", "row", "rss_mb", "time_interleaved", "write_json"]
+__all__ = ["DEFAULT_PARAMS", "check_writable", "flat_mlp", "format_rows", "node_cores", "ratio_paired", "row", "rss_mb", "time_interleaved", "write_json"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hpcsgd.argtypes import nonempty
 from hpcsgd.data.partition import parse_partition
 from hpcsgd.data.shards import ShardIndex, write_shards
-from hpcsgd.data.sources import SOURCES, load_source
+from hpcsgd.data.sources import NEEDS_PATH, SOURCES, load_source, synthetic_bytes
 from hpcsgd.errors import ConfigError, HpcsgdError
+from hpcsgd.limits import check_bytes
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data set to import: digits (bundled with scikit-learn), npz "
                              "(x_train, y_train, x_test, y_test arrays), cifar10, cifar100, "
                              "mnist (files you already have) or synthetic (generated)")
-    parser.add_argument("--path", default=None,
+    parser.add_argument("--path", default=None, type=nonempty,
                         help="the .npz file, or the directory of the CIFAR batches / MNIST IDX "
                              "files (required for npz, cifar10, cifar100, mnist)")
     parser.add_argument("--parts", required=True, type=_positive_int, metavar="P",
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to cut the training set: iid (random, equal sizes), label "
                              "(sorted by label, strongly non-i.i.d.) or dirichlet:ALPHA (label "
                              "skew, smaller ALPHA = more skew); default: iid")
-    parser.add_argument("--out", required=True, metavar="SHARD_DIR",
+    parser.add_argument("--out", required=True, metavar="SHARD_DIR", type=nonempty,
                         help="directory to write index.h5 and chunk-NNNNN.h5 into (new, empty "
                              "or an earlier shard directory, which is overwritten)")
     parser.add_argument("--seed", type=_seed, default=0, metavar="S",
@@ -84,7 +86,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--synthetic-* flags apply only to --source synthetic, not {args.source}"
         )
-    dataset = load_source(args.source, args.path, seed=args.seed, **options)
+    path = args.path
+    if path is not None and args.source not in NEEDS_PATH:
+        print(f"hpcsgd shard: warning: --path does nothing with --source {args.source} (it reads no files)",
+              file=sys.stderr)
+        path = None
+    if args.source == "synthetic":
+        n, k, d = options.get("n_train", 2048), options.get("num_classes", 10), options.get("features", 32)
+        check_bytes(f"--synthetic-samples {n} x --synthetic-features {d} (in --synthetic-classes {k})",
+                    synthetic_bytes(n, 512, k, d))
+    dataset = load_source(args.source, path, seed=args.seed, **options)
     print(f"loaded {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test "
           f"samples, {dataset.num_classes} classes, input shape {dataset.input_shape}")
     index = write_shards(dataset, args.parts, args.partition, args.out, args.seed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from hpcsgd import __version__
 from hpcsgd.data.partition import parse_partition, partition_indices
 from hpcsgd.data.sources import Dataset, validate_arrays
 from hpcsgd.errors import ConfigError, ShardError
+from hpcsgd.limits import check_bytes
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.h5"
@@ -83,6 +85,18 @@ class ShardIndex:
         """Number of training samples over all chunks."""
         return sum(self.chunk_sizes)
 
+    def duplicate_chunks(self) -> list[tuple[int, ...]]:
+        """Groups of chunks with the same checksum: the same samples in the same order.
+
+        A partition never writes that (its chunks are disjoint), so it means a chunk file was
+        copied over another and the index re-signed. Not refused: a data set of repeated
+        samples can do it honestly; training warns.
+        """
+        groups: dict[str, list[int]] = {}
+        for c, digest in enumerate(self.chunk_checksums):
+            groups.setdefault(digest, []).append(c)
+        return [tuple(g) for g in groups.values() if len(g) > 1]
+
 
 def checksum(x: np.ndarray, y: np.ndarray) -> str:
     """SHA-256 hex digest of ``x`` (as little-endian float32) then ``y`` (little-endian int64)."""
@@ -126,9 +140,26 @@ def write_shards(
     _validate_dataset(dataset, K, shape)
     pieces = partition_indices(dataset.y_train, parts, spec, seed)
     P = len(pieces)
+    # The class counts (P x K int64, in the index and one row per chunk): before any file is made.
+    check_bytes(f"num_classes {K} of {dataset.name} over {P} chunks (their class counts)", 8 * K * (P + 2))
 
     out = Path(out_dir)
-    _prepare_dir(out)
+    # The outermost directory this call creates (None: out exists): a failed first write
+    # removes it, so no empty directory is left behind (what is in it is ours alone).
+    made = next((a for a in reversed([out, *out.parents]) if not a.exists()), None)
+    try:
+        _prepare_dir(out)
+        return _write_all(out, dataset, pieces, spec, seed, shape, progress)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _write_all(out: Path, dataset: Dataset, pieces: list[np.ndarray], spec: str, seed: int,
+               shape: tuple[int, ...], progress: Callable[[int, int], None] | None) -> ShardIndex:
+    """The chunks, then the index, into a prepared ``out``."""
+    K, P = int(dataset.num_classes), len(pieces)
     # Without an index the directory reads as incomplete until the new index lands.
     (out / INDEX_NAME).unlink(missing_ok=True)
     _fsync_dir(out)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcsgd.errors import ConfigError, ShardError
+from hpcsgd.limits import check_bytes
 
 SOURCES = ("digits", "npz", "cifar10", "cifar100", "mnist", "synthetic")
 
@@ -89,8 +90,8 @@ def load_source(name: str, path: str | None = None, seed: int = 0, **options) ->
     loader = _LOADERS.get(name)
     if loader is None:
         raise ConfigError(f"unknown data source {name!r}: allowed are {', '.join(SOURCES)}")
-    if name in _NEEDS_PATH and path is None:
-        raise ConfigError(f"source {name!r} needs a path (--path): {_NEEDS_PATH[name]}")
+    if name in NEEDS_PATH and path is None:
+        raise ConfigError(f"source {name!r} needs a path (--path): {NEEDS_PATH[name]}")
     allowed = _OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -98,7 +99,7 @@ def load_source(name: str, path: str | None = None, seed: int = 0, **options) ->
             f"source {name!r} takes options {', '.join(allowed) or '(none)'}, "
             f"got unknown {', '.join(unknown)}"
         )
-    if name not in _NEEDS_PATH and path is not None:
+    if name not in NEEDS_PATH and path is not None:
         warnings.warn(f"source {name!r} reads no files: --path {path} is ignored", stacklevel=2)
     ds = loader(path=None if path is None else Path(path), seed=seed, **options)
     validate_arrays(ds.x_train, ds.y_train, ds.num_classes, f"{name} training set")
@@ -142,13 +143,17 @@ def _load_npz(path: Path, seed: int, num_classes: int | None = None) -> Dataset:
             f"(needs {', '.join(need)}; found {', '.join(sorted(arrays)) or 'none'})"
         )
     ys = {k: _as_labels(arrays[k], f"{k} in {path}") for k in ("y_train", "y_test")}
+    for k in ("x_train", "x_test"):
+        _check_features(arrays[k], f"{k} in {path}")
     if num_classes is None and "num_classes" in arrays:
-        num_classes = int(np.asarray(arrays["num_classes"]).reshape(()))
+        num_classes = _stored_classes(arrays["num_classes"], path)
     if num_classes is None:
         num_classes = int(max(ys["y_train"].max(initial=0), ys["y_test"].max(initial=0))) + 1
         _check_inferred_classes(ys["y_train"], num_classes, path)
     if num_classes < 1:
         raise ConfigError(f"npz source {path}: num_classes must be >= 1, got {num_classes}")
+    # Class counts (int64 per class) of the index and of each chunk: refused before the arrays are copied.
+    check_bytes(f"npz source {path}: num_classes {num_classes} (its class counts)", 3 * 8 * num_classes)
     x_train = np.ascontiguousarray(arrays["x_train"], dtype=np.float32)
     x_test = np.ascontiguousarray(arrays["x_test"], dtype=np.float32)
     if x_train.ndim < 2 or x_train.shape[1:] != x_test.shape[1:]:
@@ -187,6 +192,26 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _check_features(x: np.ndarray, where: str) -> None:
+    """Features must be real numbers: float32 of strings fails, of complex numbers drops the imaginary part."""
+    if x.dtype.kind == "c":
+        raise ShardError(f"{where}: features are complex ({x.dtype}); float32 would drop their imaginary part: "
+                         f"store real numbers (e.g. real and imaginary parts as two features)")
+    if x.dtype.kind not in "biuf":
+        raise ShardError(f"{where}: features must be numbers, got dtype {x.dtype} ({_KINDS.get(x.dtype.kind, 'not numeric')})")
+
+
+_KINDS = {"U": "text", "S": "bytes", "V": "raw records", "M": "dates", "m": "time spans", "O": "Python objects"}
+
+
+def _stored_classes(value: np.ndarray, path: Path) -> int:
+    """The ``num_classes`` array of a .npz file: one whole number >= 1."""
+    value = np.asarray(value)
+    if value.size != 1 or value.dtype.kind not in "iuf" or not np.isfinite(value).all() or value.reshape(()) % 1:
+        raise ShardError(f"npz source {path}: num_classes must be one whole number, got {value!r:.100}")
+    return int(value.reshape(()))
+
+
 def _check_inferred_classes(y_train: np.ndarray, num_classes: int, path: Path) -> None:
     """With num_classes taken from the largest label, every class must have training samples.
 
@@ -214,11 +239,15 @@ def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if np.issubdtype(y.dtype, np.integer):
-        return y.astype(np.int64)
-    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        return y.astype(np.int64)
-    raise ShardError(f"{where}: labels must be whole numbers, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.integer) or (
+            np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        labels = y.astype(np.int64)
+    else:
+        raise ShardError(f"{where}: labels must be whole numbers, got dtype {y.dtype}")
+    if labels.ndim == 1 and labels.size and labels.min() < 0:
+        i = int(np.argmax(labels < 0))
+        raise ShardError(f"{where}: label {int(labels[i])} at sample {i} is negative; labels are class indices 0..K-1")
+    return labels
 
 
 # --- CIFAR --------------------------------------------------------------------------------
@@ -384,6 +413,12 @@ def _load_mnist(path: Path, seed: int) -> Dataset:
 # --- synthetic ----------------------------------------------------------------------------
 
 
+def synthetic_bytes(n_train: int, n_test: int, num_classes: int, features: int) -> int:
+    """Peak memory of :func:`_load_synthetic`: float64 class means, then per split a float64
+    draw, its means and the float32 result."""
+    return 8 * num_classes * features + 20 * (n_train + n_test) * features
+
+
 def _load_synthetic(
     path: Path | None,
     seed: int,
@@ -412,6 +447,8 @@ def _load_synthetic(
         )
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0):
         raise ConfigError(f"synthetic source: noise must be > 0, got {noise!r}")
+    check_bytes(f"synthetic source: {n_train} + {n_test} samples of {d} features in {num_classes} classes",
+                synthetic_bytes(n_train, n_test, num_classes, d))
     rng = np.random.default_rng(seed)
     # Mean spread 0.5 per coordinate: with 32 features and unit noise, classes overlap a
     # little, so accuracy curves have somewhere to go.
@@ -443,7 +480,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "mnist": (),
     "synthetic": ("n_train", "n_test", "num_classes", "features", "input_shape", "noise"),
 }
-_NEEDS_PATH = {
+NEEDS_PATH = {
     "npz": "a .npz file with arrays x_train, y_train, x_test, y_test",
     "cifar10": "the cifar-10-batches-py directory or its parent",
     "cifar100": "the cifar-100-python directory or its parent",
