@@ -14,7 +14,7 @@ every rank raises the same CheckpointError naming the file and the space it need
 previous checkpoint stays as it was. A rank file is built in memory and written as one block
 of bytes, so libhdf5 never meets a full disk (its teardown then crashed the process).
 Each rank file carries SHA-256 digests of every byte a resume reads: per part, its JSON
-state attribute and its arrays; per file, its step and record (which must match COMPLETE).
+state attribute and its arrays; per file, its step and record; and COMPLETE carries one of its own.
 A checkpoint whose record or files are unreadable, truncated or altered is moved aside
 (``checkpoints/broken-step-...``) with a warning naming the file and the part, and the next
 older intact one is used. This module reads no part's fields: each
@@ -175,7 +175,7 @@ def save(run_dir: Path, comm, rank: int, parts: dict, step: int, record: dict,
     def complete() -> None:
         if comm.rank == 0:
             try:
-                atomic_write_text(directory / "COMPLETE", json.dumps(record) + "\n")
+                atomic_write_text(directory / "COMPLETE", json.dumps({**record, "sha256": _record_digest(record)}) + "\n")
             except OSError as exc:
                 raise CheckpointError(_cannot_write(directory / "COMPLETE", exc, run_dir)) from None
             _prune(run_dir)
@@ -340,7 +340,7 @@ def newest_intact(run_dir: Path, comm: "MPI.Comm | None" = None,
 
 
 def _raw_record(directory: Path) -> dict:
-    """COMPLETE as written (what each rank file's ``record`` attribute must equal)."""
+    """COMPLETE as written, its digest included."""
     return json.loads((directory / "COMPLETE").read_text())
 
 
@@ -368,8 +368,8 @@ def _check_intact(directory: Path, comm: "MPI.Comm | None") -> str | None:
     else:
         files = meta["live_world"]
         mine = files if comm is None else files[comm.rank :: comm.size]
-        record = _raw_record(directory)
-        problem = next(filter(None, (_check_rank_file(directory, r, meta["step"], record) for r in mine)), None)
+        problem = _check_record(directory) or next(
+            filter(None, (_check_rank_file(directory, r, meta["step"]) for r in mine)), None)
     if comm is None or comm.size == 1:
         return problem
     with WATCHDOG.guard("Allgather [checkpoint integrity]", comm):
@@ -377,11 +377,24 @@ def _check_intact(directory: Path, comm: "MPI.Comm | None") -> str | None:
     return next(filter(None, problems), None)
 
 
-def _check_rank_file(directory: Path, rank: int, step: int, record: dict | None = None) -> str | None:
+def _record_digest(record: dict) -> str:
+    """SHA-256 of a COMPLETE record (its keys sorted), stored in it as ``sha256``."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _check_record(directory: Path) -> str | None:
+    """Why COMPLETE is not as written (a record of an older trainer has no digest), or None."""
+    record = _raw_record(directory)
+    digest = record.pop("sha256", None)
+    if digest is not None and digest != _record_digest(record):
+        return "its COMPLETE record fails its checksum (altered or corrupted)"
+    return None
+
+
+def _check_rank_file(directory: Path, rank: int, step: int) -> str | None:
     """Why one rank file is not intact (missing, unreadable, another step, altered), or None.
 
-    ``record`` is the COMPLETE record, which must be the one the rank file carries. The file
-    is closed before any answer: h5py objects never outlive the check.
+    The file is closed before any answer: h5py objects never outlive the check.
     """
     path = directory / f"rank-{rank}.h5"
     if not path.is_file():
@@ -397,7 +410,7 @@ def _check_rank_file(directory: Path, rank: int, step: int, record: dict | None 
     if "step" not in attrs:
         return f"{path.name} is unreadable or truncated (no step attribute)"
     if attrs.get("checksum_scope") == SCOPE:
-        problem = _check_scope(path.name, attrs, arrays, states, digests, record)
+        problem = _check_scope(path.name, attrs, arrays, states, digests)
         if problem:
             return problem
     if int(attrs["step"]) != step:
@@ -408,16 +421,14 @@ def _check_rank_file(directory: Path, rank: int, step: int, record: dict | None 
     return None
 
 
-def _check_scope(name: str, attrs: dict, arrays: dict, states: dict, digests: dict, record: dict | None) -> str | None:
-    """The digests of a file that covers every byte a resume reads: each part, then the record."""
+def _check_scope(name: str, attrs: dict, arrays: dict, states: dict, digests: dict) -> str | None:
+    """The digests of a file that covers every byte a resume reads: each part, then step and record."""
     for part in sorted(states):
         mine = {k: v for k, v in arrays.items() if k.startswith(part + "/")}
         if digests[part] is None or _part_digest(states[part], mine) != str(digests[part]):
             return f"{name}: part '{part}' fails its checksum (its state attribute or arrays were altered or corrupted)"
     if _meta_digest(attrs["step"], attrs.get("record")) != str(attrs.get("sha256_meta")):
         return f"{name}: its step and record attributes fail their checksum (altered or corrupted)"
-    if record is not None and json.loads(str(attrs.get("record"))) != record:
-        return f"the COMPLETE record differs from the one {name} carries (altered or corrupted)"
     return None
 
 
