@@ -67,8 +67,7 @@ class Trainer:
         elif job.resume is not None:
             agree(comm, lambda: None, "resume")
         self.api.steps = self.start_step
-        self.metrics = agree(comm, lambda: MetricsWriter(job.run_dir, m.rank, self.start_step if job.resume else None),
-                             "metrics")
+        self.metrics = agree(comm, lambda: MetricsWriter(job.run_dir, m.rank, job.resume and job.start_step), "metrics")
         self.stop = StopSignal()
         self.progress = Progress(cfg.progress, self.schedule.total_steps, self.start_step, enabled=comm.rank == 0)
         m.before_change.append(self.stop.drain)  # a pending flag exchange must finish on the old communicator
@@ -102,7 +101,7 @@ class Trainer:
             try:
                 self.recovery.begin(step)  # under ULFM: the values to redo this step from
                 if step == self.schedule.total_steps:
-                    return None if self.job.finished else self._end()  # finished before: said so
+                    return self._end()
                 if not self._step(step):
                     self.metrics.close()
                     return None
@@ -132,10 +131,11 @@ class Trainer:
         return True
 
     def _end(self) -> dict | None:
-        """After the last step: evaluation and summary first (a finished run is never lost), then
-        the final checkpoint."""
+        """After the last step: summary first (a finished run is never lost), then the final checkpoint."""
         self.stop.drain()
         self.progress.close()
+        if self.job.finished:  # resumed after its end: said so (assembly), nothing rewritten
+            return self.metrics.close()
         self.api.flush()  # an overlapped round in flight counts in the summary and the checkpoint
         result = self.finish()
         ending_checkpoint(self.job.run_dir, lambda: self.save(self.schedule.total_steps))
