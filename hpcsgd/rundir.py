@@ -109,7 +109,7 @@ def lock(run_dir: Path, ranks: int = 1) -> RunLock:
         raise ConfigError(f"cannot write the run directory {run_dir}: {exc.strerror}") from None
     try:
         kernel = _lock_exclusive(fd, path, run_dir)
-        _write_record(fd, ranks)
+        _write_record(fd, ranks, path)
         if kernel:
             fcntl.lockf(fd, fcntl.LOCK_SH)  # atomic downgrade: the other ranks may now share it
     except BaseException:
@@ -159,7 +159,7 @@ def _share(run_dir: Path) -> None:
     _held[key] = RunLock(run_dir / LOCK_NAME, fd, True)
 
 
-def _write_record(fd: int, ranks: int) -> None:
+def _write_record(fd: int, ranks: int, path: Path) -> None:
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -167,9 +167,15 @@ def _write_record(fd: int, ranks: int) -> None:
         "ranks": ranks,
         "argv": sys.argv,
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-    os.fsync(fd)
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except OSError as exc:  # a full disk: one line naming the lock file, not a traceback
+        from .metrics import cannot_write
+
+        raise ConfigError(cannot_write(path, exc, len(data))) from None
 
 
 def read_record(path: Path) -> dict:

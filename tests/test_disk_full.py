@@ -157,3 +157,13 @@ def test_report_onto_a_full_disk_exits_2_naming_the_file(reference, tmp_path):
         line = _one_clean_error(done.stderr)
         assert f"--out: cannot write {full}/rep/" in line and "No space left on device (needs " in line, line
         assert leftovers(full) == []
+
+
+def test_a_run_started_on_a_full_disk_exits_2_naming_the_file(d4, tmp_path):
+    with tmpfs(tmp_path / "full", "1m") as full:
+        fill(full, leave=0)
+        failed = mpi(4, "train", "--data", d4, "--run-dir", full / "run", *TRAIN, timeout=300)
+        assert failed.returncode == 2, failed.stderr
+        line = _one_clean_error(failed.stderr)
+        assert f"cannot write {full}/run/" in line and "No space left on device" in line, line
+        assert leftovers(full) == []
