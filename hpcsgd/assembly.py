@@ -32,7 +32,7 @@ from .models import build_model
 from .optim import ScalingSGD
 from .recovery import check_launch
 from .registry import algorithm
-from .rundir import claim, prepare
+from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
 from .strategies import Strategy
 from .strategies import build as build_strategy
@@ -62,6 +62,7 @@ class Run:
     schedule: Schedule
     membership: Membership
     resume: dict | None  # the checkpoint record resumed from
+    finished: bool = False  # resumed at the end of a run whose summary.json exists: nothing to do
     device: torch.device = None
     data: RankData = None
     model: torch.nn.Module = None
@@ -117,12 +118,22 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     if comm.rank == 0:
         for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
             print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
-    resume = None
-    if cfg.resume:
-        resume = agree(comm, lambda: ckpt.find_latest(Path(cfg.run_dir), cfg, P, index, comm), "resume")
+    resume, finished = _resume(cfg, comm, P, index, schedule.total_steps) if cfg.resume else (None, False)
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
                                                        index.chunk_sizes), "shards")
-    return Run(cfg, comm, index, schedule, membership, resume)
+    return Run(cfg, comm, index, schedule, membership, resume, finished)
+
+
+def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
+    """The checkpoint ``--resume`` continues from, and whether the run had finished; one line says which."""
+    run_dir = Path(cfg.run_dir)
+    resume = agree(comm, lambda: ckpt.find_latest(run_dir, cfg, P, index, comm), "resume")
+    plan = agree(comm, lambda: resolve_resume(run_dir, resume, total_steps) if comm.rank == 0 else None, "resume")
+    with WATCHDOG.guard("Bcast [resume]", comm):
+        line, finished = comm.bcast(plan, root=0)
+    if comm.rank == 0:
+        print(f"hpcsgd: {line}", file=sys.stderr, flush=True)
+    return resume, finished
 
 
 def duplicate_chunks(index) -> list[str]:

@@ -10,10 +10,14 @@ is one JSON attribute that says where each tensor goes back. Each file is writte
 temporary name, fsynced and renamed; a directory without ``COMPLETE`` is ignored, so a rank
 killed while writing costs only the checkpoint being written. A write that fails (a full
 disk) is agreed on by every rank: the temporary files and the incomplete step are removed,
-every rank raises the same CheckpointError, and the previous checkpoint stays as it was.
-Each rank file carries a SHA-256 of its arrays; a checkpoint whose record or files are
-unreadable, truncated or altered is moved aside (``checkpoints/broken-step-...``) with a
-warning, and the next older intact one is used. This module reads no part's fields: each
+every rank raises the same CheckpointError naming the file and the space it needed, and the
+previous checkpoint stays as it was. A rank file is built in memory and written as one block
+of bytes, so libhdf5 never meets a full disk (its teardown then crashed the process).
+Each rank file carries SHA-256 digests of every byte a resume reads: per part, its JSON
+state attribute and its arrays; per file, its step and record; and COMPLETE carries one of its own.
+A checkpoint whose record or files are unreadable, truncated or altered is moved aside
+(``checkpoints/broken-step-...``) with a warning naming the file and the part, and the next
+older intact one is used. This module reads no part's fields: each
 part has ``state_dict()`` and ``load_state_dict()``. The stop signals are in :mod:`hpcsgd.stop`.
 """
 
@@ -35,7 +39,8 @@ import torch
 from .comm.agree import agree
 from .comm.watchdog import WATCHDOG
 from .errors import CheckpointError
-from .metrics import atomic_write_text
+from .metrics import atomic_write_bytes, atomic_write_text, cannot_write
+from .trajectory import NOT_TRAJECTORY, trajectory
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -45,8 +50,9 @@ if TYPE_CHECKING:
 
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1/SIGINT; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
-# Fields that do not change the trajectory: a run may resume with them changed.
-_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data", "overwrite", "collective_timeout"}
+_NOT_TRAJECTORY = NOT_TRAJECTORY  # fields a run may resume with changed (hpcsgd.trajectory: one list)
+# What the digests of a rank file cover; files without this attribute have one over the arrays only.
+SCOPE = "parts+attributes"
 
 
 class Preempted(Exception):
@@ -63,10 +69,19 @@ def fingerprint(cfg: "TrainConfig", shards: dict | None = None) -> str:
     ``shards`` is :func:`shard_identity` of the shards trained on; None gives the fingerprint
     checkpoints written before the shards were part of it carry.
     """
-    values = {k: v for k, v in vars(cfg).items() if k not in _NOT_TRAJECTORY}
+    values = trajectory(vars(cfg))
     if shards is not None:
         values["shards"] = shards["digest"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(cfg: "TrainConfig", shards: dict) -> dict:
+    """What a checkpoint's record says about the run: fingerprint, shards and the trajectory keys.
+
+    The keys themselves (not only their hash) let a refused resume name what differs.
+    """
+    return {"fingerprint": fingerprint(cfg, shards), "shards": shards,
+            "config": json.loads(json.dumps(trajectory(vars(cfg)), default=str))}
 
 
 def shard_identity(index: "ShardIndex") -> dict:
@@ -160,7 +175,7 @@ def save(run_dir: Path, comm, rank: int, parts: dict, step: int, record: dict,
     def complete() -> None:
         if comm.rank == 0:
             try:
-                atomic_write_text(directory / "COMPLETE", json.dumps(record) + "\n")
+                atomic_write_text(directory / "COMPLETE", json.dumps({**record, "sha256": _record_digest(record)}) + "\n")
             except OSError as exc:
                 raise CheckpointError(_cannot_write(directory / "COMPLETE", exc, run_dir)) from None
             _prune(run_dir)
@@ -186,25 +201,44 @@ def _write_rank_file(run_dir: Path, directory: Path, rank: int, parts: dict, rec
     for name, part in parts.items():
         found: list = []
         states[name] = (json.dumps(_encode(part.state_dict(), found)), found)
-    arrays = {f"{name}/{i}": a for name, (_, found) in states.items() for i, a in enumerate(found)}
+    needed = sum(len(skeleton) + sum(np.asarray(a).nbytes for a in found) for skeleton, found in states.values())
     try:
-        with h5py.File(tmp, "w") as f:
-            for name, (skeleton, _) in states.items():
-                f.create_group(name).attrs["state"] = skeleton
-            for name, array in arrays.items():
-                f[name] = array
-            f.attrs["sha256"] = _digest(arrays)
-            f.attrs["step"] = record["step"]
-            f.attrs["record"] = json.dumps(record)
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
+        image = _image(tmp, states, record)
+        needed = len(image)
+        atomic_write_bytes(tmp, image)  # a temporary of its own, removed if the disk fills
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # h5py reports a full disk as OSError or RuntimeError
+    except (OSError, RuntimeError) as exc:  # h5py reports its failures as OSError or RuntimeError
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise CheckpointError(_cannot_write(path, exc, run_dir)) from None
+        raise CheckpointError(_cannot_write(path, exc, run_dir, needed)) from None
+
+
+def _image(name: Path, states: dict, record: dict) -> bytes:
+    """The bytes of a rank file, built by libhdf5 in memory (its core driver, no backing file).
+
+    Nothing reaches the disk here: h5py closes the file whatever happens, and the disk is
+    written by plain Python I/O, whose errors leave libhdf5 in a clean state.
+    """
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
+        arrays = {}
+        for name_, (skeleton, found) in states.items():
+            group = f.create_group(name_)
+            group.attrs["state"] = skeleton
+            mine = {f"{name_}/{i}": a for i, a in enumerate(found)}
+            for key, array in mine.items():
+                f[key] = array
+            written = {k: np.asarray(f[k]) for k in mine}  # as a reader will see them
+            group.attrs["sha256"] = _part_digest(skeleton, written)
+            arrays.update(written)
+        f.attrs["sha256"] = _digest(arrays)
+        f.attrs["step"] = record["step"]
+        f.attrs["record"] = json.dumps(record)
+        f.attrs["sha256_meta"] = _meta_digest(record["step"], f.attrs["record"])
+        f.attrs["checksum_scope"] = SCOPE
+        f.flush()
+        return f.id.get_file_image()
 
 
 def _arrays(f: "h5py.File") -> dict:
@@ -223,19 +257,24 @@ def _digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def _cannot_write(path: Path, exc: BaseException, run_dir: Path) -> str:
-    """Why a checkpoint write failed, what is left, and what to do."""
-    code = getattr(exc, "errno", None)
-    # h5py's strerror is a long multi-line HDF5 trace; the errno says it in three words.
-    reason = os.strerror(code) if code else (getattr(exc, "strerror", None) or str(exc))
-    try:
-        free = f"; {shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free / 2**20:.1f} MiB free there"
-    except OSError:
-        free = ""
+def _part_digest(state: str, arrays: dict) -> str:
+    """SHA-256 over one part: its JSON state attribute (sampler positions, lr, ...) and its arrays."""
+    h = hashlib.sha256(str(state).encode())
+    h.update(_digest(arrays).encode())
+    return h.hexdigest()
+
+
+def _meta_digest(step, record) -> str:
+    """SHA-256 over a rank file's step and record attributes."""
+    return hashlib.sha256(f"{int(step)}\n{record}".encode()).hexdigest()
+
+
+def _cannot_write(path: Path, exc: BaseException, run_dir: Path, needed: int | None = None) -> str:
+    """Why a checkpoint write failed, the space it needed, what is left, and what to do."""
     previous = complete_dirs(run_dir)
     kept = (f"the previous checkpoint {previous[-1].name} is intact: free space and rerun with --resume"
             if previous else "no earlier checkpoint exists: free space and rerun")
-    return f"cannot write {path}: {reason}{free}; {kept}"
+    return f"{cannot_write(path, exc, needed)}; {kept}"
 
 
 def _prune(run_dir: Path) -> None:
@@ -300,8 +339,13 @@ def newest_intact(run_dir: Path, comm: "MPI.Comm | None" = None,
     return None
 
 
+def _raw_record(directory: Path) -> dict:
+    """COMPLETE as written, its digest included."""
+    return json.loads((directory / "COMPLETE").read_text())
+
+
 def _read_record(directory: Path) -> dict:
-    record = json.loads((directory / "COMPLETE").read_text())
+    record = _raw_record(directory)
     return {
         "dir": str(directory),
         "step": int(record["step"]),
@@ -311,6 +355,7 @@ def _read_record(directory: Path) -> dict:
         "adopted": {int(c): int(r) for c, r in record.get("adopted", {}).items()},
         "wall_s": float(record.get("wall_s", 0.0)),
         "shards": record.get("shards"),
+        "config": record.get("config"),
     }
 
 
@@ -323,7 +368,8 @@ def _check_intact(directory: Path, comm: "MPI.Comm | None") -> str | None:
     else:
         files = meta["live_world"]
         mine = files if comm is None else files[comm.rank :: comm.size]
-        problem = next(filter(None, (_check_rank_file(directory, r, meta["step"]) for r in mine)), None)
+        problem = _check_record(directory) or next(
+            filter(None, (_check_rank_file(directory, r, meta["step"]) for r in mine)), None)
     if comm is None or comm.size == 1:
         return problem
     with WATCHDOG.guard("Allgather [checkpoint integrity]", comm):
@@ -331,21 +377,58 @@ def _check_intact(directory: Path, comm: "MPI.Comm | None") -> str | None:
     return next(filter(None, problems), None)
 
 
+def _record_digest(record: dict) -> str:
+    """SHA-256 of a COMPLETE record (its keys sorted), stored in it as ``sha256``."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _check_record(directory: Path) -> str | None:
+    """Why COMPLETE is not as written (a record of an older trainer has no digest), or None."""
+    record = _raw_record(directory)
+    digest = record.pop("sha256", None)
+    if digest is not None and digest != _record_digest(record):
+        return "its COMPLETE record fails its checksum (altered or corrupted)"
+    return None
+
+
 def _check_rank_file(directory: Path, rank: int, step: int) -> str | None:
-    """Why one rank file is not intact (missing, unreadable, another step, altered), or None."""
+    """Why one rank file is not intact (missing, unreadable, another step, altered), or None.
+
+    The file is closed before any answer: h5py objects never outlive the check.
+    """
     path = directory / f"rank-{rank}.h5"
     if not path.is_file():
         return f"{path.name} is missing"
     try:
         with h5py.File(path, "r") as f:
-            if int(f.attrs["step"]) != step:
-                return f"{path.name} holds step {int(f.attrs['step'])}, its record says {step}"
+            attrs = dict(f.attrs)
             arrays = _arrays(f)
-            expected = f.attrs.get("sha256")
+            states = {name: str(f[name].attrs.get("state")) for name in f}
+            digests = {name: f[name].attrs.get("sha256") for name in f}
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         return f"{path.name} is unreadable or truncated ({exc})"
+    if "step" not in attrs:
+        return f"{path.name} is unreadable or truncated (no step attribute)"
+    if attrs.get("checksum_scope") == SCOPE:
+        problem = _check_scope(path.name, attrs, arrays, states, digests)
+        if problem:
+            return problem
+    if int(attrs["step"]) != step:
+        return f"{path.name} holds step {int(attrs['step'])}, its record says {step}"
+    expected = attrs.get("sha256")
     if expected is not None and _digest(arrays) != str(expected):
         return f"{path.name} fails its checksum (altered or corrupted)"
+    return None
+
+
+def _check_scope(name: str, attrs: dict, arrays: dict, states: dict, digests: dict) -> str | None:
+    """The digests of a file that covers every byte a resume reads: each part, then step and record."""
+    for part in sorted(states):
+        mine = {k: v for k, v in arrays.items() if k.startswith(part + "/")}
+        if digests[part] is None or _part_digest(states[part], mine) != str(digests[part]):
+            return f"{name}: part '{part}' fails its checksum (its state attribute or arrays were altered or corrupted)"
+    if _meta_digest(attrs["step"], attrs.get("record")) != str(attrs.get("sha256_meta")):
+        return f"{name}: its step and record attributes fail their checksum (altered or corrupted)"
     return None
 
 
@@ -364,10 +447,32 @@ def _check_fits(meta: dict, directory: Path, cfg: "TrainConfig", ranks: int, sha
         )
     expected = fingerprint(cfg, shards if written is not None else None)
     if meta["fingerprint"] != expected:
+        differ = _differences(meta.get("config") or _config_toml(Path(directory).parent.parent), cfg)
         raise CheckpointError(
-            f"checkpoint {directory} was written by a run with another config; "
-            f"use a new run directory or the original config"
+            f"checkpoint {directory} was written by a run with another config"
+            + (f" ({differ})" if differ else "") + "; use a new run directory or the original config"
         )
+
+
+def _differences(old: dict | None, cfg: "TrainConfig") -> str:
+    """The trajectory keys whose values differ, as ``key: OLD in the checkpoint, NEW now``."""
+    if not old:
+        return ""
+    new = json.loads(json.dumps(trajectory(vars(cfg)), default=str))
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(f"{k}: {old.get(k, '(unset)')!r} in the checkpoint, {new.get(k, '(unset)')!r} now" for k in keys)
+
+
+def _config_toml(run_dir: Path) -> dict | None:
+    """The trajectory keys of the run's config.toml: what a checkpoint of an older trainer
+    (whose record has no config) was written with; None when it cannot be read."""
+    import tomllib
+
+    try:
+        with open(run_dir / "config.toml", "rb") as fh:
+            return trajectory(tomllib.load(fh))
+    except (OSError, ValueError):
+        return None
 
 
 def _set_aside(broken: list[tuple[Path, str]], chosen: Path, comm: "MPI.Comm | None") -> None:

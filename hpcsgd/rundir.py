@@ -109,7 +109,7 @@ def lock(run_dir: Path, ranks: int = 1) -> RunLock:
         raise ConfigError(f"cannot write the run directory {run_dir}: {exc.strerror}") from None
     try:
         kernel = _lock_exclusive(fd, path, run_dir)
-        _write_record(fd, ranks)
+        _write_record(fd, ranks, path)
         if kernel:
             fcntl.lockf(fd, fcntl.LOCK_SH)  # atomic downgrade: the other ranks may now share it
     except BaseException:
@@ -159,7 +159,7 @@ def _share(run_dir: Path) -> None:
     _held[key] = RunLock(run_dir / LOCK_NAME, fd, True)
 
 
-def _write_record(fd: int, ranks: int) -> None:
+def _write_record(fd: int, ranks: int, path: Path) -> None:
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -167,9 +167,15 @@ def _write_record(fd: int, ranks: int) -> None:
         "ranks": ranks,
         "argv": sys.argv,
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-    os.fsync(fd)
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except OSError as exc:  # a full disk: one line naming the lock file, not a traceback
+        from .metrics import cannot_write
+
+        raise ConfigError(cannot_write(path, exc, len(data))) from None
 
 
 def read_record(path: Path) -> dict:
@@ -200,6 +206,15 @@ def _may_be_alive(record: dict) -> bool:
     return True
 
 
+def job_gone(run_dir: Path) -> str | None:
+    """How the job that holds ``run_dir`` is known to be gone (its record names a process of this
+    host that has exited), or None: running, never started, or on another host (unknowable)."""
+    record = read_record(Path(run_dir) / LOCK_NAME)
+    if not record or record.get("host") != socket.gethostname() or _may_be_alive(record):
+        return None
+    return f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')}, has exited"
+
+
 def _describe(record: dict, locked: bool) -> str:
     if not record:
         return "no details recorded yet"
@@ -209,6 +224,38 @@ def _describe(record: dict, locked: bool) -> str:
     if locked and record.get("host") == socket.gethostname() and not _may_be_alive(record):
         text += " (its rank 0 has exited; other processes of that job still hold the lock: end them)"
     return text
+
+
+# -- what --resume does -------------------------------------------------------------------------
+def resolve_resume(run_dir: Path, resume: dict | None, total_steps: int) -> tuple[str, bool]:
+    """Rank 0's part of ``--resume``: (the line that says what happens, whether the run had finished).
+
+    Never silent: a finished run is left as it is; a run without a complete checkpoint (its
+    only checkpoint has no COMPLETE record, or it ended before the first) is moved aside, as
+    ``--overwrite`` does, before training starts from step 0, so nothing it wrote is lost; a
+    directory without any run says that training starts from scratch.
+    """
+    incomplete = sorted(d.name for d in (run_dir / "checkpoints").glob("step-*") if not (d / "COMPLETE").exists())
+    unfinished = (f" ({', '.join(incomplete)} has no COMPLETE record: its writing did not finish, so it is not used)"
+                  if incomplete else "")
+    if resume is not None:
+        step = resume["step"]
+        if step == total_steps and (run_dir / "summary.json").is_file():
+            return (f"--resume: {run_dir} finished already (step {step} of {total_steps}; its figures are in "
+                    f"{run_dir / 'summary.json'}): nothing to train, nothing rewritten; start a new run with "
+                    f"--overwrite or a new --run-dir", True)
+        if step == total_steps:
+            return f"--resume: {run_dir} trained to its end (step {step}) but has no summary.json: writing it", False
+        return f"--resume: resuming {run_dir} from step {step} of {total_steps}{unfinished}", False
+    found = run_entries(run_dir)
+    if not found:
+        return f"--resume: {run_dir} holds no checkpoint (nor any run): starting from scratch (step 0)", False
+    try:
+        moved = move_aside(run_dir)
+    except OSError as exc:
+        raise ConfigError(f"--resume: cannot move the earlier run in {run_dir} aside: {exc.strerror}") from None
+    return (f"--resume: {run_dir} has no complete checkpoint{unfinished or ' (the run ended before its first one)'}: "
+            f"moved what it holds to {moved} (nothing deleted) and starting from step 0", False)
 
 
 # -- preparing the directory --------------------------------------------------------------------
@@ -267,4 +314,5 @@ def move_aside(run_dir: Path) -> Path:
     return target
 
 
-__all__ = ["LOCK_NAME", "RunDirError", "claim", "lock", "move_aside", "prepare", "read_record", "run_entries"]
+__all__ = ["LOCK_NAME", "RunDirError", "claim", "job_gone", "lock", "move_aside", "prepare", "read_record", "resolve_resume",
+           "run_entries"]

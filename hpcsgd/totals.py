@@ -1,12 +1,18 @@
 """A rank's running totals (phase times, skipped steps, diversity sums, the loss window) and
-the run's summary: per-rank figures packed into one vector and summed by one Allreduce."""
+the run's summary: per-rank figures packed into one vector and summed by one Allreduce, then
+written to summary.json before the final checkpoint, so a run that trained to its end keeps
+its figures even when the disk is full."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .errors import CheckpointError, TrainingError
 from .registry import REGISTRY
 
 
@@ -84,6 +90,8 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
 
     ``run`` is the assembled :class:`~hpcsgd.assembly.Run`.
     """
+    from .checkpoint import shard_identity  # torch and h5py: only where a run ends
+
     cfg, sched, m = run.cfg, run.schedule, run.membership
     L = run.strategy.coll.size
     messages = totals[6] + totals[7]
@@ -130,11 +138,49 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "data_s_mean": totals[10] / L,
         "model": cfg.model,
         "partition": run.index.partition,
+        "shards": shard_identity(run.index),  # the data's content digest: `hpcsgd report` groups by it
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "steps_per_epoch": sched.steps_per_epoch,
     }
+
+
+def write_summary(comm, run_dir: Path, result: dict | None) -> dict | None:
+    """summary.json from ``result`` (rank 0's; None elsewhere), agreed on by the ranks of ``comm``.
+
+    When it cannot be written (a full disk), rank 0 prints it on stdout first, so the figures of
+    a run that trained to its end are never lost, and every rank ends with the same message.
+    """
+    from .comm.agree import agree
+    from .metrics import atomic_write_text, cannot_write, dumps
+
+    path = Path(run_dir) / "summary.json"
+
+    def write() -> None:
+        if result is None:
+            return
+        text = dumps(result) + "\n"
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            raise TrainingError(f"{cannot_write(path, exc, len(text.encode()))}; the run trained to its end: its "
+                                f"summary is printed on stdout; free space and rerun with --resume to write it") from None
+
+    agree(comm, write, "summary")
+    return result
+
+
+def ending_checkpoint(run_dir: Path, save: Callable[[], None]) -> None:
+    """The final checkpoint, written after summary.json: its failure says the figures are safe."""
+    try:
+        save()
+    except CheckpointError as exc:
+        error = CheckpointError(f"{exc}; the run trained to its end: its figures are in {Path(run_dir) / 'summary.json'}")
+        error.collective = getattr(exc, "collective", False)
+        raise error from None
 
 
 def _diversity_summary(cfg, sums: np.ndarray) -> dict:
@@ -144,4 +190,4 @@ def _diversity_summary(cfg, sums: np.ndarray) -> dict:
     return {"grad_diversity_inter": float(sums[0] / sums[2]), "grad_diversity_intra": float(sums[1] / sums[2])}
 
 
-__all__ = ["RunTotals", "Timers", "summary"]
+__all__ = ["RunTotals", "Timers", "ending_checkpoint", "summary", "write_summary"]

@@ -26,12 +26,12 @@ from .config import TrainConfig
 from .diversity import gradient_diversity
 from .errors import TrainingError
 from .evaluation import Evaluator
-from .metrics import MetricsWriter, atomic_write_text, dumps
+from .metrics import MetricsWriter
 from .progress import Progress
 from .recovery import Recovery
 from .schedule import Schedule, pointless_settings
 from .stop import StopSignal
-from .totals import RunTotals, summary
+from .totals import RunTotals, ending_checkpoint, summary, write_summary
 
 
 def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
@@ -67,7 +67,7 @@ class Trainer:
         elif job.resume is not None:
             agree(comm, lambda: None, "resume")
         self.api.steps = self.start_step
-        self.metrics = MetricsWriter(job.run_dir, m.rank, self.start_step if job.resume else None)
+        self.metrics = agree(comm, lambda: MetricsWriter(job.run_dir, m.rank, job.resume and job.start_step), "metrics")
         self.stop = StopSignal()
         self.progress = Progress(cfg.progress, self.schedule.total_steps, self.start_step, enabled=comm.rank == 0)
         m.before_change.append(self.stop.drain)  # a pending flag exchange must finish on the old communicator
@@ -83,8 +83,8 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (collective; an overlapped round in flight is saved, not applied)."""
         m, shards = self.membership, ckpt.shard_identity(self.job.index)
-        record = {"ranks": m.P, **m.state_dict(), "fingerprint": ckpt.fingerprint(self.cfg, shards),
-                  "shards": shards, "wall_s": float(time.perf_counter() - self.t_start)}
+        record = {"ranks": m.P, **m.state_dict(), **ckpt.identity(self.cfg, shards),
+                  "wall_s": float(time.perf_counter() - self.t_start)}
         ckpt.save(self.job.run_dir, self.api.coll.comm, m.rank, self.parts(), step, record, on_error=self.stop.drain)
 
     # -- the loop ------------------------------------------------------------------------
@@ -130,12 +130,14 @@ class Trainer:
         return True
 
     def _end(self) -> dict | None:
-        """After the last step: final checkpoint, evaluation and summary."""
+        """After the last step: summary first (a finished run is never lost), then the final checkpoint."""
         self.stop.drain()
         self.progress.close()
-        self.api.flush()  # the last overlapped round lands after the last step, before the final checkpoint
-        self.save(self.schedule.total_steps)
+        if self.job.finished:  # resumed after its end: said so (assembly), nothing rewritten
+            return self.metrics.close()
+        self.api.flush()  # an overlapped round in flight counts in the summary and the checkpoint
         result = self.finish()
+        ending_checkpoint(self.job.run_dir, lambda: self.save(self.schedule.total_steps))
         self.api.close()
         self.metrics.close()
         return result
@@ -212,7 +214,7 @@ class Trainer:
             record.update(self.diversity)
         if evaluate:
             record.update(self._evaluations(mean))
-        self.metrics.write(record)
+        agree(api.coll.comm, lambda: self.metrics.write(record), "metrics")  # a full disk ends every rank
         self.progress.update(done, record)
 
     def _evaluations(self, mean) -> dict:
@@ -236,12 +238,11 @@ class Trainer:
         avg_test = ev.averaged(mean, data.x_test, data.y_test)
         totals = self.totals.summed(self.api, ev.own_on_train(), ev.own(data.x_test, data.y_test))
         wall = time.perf_counter() - self.t_start
-        if self.api.coll.rank != 0:
-            return None
-        result = summary(self.job, totals, avg_train, avg_test, distance, wall)
-        result["failure_records"] = self.recovery.failure_records()
-        atomic_write_text(self.job.run_dir / "summary.json", dumps(result) + "\n")
-        return result
+        result = None
+        if self.api.coll.rank == 0:
+            result = summary(self.job, totals, avg_train, avg_test, distance, wall)
+            result["failure_records"] = self.recovery.failure_records()
+        return write_summary(self.api.coll.comm, self.job.run_dir, result)
 
 
 __all__ = ["Schedule", "Trainer", "gather_on_device", "pointless_settings", "train"]

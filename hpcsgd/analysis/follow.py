@@ -6,7 +6,10 @@ last line is never an error. One row per logged step: the rank mean of what the 
 there, shown once every live rank has logged it. On a terminal the screen is redrawn (progress
 bar, the latest rows, where each rank is); otherwise each new row is printed once, so the
 output reads well in a log file or through a pipe. Following ends with exit 0 when
-summary.json appears (the run is done) or on Ctrl-C (the run goes on).
+summary.json appears (the run is done) or on Ctrl-C (the run goes on), and with exit 2 when
+the run's job is gone without a summary (the process named in ``RUN_DIR/.hpcsgd.lock`` has
+exited: it crashed or was killed) or when nothing changed for ``--give-up-after`` seconds (a
+hung job, or a directory that never appears); the last line says which.
 
 Plain text and ANSI clear-screen only: no curses or rich, which would be a dependency for a
 table of a dozen columns.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .runs import DEFAULT_LABEL_KEYS, _RANK_FILE, _number, config_label, find_run_dirs, is_run_dir
+from ..rundir import job_gone
+from .runs import DEFAULT_LABEL_KEYS, _RANK_FILE, _number, config_label, find_run_dirs, is_run_dir, number_text
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase screen
 BAR_WIDTH = 30
@@ -131,6 +136,11 @@ class Follower:
                 self.steps.setdefault(step, {})[rank] = rec
                 self.last_step[rank] = max(self.last_step.get(rank, 0), step)
 
+    def signature(self) -> tuple:
+        """What changes when the run makes progress: bytes read, rank files, config, summary."""
+        return (sum(t.offset for t in self.tails.values()), len(self.tails), self.config is not None,
+                self.summary is not None)
+
     def _forget(self, rank: int) -> None:
         for by_rank in self.steps.values():
             by_rank.pop(rank, None)
@@ -212,8 +222,8 @@ def _read_toml(path: Path) -> dict | None:
 
 
 # -- rendering -------------------------------------------------------------------------------
-def _fmt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
+def _fmt(value: float | None, fmt: str, width: int = 10) -> str:
+    return "-" if value is None else number_text(value, fmt, width)
 
 
 def header_line(total: int | None) -> str:
@@ -229,7 +239,7 @@ def format_row(row: dict, total: int | None) -> str:
     where = f"{step}/{total}" if total else str(step)
     percent = f"{100 * step / total:5.1f}%" if total else "-"
     cells = [f"{where:>{2 * digits + 1}}", f"{percent:>6}"]
-    cells += [f"{_fmt(row.get(key), fmt):>{w}}" for _, w, key, fmt in COLUMNS]
+    cells += [f"{_fmt(row.get(key), fmt, w):>{w}}" for _, w, key, fmt in COLUMNS]
     return "  ".join(cells)
 
 
@@ -369,17 +379,34 @@ class ScreenView:
         print(summary_line(f.summary or {}), file=self.out, flush=True)
 
 
-def follow(run_dir: Path, interval: float, out=None, tty: bool | None = None, sleep=time.sleep) -> bool:
-    """Show ``run_dir`` until summary.json appears (True) or Ctrl-C (False).
+MAX_INTERVAL = 3600.0  # seconds: time.sleep overflows near 1e308, and a slower refresh shows nothing
+
+
+def check_follow_times(args: argparse.Namespace) -> None:
+    """--interval and --give-up-after: finite seconds in range, named when they are not."""
+    interval = args.interval
+    if not (math.isfinite(interval) and 0 < interval <= MAX_INTERVAL):
+        raise ConfigError(f"--interval must be > 0 and at most {MAX_INTERVAL:g} seconds, got {interval:g}")
+    give_up = getattr(args, "give_up_after", None)
+    if give_up is not None and not (math.isfinite(give_up) and give_up > 0):
+        raise ConfigError(f"--give-up-after must be a finite number of seconds > 0, got {give_up:g}")
+
+
+def follow(run_dir: Path, interval: float, out=None, tty: bool | None = None, sleep=time.sleep,
+           give_up_after: float | None = None, clock=time.monotonic) -> bool | str:
+    """Show ``run_dir`` until summary.json appears (True), Ctrl-C (False), or the run ends without
+    one (a line saying why: its job is gone, or nothing changed for ``give_up_after`` seconds).
 
     Args:
         out: the stream written to (default stdout); tty: redraw a screen (default: whether
-            ``out`` is a terminal); sleep: waits between polls (tests pass their own).
+            ``out`` is a terminal); sleep, clock: waits between polls and the time (tests pass
+            their own).
     """
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
     view = ScreenView(out, interval) if tty else LineView(out)
     f = Follower(Path(run_dir))
+    seen, changed = None, clock()
     try:
         while True:
             f.poll()
@@ -387,18 +414,39 @@ def follow(run_dir: Path, interval: float, out=None, tty: bool | None = None, sl
             if f.summary is not None:
                 view.finish(f)
                 return True
+            if seen != f.signature():
+                seen, changed = f.signature(), clock()
+            ended = _ended(f, clock() - changed, give_up_after)
+            if ended:
+                print(f"hpcsgd report: {ended}", file=sys.stderr, flush=True)
+                return ended
             sleep(interval)
     except KeyboardInterrupt:
         print(f"\nhpcsgd report: stopped following {run_dir} (the run goes on)", file=sys.stderr)
         return False
 
 
-def run_follow(args: argparse.Namespace) -> bool:
-    """Check the --follow arguments, then :func:`follow`; True when the run has finished."""
+def _ended(f: Follower, idle: float, give_up_after: float | None) -> str | None:
+    """Why following ``f`` ends without a summary, or None while the run may still go on."""
+    where = f"at step {max(f.last_step.values())}" if f.last_step else "before its first metrics line"
+    gone = job_gone(f.run_dir)
+    if gone is not None:
+        f.poll()  # the job may have written summary.json just before it exited
+        if f.summary is None:
+            return (f"stopped following {f.run_dir}: its job is gone ({gone}) {where}, without summary.json: "
+                    f"it crashed or was killed; resume it with --resume")
+    if give_up_after is not None and idle >= give_up_after:
+        what = "its directory never appeared" if not f.run_dir.exists() else f"nothing changed in it, {where}"
+        return f"stopped following {f.run_dir}: {what} for {duration(idle)} (--give-up-after {give_up_after:g})"
+    return None
+
+
+def run_follow(args: argparse.Namespace) -> bool | str:
+    """Check the --follow arguments, then :func:`follow`: True when the run has finished, False
+    on Ctrl-C, else why it ended without finishing."""
     if len(args.runs) != 1:
         raise ConfigError(f"--follow watches one run directory, got {len(args.runs)}: {' '.join(args.runs)}")
-    if not args.interval > 0:
-        raise ConfigError(f"--interval must be > 0 seconds, got {args.interval}")
+    check_follow_times(args)
     path = Path(args.runs[0])
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {path} is not a directory")
@@ -408,10 +456,11 @@ def run_follow(args: argparse.Namespace) -> bool:
         raise ConfigError(
             f"{path} holds {len(inside)} run directories; --follow watches one, e.g. {inside[0]}"
         )
+    give_up = getattr(args, "give_up_after", None)
     # A missing or empty directory may be a job that has not started yet (queued, or importing
     # torch): wait for it, and say so, so that a mistyped name does not wait unnoticed.
     if not path.exists() or not is_run_dir(path):
-        print(f"hpcsgd report: waiting for {path} to get config.toml or metrics/ (Ctrl-C to stop)",
+        until = f"up to {give_up:g}s" if give_up else "Ctrl-C to stop, or --give-up-after SECONDS"
+        print(f"hpcsgd report: waiting for {path} to get config.toml or metrics/ ({until})",
               file=sys.stderr, flush=True)
-    return follow(path, args.interval)
-
+    return follow(path, args.interval, give_up_after=give_up)

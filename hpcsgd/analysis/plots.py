@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .output import save_figure
 from .runs import (
     FINISHED, Band, Group, Run, aggregate, differing_keys, diversity, format_value, group_curve, group_runs,
 )
@@ -115,8 +116,7 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.set_xlabel(xlabel, fontsize=11)
     ax.set_ylabel(ylabel, fontsize=11)
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def _spread(band: Band, kind: str, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +138,8 @@ def _draw(ax, band: Band, color, kind: str, label: str | None = None, style: str
     if several.any():
         lower, upper = _spread(band, kind, log)
         if len(band.x) == 1:  # a band one point wide has no area: an error bar shows the spread
-            ax.errorbar(band.x, band.mean, yerr=[band.mean - lower, upper - band.mean], fmt="none",
+            yerr = np.maximum(0.0, [band.mean - lower, upper - band.mean])  # never below 0: matplotlib refuses
+            ax.errorbar(band.x, band.mean, yerr=yerr, fmt="none",
                         ecolor=color, capsize=4, linewidth=1.2)
         else:
             ax.fill_between(band.x, lower, upper, where=several, color=color, alpha=BAND_ALPHA,
@@ -287,7 +288,7 @@ def plot_time_breakdown(groups: list[Group], out_dir: Path, band: str = "minmax"
         left += widths
     handles, _ = ax.get_legend_handles_labels()
     if any(g.n > 1 for g, _ in data):
-        err = np.array([spread for _, (_, spread) in data]).T
+        err = np.maximum(0.0, np.array([spread for _, (_, spread) in data]).T)
         ax.errorbar(left, ypos, xerr=err, fmt="none", ecolor="0.2", capsize=3, linewidth=1)
         from matplotlib.lines import Line2D
 
@@ -326,7 +327,7 @@ def plot_grad_diversity(groups: list[Group], out_dir: Path, band: str = "minmax"
 
         handles.append(Line2D([], [], color="0.3", marker="|", ls="none", label=f"bars: {BANDS[band]}"))
     legend = _legend(axes[-1], handles) if others or several else []
-    fig.savefig(out_dir / f"{name}.png", bbox_inches="tight")
+    save_figure(fig, out_dir / f"{name}.png")
     panels = [DIVERSITY_TITLES[m] for m in measures]
     return Figure(name, title, out_dir / f"{name}.png", note="; ".join(panels), legend=legend)
 
@@ -345,7 +346,7 @@ def _diversity_panel(ax, runs: list[Run], measure: str, others: list[str], band:
         stats = np.array([aggregate(points[q]) for q in qs])
         mean = stats[:, 0]
         err = (mean - stats[:, 2], stats[:, 3] - mean) if band == "minmax" else (stats[:, 1], stats[:, 1])
-        ax.errorbar(qs, mean, yerr=np.array(err), fmt="o-", color=color, label=label, capsize=3)
+        ax.errorbar(qs, mean, yerr=np.maximum(0.0, np.array(err)), fmt="o-", color=color, label=label, capsize=3)
         several |= any(len(points[q]) > 1 for q in qs)
     ax.set_xticks(sorted({q for points in series.values() for q in points}))
     ax.set_xlabel("redundancy q (chunks per rank)", fontsize=11)

@@ -7,8 +7,16 @@ table gives mean ± std over the group, the figures a mean line and a band. Prob
 run (a torn metrics line, a missing rank file, no summary.json) are warnings on stderr, never
 a failed report; a path that is no run directory is an error (exit 2).
 
+Runs are one group only when everything that changes results is equal: every config key that
+shapes the trajectory (the list the checkpoint uses, hpcsgd/trajectory.py), the shards' content
+digest and partition, and the world size. A seed that repeats within a group is flagged: such
+runs are the same experiment twice, not a sample of seeds. A report file that cannot be written
+(read-only --out, a full disk) is one line naming it and the space it needed (exit 2).
+
 `hpcsgd report --follow RUN_DIR` watches one running job instead: a table of its logged steps,
-refreshed every --interval seconds, until summary.json appears (or Ctrl-C; both exit 0).
+refreshed every --interval seconds, until summary.json appears (exit 0), Ctrl-C (exit 0), the
+run's job is gone without a summary (the pid in RUN_DIR/.hpcsgd.lock has exited; exit 2) or
+nothing changed for --give-up-after seconds (exit 2); the last line says which.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from .follow import MAX_INTERVAL
+from .output import make_dir, write_file
 from .plots import BANDS, X_LABELS, Figure, make_figures
 from .runs import Run, group_runs, load_runs
 from .tables import Table, build_table, to_markdown, write_csv, write_runs_csv
@@ -51,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--interval", type=float, default=2.0, metavar="SECONDS",
-        help="with --follow: seconds between refreshes (default: 2)",
+        help=f"with --follow: seconds between refreshes, in (0, {MAX_INTERVAL:g}] (default: 2)",
+    )
+    parser.add_argument(
+        "--give-up-after", type=float, default=None, metavar="SECONDS",
+        help="with --follow: stop when the run directory has not changed for this long (a hung or "
+        "never-started job; default: wait; a job whose process has exited ends the follow at once)",
     )
 
 
@@ -65,10 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "follow", False):
         from .follow import run_follow
 
-        finished = run_follow(args)
-        if not finished or args.out is None:
-            return 0  # Ctrl-C leaves a running job alone: not an error
-        # The run has ended: write its report, as --out asked.
+        ended = run_follow(args)
+        if ended is False or args.out is None:
+            return 0 if isinstance(ended, bool) else 2  # Ctrl-C leaves a running job alone: not an error
+        # The run has ended: write its report (what there is of it, for a crashed job), as --out asked.
+        code = write_report(args)
+        return code if isinstance(ended, bool) else 2
     if args.out is None:
         raise ConfigError("--out REPORT_DIR is required (or --follow to watch a running job)")
     return write_report(args)
@@ -80,12 +97,17 @@ def write_report(args: argparse.Namespace) -> int:
     for r in runs:
         for warning in r.warnings:
             print(f"hpcsgd report: warning: {r.path}: {warning}", file=sys.stderr)
+    for group in group_runs(runs):
+        if group.repeated_seeds:
+            print(f"hpcsgd report: warning: {group.label}: seed(s) {', '.join(map(str, group.repeated_seeds))} "
+                  f"repeated in {', '.join(str(r.path) for r in group.runs)}: the same experiment run more than "
+                  f"once, so its spread is no spread over seeds", file=sys.stderr)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
 
     table = build_table(runs, target=args.target)
     markdown = to_markdown(table)
-    (out / "table.md").write_text(markdown)
+    write_file(out / "table.md", markdown)
     write_csv(table, out / "table.csv")
     write_runs_csv(table, out / "runs.csv")
 
@@ -94,7 +116,7 @@ def write_report(args: argparse.Namespace) -> int:
     for fig in figures:
         if fig.path is None:
             print(f"hpcsgd report: {fig.title}: {fig.note}", file=sys.stderr)
-    (out / "report.md").write_text(report_markdown(runs, table, markdown, figures, band))
+    write_file(out / "report.md", report_markdown(runs, table, markdown, figures, band))
     written = sum(f.path is not None for f in figures)
     groups = f" in {len(table.groups)} group(s) of seeds" if table.grouped else ""
     print(f"hpcsgd report: {len(runs)} run(s){groups}, {written} figure(s) -> {out / 'report.md'}",

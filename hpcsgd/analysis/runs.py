@@ -21,14 +21,17 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..registry import REGISTRY
+from ..trajectory import NOT_TRAJECTORY
 
 FINISHED, UNFINISHED = "finished", "running/crashed"
 
-# Keys that say where or how a run was executed, not what was trained.
-IGNORED_KEYS = frozenset(
-    {"run_dir", "data", "progress", "threads", "resume", "overwrite", "log_every", "eval_every", "checkpoint_every",
-     "collective_timeout"}
-)
+# Keys that say where or how a run was executed, not what was trained: the list the checkpoint
+# uses to decide what a run may resume with changed (hpcsgd.trajectory), so the two agree.
+IGNORED_KEYS = NOT_TRAJECTORY
+# What changes results besides the config keys, added to each run's config under these names
+# (from summary.json, else the newest checkpoint's record, else the metrics): runs on other
+# data, other shards or at another world size are never one group of seeds.
+IDENTITY_KEYS = ("data_digest", "partition", "world_size")
 # What names a run when nothing differs among the runs compared (a single run, say).
 DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
 # summary.json keys that stand in for the config when config.toml is missing.
@@ -217,9 +220,39 @@ def load_run(path: str | os.PathLike) -> Run:
     config = _read_config(path / "config.toml", summary, warnings)
     records = _read_metrics(path / "metrics", warnings)
     _check_ranks(records, summary, warnings)
+    config = {**config, **identity(path, summary, records)}
     if summary is None:
         warnings.append("no summary.json: the run is still going or it crashed")
     return Run(path=path, config=config, summary=summary, records=records, warnings=warnings)
+
+
+def identity(path: Path, summary: dict | None, records: dict[int, list[dict]]) -> dict:
+    """The run's :data:`IDENTITY_KEYS` that can be told (a key that cannot is left out: unknown,
+    not different): the shards' content digest and partition, and the world size."""
+    summary = summary or {}
+    shards = summary.get("shards") if isinstance(summary.get("shards"), dict) else None
+    record = _newest_record(path) if shards is None or "world_size" not in summary else {}
+    shards = shards or (record.get("shards") if isinstance(record.get("shards"), dict) else {})
+    out = {"data_digest": shards.get("digest"), "partition": summary.get("partition", shards.get("partition"))}
+    world = summary.get("world_size", summary.get("ranks", record.get("ranks")))
+    if not isinstance(world, int) and records:
+        first = [_number(recs[0].get("live_ranks")) for recs in records.values() if recs]
+        world = max([int(v) for v in first if v is not None] + [max(records) + 1])
+    out["world_size"] = world
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _newest_record(path: Path) -> dict:
+    """The newest complete checkpoint's record (COMPLETE, plain JSON), or {}: what a run that has
+    no summary.json yet says about its shards and ranks."""
+    for complete in sorted((path / "checkpoints").glob("step-*/COMPLETE"), reverse=True):
+        try:
+            record = json.loads(complete.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
 
 
 def _read_summary(path: Path, warnings: list[str]) -> dict | None:
@@ -375,6 +408,16 @@ def format_value(value) -> str:
     return str(value)
 
 
+CELL_WIDTH = 10  # longest number a table cell shows as its format asks
+
+
+def number_text(value: float, fmt: str, width: int = CELL_WIDTH) -> str:
+    """``value`` in ``fmt``, or in three significant digits with an exponent where that would
+    be wider than ``width``: a diverged loss reads 1.76e+29, not 30 digits that break the table."""
+    text = fmt.format(value)
+    return text if len(text) <= width else f"{value:.3g}"
+
+
 def _every_step(algorithm) -> bool:
     """Whether ``algorithm`` communicates every step (then tau means nothing); unknown names: no."""
     known = REGISTRY.get(algorithm) if isinstance(algorithm, str) else None
@@ -430,6 +473,13 @@ class Group:
     def config(self) -> dict:
         """The first run's config: every key but the seed is the same in all runs."""
         return self.runs[0].config
+
+    @property
+    def repeated_seeds(self) -> list:
+        """Seeds that more than one run of the group has: the same experiment run twice, not a
+        sample of seeds (its spread then says nothing about seeds)."""
+        seeds = [_hashable(r.config.get("seed")) for r in self.runs]
+        return [json.loads(s) for s in sorted(set(seeds), key=seeds.index) if seeds.count(s) > 1]
 
     @property
     def seeds(self) -> str:
@@ -493,10 +543,18 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 
 def aggregate(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, sample std, min, max) of ``values``; the std of a single value is 0."""
+    """(mean, sample std, min, max) of ``values``; the std of a single value is 0.
+
+    Equal values give their value and a std of exactly 0, and the mean never leaves [min, max]:
+    the mean of seven equal floats is not always that float, and an error bar below zero is
+    an error to matplotlib.
+    """
     a = np.asarray(values, dtype=float)
+    lo, hi = float(a.min()), float(a.max())
+    if lo == hi:
+        return lo, 0.0, lo, hi
     std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
-    return float(a.mean()), std, float(a.min()), float(a.max())
+    return min(max(float(a.mean()), lo), hi), std, lo, hi
 
 
 @dataclass

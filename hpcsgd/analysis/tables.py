@@ -10,11 +10,13 @@ the runs that have it (and how many do, where not all). The same rows are writte
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .output import write_file
 from .runs import (
-    SEED_KEYS, Group, Run, aggregate, differing_keys, diversity, format_value, group_runs, sort_key,
+    SEED_KEYS, Group, Run, aggregate, differing_keys, diversity, format_value, group_runs, number_text, sort_key,
 )
 
 MISSING = "-"
@@ -213,7 +215,8 @@ def group_row(group: Group, keys: list[str], rows: dict[int, dict]) -> dict:
         "group": group.label,
         **{key_field(k): group.config.get(k) for k in keys},
         "n": group.n,
-        "seeds": group.seeds,
+        "seeds": group.seeds + (f" (repeated: {','.join(map(format_value, group.repeated_seeds))})"
+                                if group.repeated_seeds else ""),
         "runs": ";".join(r.name for r in group.runs),
         "status": group.status,
     }
@@ -263,7 +266,7 @@ def _cell(value, fmt: str) -> str:
     if fmt == "bytes" and _num(value) is not None:
         return _bytes(float(value))
     if _num(value) is not None and fmt != "{}":
-        return fmt.format(float(value))
+        return number_text(float(value), fmt)
     return format_value(value)
 
 
@@ -335,6 +338,10 @@ def to_markdown(table: Table) -> str:
             f"{grouped}. Each cell is the mean ± sample std (ddof=1) over the group's runs; "
             "\"(k/n)\": only k of its n runs have that value."
         )
+        repeated = [f"{g['group']} ({g['seeds']})" for g in table.groups if "repeated" in str(g["seeds"])]
+        if repeated:
+            intro += (" Repeated seeds: " + "; ".join(repeated) + ": the same experiment run more than once, so "
+                      "its ± is no spread over seeds.")
         render = _markdown_groups
     else:
         grouped = ", ".join(table.keys) if table.keys else "nothing (all configs equal)"
@@ -359,7 +366,7 @@ def to_markdown(table: Table) -> str:
 
 
 def write_markdown(table: Table, path: str | Path) -> None:
-    Path(path).write_text(to_markdown(table))
+    write_file(Path(path), to_markdown(table))
 
 
 def write_csv(table: Table, path: str | Path) -> None:
@@ -376,11 +383,12 @@ def write_runs_csv(table: Table, path: str | Path) -> None:
 
 
 def _write_rows(rows: list[dict], fieldnames: list[str], path: str | Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in fieldnames})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fieldnames)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in fieldnames})
+    write_file(Path(path), text.getvalue())  # whole or not at all
 def _csv_value(value):
     if value is None:
         return MISSING
