@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1/SIGINT; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
 # Fields that do not change the trajectory: a run may resume with them changed.
-_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data", "overwrite", "collective_timeout"}
+# ranks_per_node is not here for another reason: the R a run started with is kept in its record
+# and a resume uses that one (see hpcsgd.assembly.resolve_placement).
+_NOT_TRAJECTORY = {"run_dir", "resume", "progress", "threads", "device", "log_every", "eval_every", "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data", "overwrite", "collective_timeout", "ranks_per_node"}
 
 
 class Preempted(Exception):
@@ -64,6 +66,8 @@ def fingerprint(cfg: "TrainConfig", shards: dict | None = None) -> str:
     checkpoints written before the shards were part of it carry.
     """
     values = {k: v for k, v in vars(cfg).items() if k not in _NOT_TRAJECTORY}
+    if values.get("placement") == "cyclic":
+        del values["placement"]  # the default: checkpoints written before the key existed still fit
     if shards is not None:
         values["shards"] = shards["digest"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
@@ -309,6 +313,8 @@ def _read_record(directory: Path) -> dict:
         "ranks": int(record["ranks"]),
         "live_world": [int(r) for r in record.get("live_world", range(int(record["ranks"])))],
         "adopted": {int(c): int(r) for c, r in record.get("adopted", {}).items()},
+        "placement": record.get("placement", "cyclic"),
+        "ranks_per_node": record.get("ranks_per_node"),
         "wall_s": float(record.get("wall_s", 0.0)),
         "shards": record.get("shards"),
     }

@@ -108,6 +108,8 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "live_ranks": L,
         "live_rank_ids": list(m.live),
         "coverage": m.coverage(),
+        "placement": m.placement.kind,
+        "ranks_per_node": m.placement.ranks_per_node,
         "failures": {str(r): s for r, s in sorted(m.faults.items())},
         "reweight": cfg.reweight,
         "chunk_holders": {str(k): v for k, v in m.chunk_holders().items()},
