@@ -368,8 +368,8 @@ def _validate_faults(cfg: TrainConfig) -> None:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
         if not _FAIL.match(rule):
-            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP or node:NODE@STEP with RANK, NODE, "
-                              f"STEP >= 0, e.g. 3@500 or node:1@500")
+            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500, "
+                              f"or node:NODE@STEP (every rank of a node), e.g. node:1@500")
     if len(cfg.faults) + len(cfg.node_faults) != len(cfg.fail):
         raise ConfigError(f"fail names a rank or a node twice: {cfg.fail}")
     for rule in cfg.straggle:

@@ -170,7 +170,7 @@ def test_config_keys_and_flags():
 @pytest.mark.parametrize("values,message", [
     ({"placement": "ring"}, "placement must be one of cyclic, spread, got 'ring'"),
     ({"ranks_per_node": -1}, "ranks_per_node must be >= 0, got -1"),
-    ({"fail": ["node:x@3"]}, "must look like RANK@STEP or node:NODE@STEP"),
+    ({"fail": ["node:x@3"]}, "must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500, or node:NODE@STEP"),
     ({"fail": ["node:1@3", "node:1@5"]}, "fail names a rank or a node twice"),
 ])
 def test_bad_config_values(values, message):
