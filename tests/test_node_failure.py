@@ -125,3 +125,48 @@ def test_a_node_killed_under_ulfm_continues_as_the_simulated_loss(shards, tmp_pa
     records = {r["rank"]: r for r in kill["failure_records"]}
     assert set(records) == {2, 3}
     assert all(r["kind"] == "process death" and r["step"] == 20 for r in records.values())
+
+
+@needs_ulfm
+def test_a_node_killed_from_outside_at_a_random_moment(shards, tmp_path):
+    """Both processes of node 1 SIGKILLed together from outside, mid-step: the survivors
+    continue with coverage 100% (spread), close to the simulated loss of node 1 at that step."""
+    import os
+    import random
+    import signal
+    import time
+
+    from test_ulfm import _rank_pid
+
+    run_dir = tmp_path / "outside"
+    longer = [*RUN, "--steps", 400, "--log-every", 25, "--placement", "spread"]
+    cmd = [str(MPIRUN), "--with-ft", "ulfm", "--oversubscribe", "-n", "6", str(VENV / "bin" / "python"), "-m",
+           "mpi4py", "-m", "hpcsgd", "train", "--data", str(shards), "--run-dir", str(run_dir), *map(str, longer)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ulfm_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        pids = [_rank_pid(str(run_dir), rank, deadline) for rank in (2, 3)]
+        first = run_dir / "metrics" / "rank-2.jsonl"
+        while time.monotonic() < deadline and not (first.exists() and first.read_text().strip()):
+            time.sleep(0.02)  # training has started: 25 steps are logged
+        assert first.exists() and first.read_text().strip(), "training did not start within 300 s"
+        time.sleep(random.Random().uniform(0.0, 1.0))  # not at a step boundary
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    kill = summary(run_dir)
+    assert kill["live_rank_ids"] == [0, 1, 4, 5] and kill["coverage"] == 1.0
+    records = {r["rank"]: r for r in kill["failure_records"]}
+    assert set(records) == {2, 3} and all(r["kind"] == "process death" for r in records.values())
+    steps = {r["step"] for r in records.values()}
+    assert len(steps) == 1, records  # killed together: gone from the same step
+    (step,) = steps
+    assert 25 <= step < 400
+    left = ulfm6(tmp_path / "leave", shards, *longer, "--fail", f"node:1@{step}")
+    assert left.returncode == 0, left.stderr[-3000:]
+    sim = summary(tmp_path / "leave")
+    assert sim["coverage"] == 1.0
+    assert abs(kill["train_loss"] - sim["train_loss"]) <= 0.1 * sim["train_loss"]
