@@ -9,6 +9,7 @@ that can fail for a reason a user can fix is agreed on by all ranks (``comm.agre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
 from .strategies import Strategy
 from .strategies import build as build_strategy
+from .topology import detect_ranks_per_node, resolve_placement, warn_if_not_blocks
 from .user_model import build_user_model, is_factory_spec
 from .world import world_for_run
 
@@ -81,11 +83,13 @@ class Run:
 def assemble(cfg: TrainConfig, comm) -> Run:
     """Every rank's :class:`Run` for ``cfg`` (collective over ``comm``)."""
     run = _agree_on_run(cfg, comm)
+    cfg = run.cfg  # with the run's R resolved: config.toml records it
     run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
     apply_threads(comm, cfg.threads)
-    rates = agree(comm, lambda: link_rates(cfg, run.membership.P), "link drop rates")
+    nodes = run.membership.nodes
+    rates = agree(comm, lambda: link_rates(cfg, run.membership.P, nodes), "link drop rates")
     network = agree(comm, lambda: LinkNetwork.build(run.membership.P, cfg.link_latency_ms, cfg.link_gbps,
-                                                    cfg.link_latency, cfg.link_bandwidth), "emulated network")
+                                                    cfg.link_latency, cfg.link_bandwidth, nodes), "emulated network")
     run.data = agree(comm, lambda: load_rank_data(run.index, run.membership.held_chunks, run.device), "shards")
     agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
     prepare(comm, run.run_dir, cfg, run.membership.rank)  # --overwrite, folders, config.toml
@@ -112,15 +116,22 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     agree(comm, lambda: validate_for_world(cfg, P, index.chunk_sizes), "config")
     agree(comm, lambda: check_launch(cfg), "config")  # fail_mode kill needs ULFM
     schedule = Schedule.from_config(cfg, index.train_size, P)
-    faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps)
+    resume, finished = _resume(cfg, comm, P, index, schedule.total_steps) if cfg.resume else (None, False)
+    detected, blocks = detect_ranks_per_node(comm)
+    placement = agree(comm, lambda: resolve_placement(cfg.placement, cfg.ranks_per_node, detected, resume, P, cfg.q),
+                      "config")
+    warn_if_not_blocks(comm, placement, cfg.ranks_per_node, blocks)
+    R = placement.ranks_per_node
+    cfg = dataclasses.replace(cfg, ranks_per_node=R)
+    agree(comm, lambda: validate_for_world(cfg, P, ranks_per_node=R), "config")  # node:N entries need R
+    faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps, R)
     # A failure scheduled at or after the last step never happens (warned about here).
     faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
     if comm.rank == 0:
         for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
             print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
-    resume, finished = _resume(cfg, comm, P, index, schedule.total_steps) if cfg.resume else (None, False)
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
-                                                       index.chunk_sizes), "shards")
+                                                       index.chunk_sizes, placement), "shards")
     return Run(cfg, comm, index, schedule, membership, resume, finished)
 
 
@@ -169,10 +180,11 @@ def model_for(cfg: TrainConfig, index) -> torch.nn.Module:
         raise ConfigError(f"model {cfg.model!r} does not fit the shards (input shape {shape}): {exc}") from None
 
 
-def link_rates(cfg: TrainConfig, P: int) -> LinkRates:
-    """Drop rates per link from the config (one rate, per phase, a matrix file, link rules)."""
+def link_rates(cfg: TrainConfig, P: int, nodes: list[int] | None = None) -> LinkRates:
+    """Drop rates per link from the config (one rate, per phase, a matrix file, link rules);
+    ``nodes[r]`` is rank r's node, for the rules that name nodes."""
     matrix = read_matrix(cfg.link_drop_file) if cfg.link_drop_file else None
-    return LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop, matrix)
+    return LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop, matrix, nodes)
 
 
 def read_matrix(path: str) -> np.ndarray:

@@ -27,7 +27,7 @@ class Batches:
         self.cfg, self.chunks, self.dtype, self.device = cfg, chunks, dtype, device
         self.sampler = RedundantSampler.over_chunks(chunk_sizes, world, q=cfg.q, batch_size=cfg.batch_size,
                                                     seed=cfg.seed, chunk_weighting=cfg.chunk_weighting,
-                                                    adopted=membership.adopted)
+                                                    adopted=membership.adopted, placement=membership.placement)
         self.replan(membership)
 
     def replan(self, membership) -> None:

@@ -70,6 +70,8 @@ def fingerprint(cfg: "TrainConfig", shards: dict | None = None) -> str:
     checkpoints written before the shards were part of it carry.
     """
     values = trajectory(vars(cfg))
+    if values.get("placement") == "cyclic":
+        del values["placement"]  # the default: checkpoints written before the key existed still fit
     if shards is not None:
         values["shards"] = shards["digest"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
@@ -353,6 +355,8 @@ def _read_record(directory: Path) -> dict:
         "ranks": int(record["ranks"]),
         "live_world": [int(r) for r in record.get("live_world", range(int(record["ranks"])))],
         "adopted": {int(c): int(r) for c, r in record.get("adopted", {}).items()},
+        "placement": record.get("placement", "cyclic"),
+        "ranks_per_node": record.get("ranks_per_node"),
         "wall_s": float(record.get("wall_s", 0.0)),
         "shards": record.get("shards"),
         "config": record.get("config"),

@@ -29,6 +29,7 @@ MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")
 NAN_POLICIES = ("stop", "skip")
 CHUNK_WEIGHTINGS = ("size", "uniform")
+PLACEMENTS = ("cyclic", "spread")  # hpcsgd/data/placement.py
 FAIL_MODES = ("leave", "kill")
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -37,7 +38,7 @@ _MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 INT_MAX = 2**63 - 1  # every other integer key must fit a signed 64-bit integer (TOML's, torch's)
 MIN_GBPS = 1e-6  # 1 kb/s: a slower emulated link would make a model's message a duration no clock takes
-_FAIL = re.compile(r"^(\d+)@(\d+)$")
+_FAIL = re.compile(r"^(node:)?(\d+)@(\d+)$")  # RANK@STEP, or node:N@STEP (every rank of node N)
 _STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
 
 
@@ -49,16 +50,18 @@ class TrainConfig:
     run_dir: str = ""  # where config, metrics, summary and checkpoints go
     algorithm: str = "local"  # sync | local | rps | lossy-allreduce
     q: int = 1  # redundancy: chunks each rank holds (1..P)
+    placement: str = "cyclic"  # cyclic | spread: a rank's extra chunks are its neighbours' (cyclic) or on other nodes (spread, needs q <= P/R)
+    ranks_per_node: int = 0  # R, ranks per node for spread placement, node link rules and node failures (0: from Split_type(SHARED) at the start)
     tau: int = 1  # averaging period in steps (local, rps)
     drop_rate: float = 0.0  # probability a block message is dropped, [0, 1)
     drop_rate_phase1: float | None = None  # override of drop_rate for RPS phase 1 (scatter)
     drop_rate_phase2: float | None = None  # override of drop_rate for RPS phase 2 (gather)
-    link_drop: list[str] = field(default_factory=list)  # rules 'to:R=x', 'from:R=x', 'S->D=x'
+    link_drop: list[str] = field(default_factory=list)  # rules 'to:R=x', 'from:R=x', 'S->D=x', 'inter-node=x', 'node:A->node:B=x'
     link_drop_file: str = ""  # P x P drop-rate matrix (.npy or .csv), rows = sender
     link_latency_ms: float = 0.0  # emulated network: latency per message in ms (0: off)
     link_gbps: float = 0.0  # emulated network: bandwidth of every link in Gb/s (0: unlimited)
-    link_latency: list[str] = field(default_factory=list)  # per-link latency rules 'to:R=ms', 'from:R=ms', 'S->D=ms'
-    link_bandwidth: list[str] = field(default_factory=list)  # per-link bandwidth rules 'to:R=gbps', 'from:R=gbps', 'S->D=gbps'
+    link_latency: list[str] = field(default_factory=list)  # per-link latency rules 'to:R=ms', 'from:R=ms', 'S->D=ms', 'inter-node=ms', 'node:A->node:B=ms'
+    link_bandwidth: list[str] = field(default_factory=list)  # per-link bandwidth rules 'to:R=gbps', 'from:R=gbps', 'S->D=gbps', 'inter-node=gbps', 'node:A->node:B=gbps'
     model: str = "mlp"  # mlp | lenet | resnet20 | resnet56 | resnet110 | pkg.module:factory (your own)
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP hidden widths
     epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
@@ -78,7 +81,7 @@ class TrainConfig:
     bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
     overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
     seed: int = 0  # seed of init, data order and drop masks
-    fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP'
+    fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP', or 'node:N@STEP' (every rank of node N)
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
     fail_mode: str = "leave"  # leave | kill: a failing rank leaves politely, or SIGKILLs itself (needs mpirun --with-ft ulfm)
     reweight: bool = False  # after failures, sample and scale losses so every covered chunk keeps its weight
@@ -108,16 +111,29 @@ class TrainConfig:
 
     @property
     def faults(self) -> dict[int, int]:
-        """world rank -> step at which it fails (the explicit ``fail`` entries)."""
-        return {int(m[1]): int(m[2]) for m in map(_FAIL.match, self.fail)}
+        """world rank -> step at which it fails (the explicit ``RANK@STEP`` entries)."""
+        return {int(m[2]): int(m[3]) for m in map(_FAIL.match, self.fail) if not m[1]}
 
-    def fault_schedule(self, ranks: int, steps_per_epoch: int, total_steps: int) -> dict[int, int]:
+    @property
+    def node_faults(self) -> dict[int, int]:
+        """node -> step at which all its ranks fail (the ``node:N@STEP`` entries)."""
+        return {int(m[2]): int(m[3]) for m in map(_FAIL.match, self.fail) if m[1]}
+
+    def rank_faults(self, ranks: int, ranks_per_node: int = 1) -> dict[int, int]:
+        """The explicit faults per world rank, a node's entry standing for each rank of the node."""
+        R = ranks_per_node  # node n is ranks n*R .. (n+1)*R - 1 (hpcsgd/data/placement.py)
+        found = {r: s for n, s in self.node_faults.items() for r in range(n * R, min((n + 1) * R, ranks))}
+        for rank, step in self.faults.items():
+            found[rank] = min(step, found.get(rank, step))
+        return found
+
+    def fault_schedule(self, ranks: int, steps_per_epoch: int, total_steps: int, ranks_per_node: int = 1) -> dict[int, int]:
         """Explicit faults plus, with ``fail_rate``, a seeded random schedule every rank derives alike.
 
         Each rank fails in each epoch with probability ``fail_rate`` (at a uniform step of that
         epoch); rank 0 never fails at random, so at least one rank always survives.
         """
-        schedule = dict(self.faults)
+        schedule = self.rank_faults(ranks, ranks_per_node)
         if self.fail_rate > 0:
             rng = np.random.default_rng([self.seed, 104729])
             epochs = math.ceil(total_steps / steps_per_epoch)
@@ -318,13 +334,14 @@ def _validate_choices(cfg: TrainConfig) -> None:
     _choice("chunk_weighting", cfg.chunk_weighting, CHUNK_WEIGHTINGS)
     _choice("progress", cfg.progress, PROGRESS)
     _choice("device", cfg.device, DEVICES)
+    _choice("placement", cfg.placement, PLACEMENTS)
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:
     for name in ("q", "tau", "batch_size"):
         _at_least(name, getattr(cfg, name), 1)
     for name in ("steps", "log_every", "checkpoint_every", "threads", "eval_train_samples", "seed",
-                 "momentum", "weight_decay", "warmup_epochs", "eval_every"):
+                 "momentum", "weight_decay", "warmup_epochs", "eval_every", "ranks_per_node"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.steps == 0 and not cfg.epochs > 0:
         raise ConfigError(f"epochs must be > 0 (or set steps), got {cfg.epochs}")
@@ -397,9 +414,10 @@ def _validate_faults(cfg: TrainConfig) -> None:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
         if not _FAIL.match(rule):
-            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500")
-    if len(cfg.faults) != len(cfg.fail):
-        raise ConfigError(f"fail names a rank twice: {cfg.fail}")
+            raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500, "
+                              f"or node:NODE@STEP (every rank of a node), e.g. node:1@500")
+    if len(cfg.faults) + len(cfg.node_faults) != len(cfg.fail):
+        raise ConfigError(f"fail names a rank or a node twice: {cfg.fail}")
     for rule in cfg.straggle:
         m = _STRAGGLER.match(rule)
         if not m or (m[3] and int(m[3]) < int(m[2])):
@@ -438,8 +456,9 @@ def _validate_links(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{name} rule {rule!r}: the value after '=' is not a number") from None
 
 
-def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int, ...] | None = None) -> None:
-    """Checks that need the number of ranks P (and, given them, the shards' chunk sizes)."""
+def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int, ...] | None = None,
+                       ranks_per_node: int = 1) -> None:
+    """Checks that need the number of ranks P (and, given them, the shards' chunk sizes and R)."""
     if not 1 <= cfg.q <= world_size:
         raise ConfigError(f"q must be in 1..P={world_size}, got {cfg.q}")
     if chunk_sizes:
@@ -457,7 +476,12 @@ def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int
     for rank, step in cfg.faults.items():
         if rank >= world_size:
             raise ConfigError(f"fail entry {rank}@{step} names rank {rank}, but ranks are 0..{world_size - 1}")
-    if len(cfg.faults) >= world_size:
+    nodes = -(-world_size // ranks_per_node)
+    for node, step in cfg.node_faults.items():
+        if node >= nodes:
+            raise ConfigError(f"fail entry node:{node}@{step} names node {node}, but the {world_size} ranks fill "
+                              f"nodes 0..{nodes - 1} ({ranks_per_node} ranks per node)")
+    if len(cfg.rank_faults(world_size, ranks_per_node)) >= world_size:
         raise ConfigError(f"fail would stop all {world_size} ranks; at least one must survive")
     for rank, first, _, _ in cfg.stragglers:
         if rank >= world_size:

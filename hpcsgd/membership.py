@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from .data import adopt_orphans, chunk_holders, coverage, held_chunks
+from .data.placement import CYCLIC, Placement, node_of, node_ranks
 from .errors import ShardError
 
 
@@ -27,13 +28,15 @@ class Membership:
         departed: run ranks that left at a resume on fewer processes (at ``start_step``).
         adopted: ``{chunk: run rank}`` taken over from departed ranks.
         live: the run ranks still training; ``alive``: whether this process still trains.
+        placement: which chunks a rank holds (cyclic, or spread over nodes of R ranks).
     """
 
     def __init__(self, P: int, q: int, roles: list[int], rank: int, faults: dict[int, int],
                  departed: list[int], adopted: dict[int, int], start_step: int = 0,
-                 chunk_sizes: list[int] | None = None):
+                 chunk_sizes: list[int] | None = None, placement: Placement = CYCLIC):
         self.P, self.q, self.roles, self.rank = P, q, list(roles), rank
         self.chunk_sizes = None if chunk_sizes is None else list(chunk_sizes)
+        self.placement = placement
         self.faults, self.departed, self.adopted = dict(faults), list(departed), dict(adopted)
         self.start_step = start_step
         self.live = list(roles)
@@ -44,7 +47,8 @@ class Membership:
 
     @classmethod
     def assign(cls, P: int, q: int, comm_size: int, comm_rank: int, faults: dict[int, int],
-               resume: dict | None, data: str = "", chunk_sizes: list[int] | None = None) -> "Membership":
+               resume: dict | None, data: str = "", chunk_sizes: list[int] | None = None,
+               placement: Placement = CYCLIC) -> "Membership":
         """Which of the run's P ranks each process plays, and who takes over whose chunks.
 
         Normally process r plays rank r of P. A run resumed from its checkpoint on W < P
@@ -74,8 +78,13 @@ class Membership:
         training = set(roles) & set(live)
         departed = sorted(set(range(P)) - training - failed)
         previous = resume["adopted"] if resume else {}
-        adopted = adopt_orphans(P, q, training - failed, departed, previous) if departed else {}
-        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start, chunk_sizes)
+        adopted = adopt_orphans(P, q, training - failed, departed, previous, placement) if departed else {}
+        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start, chunk_sizes, placement)
+
+    @property
+    def nodes(self) -> list[int]:
+        """The node of each run rank (blocks of R ranks, see hpcsgd.topology)."""
+        return [node_of(r, self.placement.ranks_per_node) for r in range(self.P)]
 
     def attach(self, strategy) -> None:
         """The strategy whose :meth:`~hpcsgd.Strategy.fail` every failure goes through."""
@@ -84,7 +93,7 @@ class Membership:
     @property
     def held_chunks(self) -> list[int]:
         """The chunks this rank draws from: its own q and those it adopted."""
-        return held_chunks(self.P, self.q, self.rank, self.adopted)
+        return held_chunks(self.P, self.q, self.rank, self.adopted, self.placement)
 
     def alive_at(self, run_rank: int, step: int) -> bool:
         """Whether ``run_rank`` still trains at ``step`` (not departed, not failed by then)."""
@@ -93,10 +102,11 @@ class Membership:
 
     def coverage(self, live=None) -> float:
         """The share of training samples some live rank (of ``live``, default :attr:`live`) still holds."""
-        return coverage(self.P, self.q, self.live if live is None else live, self.adopted, self.chunk_sizes)
+        return coverage(self.P, self.q, self.live if live is None else live, self.adopted, self.chunk_sizes,
+                        self.placement)
 
     def chunk_holders(self) -> dict[int, list[int]]:
-        return chunk_holders(self.P, self.q, self.live, self.adopted)
+        return chunk_holders(self.P, self.q, self.live, self.adopted, self.placement)
 
     def share(self) -> tuple[int, int]:
         """This rank's place among the live ranks and their count (splits evaluation work)."""
@@ -128,12 +138,20 @@ class Membership:
             hook(self)
         if self.rank == min(self.live) and set(failing) - set(self.departed):
             print(
-                f"hpcsgd: rank(s) {', '.join(map(str, failing))} failed at step {step}; "
+                f"hpcsgd: rank(s) {', '.join(map(str, failing))}{self._whole_nodes(failing)} failed at step {step}; "
                 f"{len(self.live)} live ranks, coverage {self.coverage():.0%}",
                 file=sys.stderr,
                 flush=True,
             )
         return True
+
+    def _whole_nodes(self, ranks) -> str:
+        """`` (node 1)`` when ``ranks`` are every rank of some nodes (R > 1), for the failure message."""
+        R = self.placement.ranks_per_node
+        nodes = sorted({node_of(r, R) for r in ranks})
+        if R == 1 or sorted(ranks) != [r for n in nodes for r in node_ranks(n, R, self.P)]:
+            return ""
+        return f" (node {', '.join(map(str, nodes))})"
 
     def resized_message(self, world_size: int) -> str:
         """What a resume on fewer processes did, for the first process to say."""
@@ -147,8 +165,10 @@ class Membership:
         )
 
     def state_dict(self) -> dict:
-        """What a checkpoint's record keeps: the live ranks and the adopted chunks."""
-        return {"live_world": list(self.live), "adopted": {str(c): r for c, r in self.adopted.items()}}
+        """What a checkpoint's record keeps: the live ranks, the adopted chunks and the placement
+        (with R, so that a resume on other nodes keeps the chunks where they were)."""
+        return {"live_world": list(self.live), "adopted": {str(c): r for c, r in self.adopted.items()},
+                "placement": self.placement.kind, "ranks_per_node": self.placement.ranks_per_node}
 
 
 __all__ = ["Membership"]

@@ -1,7 +1,8 @@
 """RedundantSampler: ALGORITHMS.md's data side for any map-style ``torch.utils.data.Dataset``.
 
 The data set is cut into P chunks (one per rank) by the same partition ``hpcsgd shard``
-uses; rank ``r`` holds chunks ``r, r+1, ..., r+q-1 (mod P)`` and each step draws from every
+uses; rank ``r`` holds chunks ``r, r+1, ..., r+q-1 (mod P)`` (``placement="spread"``:
+``r, r+R, ..., r+(q-1)R``, copies on different nodes) and each step draws from every
 held chunk the samples :func:`~hpcsgd.data.assignment.draws_per_step` gives it, in the
 order :class:`~hpcsgd.data.sampler.StratifiedSampler` walks them. So a user's loop over
 ``DataLoader(dataset, batch_sampler=sampler)`` sees exactly the batches ``hpcsgd train``
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .data.assignment import chunks_for_rank, draws_per_step, sample_plan
+from .data.placement import Placement
 from .data.partition import parse_partition, partition_indices
 from .data.sampler import StratifiedSampler
 from .errors import CheckpointError, ConfigError
@@ -41,6 +43,16 @@ def _check_int(name: str, value, lo: int, hi: int | None = None, where: str = ""
     return int(value)
 
 
+def _placement(placement, ranks_per_node, world) -> Placement:
+    """A :class:`Placement` from the sampler's arguments; R from rank 0's node when not given."""
+    if isinstance(placement, Placement):
+        return placement
+    R = _check_int("ranks_per_node", ranks_per_node, 0)
+    if placement == "spread" and R == 0:
+        R = world.comm.bcast(world.local_size, root=0)  # the same R on every rank, as hpcsgd train
+    return Placement(placement, R or 1)
+
+
 class RedundantSampler(torch.utils.data.Sampler):
     """Batches of dataset indices for this rank: ``b`` per held chunk per step, ``q`` chunks.
 
@@ -59,10 +71,14 @@ class RedundantSampler(torch.utils.data.Sampler):
         seed: seeds the partition and the sample order (as ``hpcsgd shard --seed`` and
             ``hpcsgd train --seed`` together).
         chunk_weighting: ``"size"`` (draws in proportion to chunk size) or ``"uniform"``.
+        placement: ``"cyclic"`` (rank r also holds chunks r+1..r+q-1) or ``"spread"`` (chunks
+            r, r+R, ..., so a chunk's copies sit on q different nodes; needs q <= P/R).
+        ranks_per_node: R for ``"spread"``; 0 (default): the ranks sharing rank 0's node.
     """
 
     def __init__(self, dataset, world, q: int = 1, batch_size: int = 32, partition: str = "iid",
-                 labels=None, seed: int = 0, chunk_weighting: str = "size"):
+                 labels=None, seed: int = 0, chunk_weighting: str = "size", placement: str = "cyclic",
+                 ranks_per_node: int = 0):
         P = world.size
         n = len(dataset)
         if n < P:
@@ -76,11 +92,13 @@ class RedundantSampler(torch.utils.data.Sampler):
         labels_ = found if found is not None else np.zeros(n, dtype=np.int64)
         seed = _check_int("seed", seed, 0)
         self.chunks = partition_indices(labels_, P, partition, seed)
+        self.placement = _placement(placement, ranks_per_node, world)
         self._start([len(c) for c in self.chunks], world, q, batch_size, seed, chunk_weighting, total=n)
 
     @classmethod
     def over_chunks(cls, chunk_sizes: Sequence[int], world, q: int = 1, batch_size: int = 32, seed: int = 0,
-                    chunk_weighting: str = "size", adopted: dict[int, int] | None = None) -> "RedundantSampler":
+                    chunk_weighting: str = "size", adopted: dict[int, int] | None = None,
+                    placement: str | Placement = "cyclic", ranks_per_node: int = 0) -> "RedundantSampler":
         """A sampler over data already cut into P chunks (``hpcsgd shard``'s), as ``hpcsgd train`` uses it.
 
         Draw with :meth:`next_chunk_batch` (``(chunk, indices within it)``); ``chunks`` is None.
@@ -89,6 +107,7 @@ class RedundantSampler(torch.utils.data.Sampler):
         """
         self = cls.__new__(cls)
         self.chunks = None
+        self.placement = _placement(placement, ranks_per_node, world)
         self._start(list(chunk_sizes), world, q, batch_size, seed, chunk_weighting, adopted)
         return self
 
@@ -102,7 +121,7 @@ class RedundantSampler(torch.utils.data.Sampler):
         self.chunk_sizes, self.chunk_weighting = sizes, chunk_weighting
         self.adopted = dict(adopted or {})
         draws = draws_per_step(self.batch_size, sizes, chunk_weighting)
-        held = chunks_for_rank(P, self.q, self.rank)
+        held = chunks_for_rank(P, self.q, self.rank, self.placement)
         self._stream = StratifiedSampler({c: sizes[c] for c in held}, {c: draws[c] for c in held},
                                          self.seed, self.rank)
         for c in (c for c, r in self.adopted.items() if r == self.rank):
@@ -114,7 +133,7 @@ class RedundantSampler(torch.utils.data.Sampler):
     def _weights(self, live: Sequence[int], reweight: bool = False) -> torch.Tensor | None:
         """Per-sample loss weights of a batch, or None when the plain batch mean is right."""
         plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, self.adopted,
-                           weighting=self.chunk_weighting, reweight=reweight)[self.rank]
+                           weighting=self.chunk_weighting, reweight=reweight, placement=self.placement)[self.rank]
         self._stream.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
         self.sample_weights = {c: a for c, (_, a) in plan.items()}
         batch = self._stream.batch_size

@@ -89,6 +89,9 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
     for rank, step in sorted(cfg.faults.items()):
         if step >= total_steps:
             found.append(f"fail {rank}@{step} is at or after the run's last step ({total_steps - 1}): it never happens")
+    for node, step in sorted(cfg.node_faults.items()):
+        if step >= total_steps:
+            found.append(f"fail node:{node}@{step} is at or after the run's last step ({total_steps - 1}): it never happens")
     return found
 
 

@@ -272,24 +272,39 @@ class LocalSGD(Strategy):
 
 
 def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = None,
-               drop_rate_phase2: float | None = None, link_drop=(), matrix=None) -> LinkRates:
+               drop_rate_phase2: float | None = None, link_drop=(), matrix=None, ranks_per_node: int = 0) -> LinkRates:
     """Drop rates per link, for :class:`RPS` and :class:`LossyAllreduce` (``rates=``).
 
     Lowest precedence first: one ``drop_rate``; a rate per phase; a P x P ``matrix``; then the
-    ``link_drop`` rules, as the CLI's ``--link-drop``: ``"to:R=x"``, ``"from:R=x"``, ``"S->D=x"``.
-    Every rate must be in [0, 1).
+    ``link_drop`` rules, as the CLI's ``--link-drop``: ``"to:R=x"``, ``"from:R=x"``, ``"S->D=x"``,
+    ``"inter-node=x"``, ``"node:A->node:B=x"`` (nodes of ``ranks_per_node`` ranks; 0: as many
+    as share rank 0's node). Every rate must be in [0, 1).
     """
-    return LinkRates.build(world.size, drop_rate, drop_rate_phase1, drop_rate_phase2, tuple(link_drop), matrix)
+    return LinkRates.build(world.size, drop_rate, drop_rate_phase1, drop_rate_phase2, tuple(link_drop), matrix,
+                           _nodes(world, link_drop, ranks_per_node))
 
 
-def link_network(world, latency_ms: float = 0.0, gbps: float = 0.0, latency_rules=(), bandwidth_rules=()):
+def link_network(world, latency_ms: float = 0.0, gbps: float = 0.0, latency_rules=(), bandwidth_rules=(),
+                 ranks_per_node: int = 0):
     """An emulated network for any strategy (``network=``); None when nothing is emulated.
 
     ``latency_ms`` per message and ``gbps`` (gigabits/s; 0 = unlimited) on every link, then
     per-link rules as the CLI's ``--link-latency`` / ``--link-bandwidth``: ``"to:R=x"``,
-    ``"from:R=x"``, ``"S->D=x"`` (milliseconds, Gb/s). See ALGORITHMS.md, "Network emulation".
+    ``"from:R=x"``, ``"S->D=x"``, ``"inter-node=x"``, ``"node:A->node:B=x"`` (milliseconds,
+    Gb/s; nodes as in :func:`link_rates`). See ALGORITHMS.md, "Network emulation".
     """
-    return LinkNetwork.build(world.size, latency_ms, gbps, tuple(latency_rules), tuple(bandwidth_rules))
+    nodes = _nodes(world, [*latency_rules, *bandwidth_rules], ranks_per_node)
+    return LinkNetwork.build(world.size, latency_ms, gbps, tuple(latency_rules), tuple(bandwidth_rules), nodes)
+
+
+def _nodes(world, rules, ranks_per_node: int) -> list[int] | None:
+    """Each rank's node for rules that name nodes (None when no rule does: nothing to agree on)."""
+    if not any("node" in str(rule) for rule in rules):
+        return None
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, (int, np.integer)) or ranks_per_node < 0:
+        raise ConfigError(f"ranks_per_node must be an integer >= 0 (0: from the node), got {ranks_per_node!r}")
+    R = int(ranks_per_node) or world.comm.bcast(world.local_size, root=0)
+    return [r // R for r in range(world.size)]
 
 
 def _rates(world, drop_rate, rates) -> LinkRates:

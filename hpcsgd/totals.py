@@ -85,6 +85,20 @@ class RunTotals:
         return totals
 
 
+def _membership_summary(m) -> dict:
+    """Who trained, who holds which chunks, and the share of samples still held."""
+    return {
+        "live_rank_ids": list(m.live),
+        "coverage": m.coverage(),
+        "placement": m.placement.kind,
+        "ranks_per_node": m.placement.ranks_per_node,
+        "failures": {str(r): s for r, s in sorted(m.faults.items())},
+        "chunk_holders": {str(k): v for k, v in m.chunk_holders().items()},
+        "departed": m.departed,
+        "adopted_chunks": {str(c): r for c, r in m.adopted.items()},
+    }
+
+
 def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
     """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
 
@@ -114,14 +128,9 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         **{key: round(value, 3) for key, value in run.strategy.coll.network_stats().items()},
         "skipped_steps": int(totals[11]),
         "live_ranks": L,
-        "live_rank_ids": list(m.live),
-        "coverage": m.coverage(),
-        "failures": {str(r): s for r, s in sorted(m.faults.items())},
+        **_membership_summary(m),
         "reweight": cfg.reweight,
-        "chunk_holders": {str(k): v for k, v in m.chunk_holders().items()},
         "world_size": run.comm.size,
-        "departed": m.departed,
-        "adopted_chunks": {str(c): r for c, r in m.adopted.items()},
         "train_loss": avg_train["loss"],
         "train_accuracy": avg_train["accuracy"],
         "test_loss": avg_test["loss"],

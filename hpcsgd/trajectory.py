@@ -13,6 +13,9 @@ NOT_TRAJECTORY = frozenset({
     "run_dir", "resume", "overwrite", "progress", "threads", "device", "log_every", "eval_every",
     "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data",
     "collective_timeout",
+    # The R a run started with is kept in its checkpoint record and a resume uses that one
+    # (hpcsgd.assembly.resolve_placement), so a resume may name another.
+    "ranks_per_node",
 })
 
 

@@ -83,7 +83,8 @@ ACCEPTED: dict[str, set[str]] = {
     "train --epochs": {"tiny", "1e18"},  # tiny: one step; 1e18 epochs of one step fit a 64-bit step count
     "train --bucket-mb": {"tiny", "huge", "huge-float"},  # one parameter per bucket / one bucket
     **{f"train --{f}": {"zero"} for f in (
-        "steps", "log-every", "checkpoint-every", "threads", "eval-train-samples", "seed")},
+        "steps", "log-every", "checkpoint-every", "threads", "eval-train-samples", "seed",
+        "ranks-per-node")},  # ranks_per_node 0: detected from the ranks sharing memory
     "shard --seed": {"zero"},
     # Warned: no message takes the link from a rank to itself.
     **{f"train --{f}": {"2->2=0.5"} for f in ("link-drop", "link-latency", "link-bandwidth")},

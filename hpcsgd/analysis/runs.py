@@ -35,7 +35,7 @@ IDENTITY_KEYS = ("data_digest", "partition", "world_size")
 # What names a run when nothing differs among the runs compared (a single run, say).
 DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
 # summary.json keys that stand in for the config when config.toml is missing.
-_SUMMARY_CONFIG_KEYS = ("algorithm", "q", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs")
+_SUMMARY_CONFIG_KEYS = ("algorithm", "q", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs", "placement")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
 # Evaluation record key -> the summary.json key of the same quantity at the end of the run
 # (same model, same split: the logged test evaluation uses the whole test split too).

@@ -43,8 +43,10 @@ def arrival_mask(seed: int, step: int, phase: int, rates: np.ndarray) -> np.ndar
 
 
 _RULE = re.compile(
-    r"^\s*(?:(?P<kind>to|from):(?P<rank>\d+)|(?P<src>\d+)->(?P<dst>\d+))\s*=\s*(?P<rate>[0-9.eE+-]+)\s*$"
+    r"^\s*(?:(?P<kind>to|from):(?P<rank>\d+)|(?P<src>\d+)->(?P<dst>\d+)|(?P<inter>inter-node)"
+    r"|node:(?P<nsrc>\d+)\s*->\s*node:(?P<ndst>\d+))\s*=\s*(?P<rate>[0-9.eE+-]+)\s*$"
 )
+_FORMS = "'to:R=x', 'from:R=x', 'S->D=x', 'inter-node=x' or 'node:A->node:B=x'"
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,16 @@ class LinkRates:
         phase2: float | None = None,
         rules: tuple[str, ...] | list[str] = (),
         matrix: np.ndarray | None = None,
+        nodes: list[int] | None = None,
     ) -> "LinkRates":
         """Resolve the drop-rate settings of a config into two matrices.
 
         Precedence, lowest first: ``drop_rate``, then the per-phase rate, then ``matrix`` (a
         ``P x P`` file), then each rule in order: ``"to:R=x"`` (links into rank R),
-        ``"from:R=x"`` (links out of R), ``"S->D=x"`` (one link). Rules apply to both phases.
+        ``"from:R=x"`` (links out of R), ``"S->D=x"`` (one link), ``"inter-node=x"`` (every
+        link between two nodes), ``"node:A->node:B=x"`` (links from node A's ranks to node
+        B's). Rules apply to both phases. ``nodes[r]`` is rank r's node (default: one rank
+        per node).
         """
         mats = []
         for name, rate in (("drop_rate_phase1", phase1), ("drop_rate_phase2", phase2)):
@@ -94,24 +100,31 @@ class LinkRates:
                 raise ConfigError("link drop matrix entries must be in [0, 1)")
             for m in mats:
                 m[:] = matrix
-        apply_link_rules(mats, rules, size, "link_drop", _check_rate)
+        apply_link_rules(mats, rules, size, "link_drop", _check_rate, nodes)
         for m in mats:
             np.fill_diagonal(m, 0.0)
         return cls(mats[0], mats[1])
 
 
-def apply_link_rules(mats: list[np.ndarray], rules, size: int, name: str, check) -> None:
-    """Apply ``"to:R=x"`` (links into R), ``"from:R=x"`` (out of R), ``"S->D=x"`` rules in order.
+def apply_link_rules(mats: list[np.ndarray], rules, size: int, name: str, check, nodes=None) -> None:
+    """Apply ``"to:R=x"`` (links into R), ``"from:R=x"`` (out of R), ``"S->D=x"`` rules in order,
+    and the node rules ``"inter-node=x"`` and ``"node:A->node:B=x"``.
 
     Shared by the drop rates and the emulated network's latency and bandwidth; ``check(what,
-    value)`` raises a ConfigError for a value out of range.
+    value)`` raises a ConfigError for a value out of range. ``nodes[r]`` is rank r's node
+    (None: every rank its own node); a node rule sets only links between different nodes.
     """
     for rule in rules:
         match = _RULE.match(rule)
         if not match:
-            raise ConfigError(f"{name} rule {rule!r} is not of the form 'to:R=x', 'from:R=x' or 'S->D=x'")
+            raise ConfigError(f"{name} rule {rule!r} is not of the form {_FORMS}")
         value = float(match["rate"])
         check(f"{name} rule {rule!r}", value)
+        if match["inter"] or match["nsrc"] is not None:
+            if mats:  # no matrices: a check of form and value only (the config's, before P is known)
+                node = np.arange(size) if nodes is None else np.asarray(nodes)
+                _apply_node_rule(mats, match, node, value, f"{name} rule {rule!r}")
+            continue
         ranks = [int(r) for r in (match["rank"], match["src"], match["dst"]) if r is not None]
         if any(r >= size for r in ranks):
             raise ConfigError(f"{name} rule {rule!r} names a rank outside 0..{size - 1}")
@@ -122,6 +135,24 @@ def apply_link_rules(mats: list[np.ndarray], rules, size: int, name: str, check)
                 m[ranks[0], :] = value
             else:
                 m[ranks[0], ranks[1]] = value
+
+
+def _apply_node_rule(mats: list[np.ndarray], match, node: np.ndarray, value: float, what: str) -> None:
+    """Set the links a node rule names: between any two nodes, or from node A's ranks to node B's."""
+    if match["inter"]:
+        cross = node[:, None] != node[None, :]
+    else:
+        a, b = int(match["nsrc"]), int(match["ndst"])
+        count = int(node.max()) + 1
+        if a >= count or b >= count:
+            raise ConfigError(f"{what} names a node outside 0..{count - 1} (the run's {len(node)} ranks fill "
+                              f"{count} node(s); see ranks_per_node)")
+        if a == b:
+            raise ConfigError(f"{what} names node {a} twice: node rules set links between two nodes "
+                              f"(links inside a node cross no network)")
+        cross = (node[:, None] == a) & (node[None, :] == b)
+    for m in mats:
+        m[cross] = value
 
 
 def _check_rate(name: str, value: float) -> None:

@@ -38,19 +38,20 @@ class LinkNetwork:
     @classmethod
     def build(cls, size: int, latency_ms: float = 0.0, gbps: float = 0.0,
               latency_rules: tuple[str, ...] | list[str] = (),
-              bandwidth_rules: tuple[str, ...] | list[str] = ()) -> "LinkNetwork | None":
+              bandwidth_rules: tuple[str, ...] | list[str] = (), nodes: list[int] | None = None) -> "LinkNetwork | None":
         """The network of a config, or None when nothing is emulated.
 
         ``latency_ms`` and ``gbps`` (gigabits per second; 0 = unlimited) apply to every link;
         rules ``"to:R=x"``, ``"from:R=x"``, ``"S->D=x"`` (as ``link_drop``'s) override links,
-        in milliseconds for latency and Gb/s for bandwidth.
+        in milliseconds for latency and Gb/s for bandwidth; ``"inter-node=x"`` and
+        ``"node:A->node:B=x"`` set the links between nodes (``nodes[r]``: rank r's node).
         """
         _check("link_latency_ms", latency_ms)
         _check("link_gbps", gbps)
         latency = np.full((size, size), float(latency_ms))
         rate = np.full((size, size), float(gbps))
-        apply_link_rules([latency], latency_rules, size, "link_latency", _check)
-        apply_link_rules([rate], bandwidth_rules, size, "link_bandwidth", _check)
+        apply_link_rules([latency], latency_rules, size, "link_latency", _check, nodes)
+        apply_link_rules([rate], bandwidth_rules, size, "link_bandwidth", _check, nodes)
         if not (latency.any() or rate.any()):
             return None
         bandwidth = np.where(rate > 0, rate * 1e9 / 8, np.inf)  # Gb/s -> bytes/s

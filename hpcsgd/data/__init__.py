@@ -13,6 +13,7 @@ from hpcsgd.data.assignment import (
     sample_plan,
 )
 from hpcsgd.data.partition import parse_partition, partition_indices
+from hpcsgd.data.placement import PLACEMENTS, Placement, node_count, node_of, node_ranks
 from hpcsgd.data.sampler import StratifiedSampler, gather_batch, steps_per_epoch
 from hpcsgd.data.shards import (
     FORMAT_VERSION,
@@ -28,6 +29,8 @@ from hpcsgd.data.sources import SOURCES, Dataset, load_source, validate_arrays
 __all__ = [
     "draws_per_step",
     "FORMAT_VERSION",
+    "PLACEMENTS",
+    "Placement",
     "SOURCES",
     "Dataset",
     "ShardIndex",
@@ -42,6 +45,9 @@ __all__ = [
     "load_chunk_rows",
     "load_source",
     "load_test",
+    "node_count",
+    "node_of",
+    "node_ranks",
     "parse_partition",
     "partition_indices",
     "read_index",

@@ -1,8 +1,9 @@
-"""Redundant cyclic chunk assignment (ALGORITHMS.md, "Data").
+"""Redundant chunk assignment (ALGORITHMS.md, "Data").
 
 Rank ``i`` of ``P`` holds chunks ``(i + k) mod P`` for ``k = 0..q-1``, as in the RI-SGD
-authors' code. These are pure functions so every rank derives the same answer from the
-shared config, without communicating.
+authors' code, or, with a spread :class:`~hpcsgd.data.placement.Placement`, ``(i + k*R) mod P``
+so that a chunk's copies sit on different nodes. These are pure functions so every rank
+derives the same answer from the shared config, without communicating.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fractions import Fraction
 from numbers import Integral
 
 from hpcsgd.config import CHUNK_WEIGHTINGS
+from hpcsgd.data.placement import CYCLIC, Placement
 from hpcsgd.errors import ConfigError
 
 
@@ -27,15 +29,17 @@ def _check_rank(P: int, rank: int) -> None:
         raise ConfigError(f"rank must be in 0..{P - 1} (P={P}), got {rank!r}")
 
 
-def chunks_for_rank(P: int, q: int, rank: int) -> tuple[int, ...]:
-    """Chunks held by ``rank``: its own chunk first, then the next ``q-1`` cyclically."""
+def chunks_for_rank(P: int, q: int, rank: int, placement: Placement | None = None) -> tuple[int, ...]:
+    """Chunks held by ``rank``: its own chunk first, then ``q-1`` more as ``placement`` says
+    (default cyclic: the next ``q-1``)."""
     _check_pq(P, q)
     _check_rank(P, rank)
-    return tuple((int(rank) + k) % int(P) for k in range(int(q)))
+    return (placement or CYCLIC).chunks(P, q, rank)
 
 
 def chunk_holders(
-    P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None
+    P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None,
+    placement: Placement | None = None,
 ) -> dict[int, int]:
     """For each chunk ``0..P-1``, how many of ``live_ranks`` hold it (0 if none).
 
@@ -46,20 +50,21 @@ def chunk_holders(
     holders = dict.fromkeys(range(int(P)), 0)
     # A set: a rank listed twice is still one holder.
     for rank in set(live_ranks):
-        for c in held_chunks(P, q, rank, adopted):
+        for c in held_chunks(P, q, rank, adopted, placement):
             holders[c] += 1
     return holders
 
 
 def coverage(P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None,
-             chunk_sizes: Sequence[int] | None = None) -> float:
+             chunk_sizes: Sequence[int] | None = None, placement: Placement | None = None) -> float:
     """Fraction of the training samples whose chunk at least one live rank holds (ALGORITHMS.md, "Data").
 
     ``chunk_sizes``: the samples of each of the ``P`` chunks (the shard index's); None for
-    chunks of equal size, where this is the fraction of chunks held. The one place coverage
-    is computed: metrics, summary.json and the failure messages all report this value.
+    chunks of equal size, where this is the fraction of chunks held. ``placement``: which
+    chunks each rank holds (default cyclic). The one place coverage is computed: metrics,
+    summary.json and the failure messages all report this value.
     """
-    holders = chunk_holders(P, q, live_ranks, adopted)
+    holders = chunk_holders(P, q, live_ranks, adopted, placement)
     sizes = [1] * int(P) if chunk_sizes is None else [int(n) for n in chunk_sizes]
     if len(sizes) != P:
         raise ConfigError(f"coverage needs the size of each of the P={P} chunks, got {len(sizes)}")
@@ -67,7 +72,8 @@ def coverage(P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, in
 
 
 def adopt_orphans(
-    P: int, q: int, live_ranks: Iterable[int], departed: Iterable[int], previous: Mapping[int, int] | None = None
+    P: int, q: int, live_ranks: Iterable[int], departed: Iterable[int], previous: Mapping[int, int] | None = None,
+    placement: Placement | None = None,
 ) -> dict[int, int]:
     """Chunks that only ``departed`` ranks held -> the live rank that reads them from now on.
 
@@ -82,8 +88,8 @@ def adopt_orphans(
     if not live:
         raise ConfigError("no live rank to take over the chunks of departed ranks")
     adopted = {c: r for c, r in (previous or {}).items() if r in live}
-    held = {c for r in live for c in chunks_for_rank(P, q, r)} | set(adopted)
-    gone = {c for r in set(departed) for c in chunks_for_rank(P, q, r)}
+    held = {c for r in live for c in chunks_for_rank(P, q, r, placement)} | set(adopted)
+    gone = {c for r in set(departed) for c in chunks_for_rank(P, q, r, placement)}
     gone |= {c for c, r in (previous or {}).items() if r in set(departed)}
     for c in sorted(gone - held):
         load = {r: 0 for r in live}
@@ -93,9 +99,10 @@ def adopt_orphans(
     return dict(sorted(adopted.items()))
 
 
-def held_chunks(P: int, q: int, rank: int, adopted: Mapping[int, int] | None = None) -> tuple[int, ...]:
-    """The chunks ``rank`` reads: its cyclic ``q`` plus any it adopted."""
-    return chunks_for_rank(P, q, rank) + tuple(c for c, r in (adopted or {}).items() if r == rank)
+def held_chunks(P: int, q: int, rank: int, adopted: Mapping[int, int] | None = None,
+                placement: Placement | None = None) -> tuple[int, ...]:
+    """The chunks ``rank`` reads: its placed ``q`` plus any it adopted."""
+    return chunks_for_rank(P, q, rank, placement) + tuple(c for c, r in (adopted or {}).items() if r == rank)
 
 
 def draws_per_step(b: int, chunk_sizes: Sequence[int], weighting: str = "size") -> list[int]:
@@ -122,6 +129,7 @@ def sample_plan(
     *,
     weighting: str = "size",
     reweight: bool = False,
+    placement: Placement | None = None,
 ) -> dict[int, dict[int, tuple[int, Fraction]]]:
     """Per live rank, ``{chunk: (samples per step, loss weight per sample)}``.
 
@@ -149,14 +157,14 @@ def sample_plan(
     plan: dict[int, dict[int, tuple[int, Fraction]]] = {}
     if not reweight:
         for r in live:
-            plan[r] = {c: (base[c], target[c] * P / (q * base[c])) for c in held_chunks(P, q, r, adopted)}
+            plan[r] = {c: (base[c], target[c] * P / (q * base[c])) for c in held_chunks(P, q, r, adopted, placement)}
         return plan
-    holders = chunk_holders(P, q, live, adopted)
+    holders = chunk_holders(P, q, live, adopted, placement)
     covered = [c for c in range(P) if holders[c] > 0]
     norm = sum(target[c] for c in covered)
     for r in live:
         plan[r] = {}
-        for c in held_chunks(P, q, r, adopted):
+        for c in held_chunks(P, q, r, adopted, placement):
             n = max(1, round(Fraction(q * base[c], holders[c])))
             plan[r][c] = (n, target[c] / norm * len(live) / (holders[c] * n))
     return plan
