@@ -1,0 +1,163 @@
+"""hpcsgd across nodes: 2 nodes x 2 ranks of a namespace cluster (tools/cluster) on this machine.
+
+Each node has its own network, IPC, UTS and /dev/shm; the nodes talk only over veth links
+shaped to 1 Gbit/s. Every strategy's run across the two nodes must give the same summary.json
+figures, bit for bit, as the same run on one node (the plain mpiexec launch), while the
+block exchange reports its cross-node path and the links' byte counters show the rounds
+crossed. A bad host and a node that stops answering must end the job with exit 2 or 4 and a
+message naming them. Serial tests; they skip (saying why) where namespaces cannot be made:
+without root, `ip netns`, unshare or nsenter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import ROOT, env, hpcsgd, mpi
+
+CLUSTER = ROOT / "tools" / "cluster"
+NAME = "hpcsgd-test"  # its own namespaces: a user's `tools/cluster up` is left alone
+PYTHON = [sys.executable, "-m", "mpi4py", "-m", "hpcsgd"]
+CONFIG = str(ROOT / "jobs" / "configs" / "digits-risgd.toml")
+# Short runs: 40 steps, a round every 4 (local, rps) or every step (sync, lossy-allreduce).
+COMMON = ["--steps", "40", "--log-every", "10", "--eval-every", "0", "--seed", "3"]
+
+# Every strategy; q = 2 makes the rps case RI-SGD's redundancy too. Drops make the exchange
+# lossy, so it takes the shared-memory window on one node and Ialltoallv across nodes.
+STRATEGIES = {
+    "sync": (["--algorithm", "sync"], "allreduce", "allreduce"),
+    "local": (["--algorithm", "local", "--tau", "4"], "allreduce", "allreduce"),
+    "rps": (["--algorithm", "rps", "--tau", "4", "--q", "2", "--drop-rate", "0.1"], "shared-memory", "alltoallv"),
+    "lossy-allreduce": (["--algorithm", "lossy-allreduce", "--drop-rate", "0.1"], "shared-memory", "alltoallv"),
+}
+# Figures that must agree bit for bit; everything but the timings, the exchange path and
+# the emulated-network clock (off here) is compared.
+TIMINGS = {"wall_s", "compute_s_mean", "comm_s_mean", "data_s_mean"}
+
+
+def cluster(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    e = {**env(), "HPCSGD_CLUSTER": NAME}
+    return subprocess.run([sys.executable, str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+
+
+def cluster_popen(*args: str) -> subprocess.Popen:
+    e = {**env(), "HPCSGD_CLUSTER": NAME}
+    return subprocess.Popen([sys.executable, str(CLUSTER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=e, cwd=ROOT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """2 nodes x 2 ranks, links at 1 Gbit/s; torn down however the tests end."""
+    try:
+        up = cluster("up", "2", "2", "--gbps", "1")
+        if up.returncode == 77:
+            pytest.skip(up.stderr.strip().splitlines()[-1])
+        assert up.returncode == 0, up.stderr
+        yield
+    finally:
+        down = cluster("down")
+        assert down.returncode in (0, 77), down.stderr
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cluster") / "shards-p4"
+    r = hpcsgd("shard", "--source", "digits", "--parts", "4", "--partition", "label", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def counters() -> dict:
+    r = cluster("counters", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def crossed(before: dict, after: dict) -> int:
+    """Bytes the nodes sent over their links between two counter readings."""
+    return sum(after[n]["tx_bytes"] - before[n]["tx_bytes"] for n in after)
+
+
+def run_across(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    return cluster("run", "--", *PYTHON, *map(str, args), timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_same_summary_across_nodes(nodes, shards, tmp_path, strategy):
+    flags, one_node_path, cross_path = STRATEGIES[strategy]
+    args = [CONFIG, "--data", shards, *COMMON, *flags]
+    ref = mpi(4, "train", *args, "--run-dir", tmp_path / "one-node", timeout=240)
+    assert ref.returncode == 0, ref.stderr
+    before = counters()
+    start = time.perf_counter()
+    r = run_across("train", *args, "--run-dir", tmp_path / "two-nodes")
+    seconds = time.perf_counter() - start
+    after = counters()
+    assert r.returncode == 0, r.stderr
+    one = json.loads((tmp_path / "one-node" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two-nodes" / "summary.json").read_text())
+    assert (one["exchange"], two["exchange"]) == (one_node_path, cross_path)
+    differ = {k: (one.get(k), two.get(k)) for k in (one.keys() | two.keys()) - TIMINGS - {"exchange"}
+              if one.get(k) != two.get(k)}
+    assert not differ, f"2 nodes x 2 ranks differ from one node: {differ}"
+    # Each round averages the two nodes' models, so each node must receive at least a model's
+    # worth per round, whatever the algorithm: a third of the ranks' bytes_sent (an allreduce
+    # or a two-phase exchange sends 2(P-1)/P models per rank, P = 4). MPI's control traffic
+    # is on top.
+    assert two["bytes_sent"] > 0
+    moved = crossed(before, after)
+    assert moved >= two["bytes_sent"] / 3, (moved, two["bytes_sent"])
+    ready = re.search(r"ready after [0-9.]+s[^\n]*", r.stderr)
+    assert ready, r.stderr
+    print(f"\n{strategy}: 2x2 {seconds:.1f}s, {ready.group(0)}; {moved:,d} B crossed the links "
+          f"({moved / two['bytes_sent']:.2f} x bytes_sent {two['bytes_sent']:,d}); "
+          f"train loss {two['train_loss']!r}, exchange {one['exchange']} -> {two['exchange']}")
+
+
+def test_bad_host_is_named(nodes, shards, tmp_path):
+    r = cluster("run", "--hosts", "node0:2,node9:2", "--", *PYTHON, "train", CONFIG, "--data", str(shards),
+                "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "node9" in r.stderr and "not a node" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_node_that_stops_answering_ends_the_job(nodes, shards, tmp_path):
+    """node1 frozen mid-run (SIGSTOP to its processes): exit 4 within the collective timeout, naming it."""
+    timeout = 10
+    run_dir = tmp_path / "run"
+    # Rank 0 sleeps 50 ms a step so that the freeze lands mid-run on any machine.
+    job = cluster_popen("run", "--", *PYTHON, "train", CONFIG, "--data", str(shards), "--run-dir", str(run_dir),
+                        "--steps", "2000", "--log-every", "1", "--straggle", "0@1-1999:0.05",
+                        "--collective-timeout", str(timeout))
+    try:
+        metrics = run_dir / "metrics" / "rank-0.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.stat().st_size) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, job.communicate()[1]
+        frozen = cluster("freeze", "node1")
+        assert frozen.returncode == 0, frozen.stderr
+        t_freeze = time.monotonic()
+        _, stderr = job.communicate(timeout=timeout + 60)
+        waited = time.monotonic() - t_freeze
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        cluster("kill", "node1")  # the frozen ranks: a node rebooted
+    assert job.returncode == 4, stderr
+    message = next((line for line in stderr.splitlines() if "collective timeout" in line), "")
+    assert "on node1" in message and "no answer" in message, stderr
+    assert waited < timeout + 30, waited
+    print(f"\nnode1 frozen: exit 4 after {waited:.1f}s (collective timeout {timeout} s): {message}")
