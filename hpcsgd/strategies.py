@@ -14,6 +14,8 @@ Arguments are checked at construction; an error names the argument and its allow
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
 from .comm.netem import LinkNetwork
+from .comm.watchdog import WATCHDOG
 from .errors import ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
 
@@ -59,6 +62,7 @@ class Strategy:
             raise ConfigError(f"network must come from hpcsgd.link_network(), got {type(network).__name__}")
         self.coll = Collectives(world.comm, list(world.roles or range(world.size)), network=network)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
+        self._options = options  # to build the algorithm again for another world (resize)
         self.algorithm = self._build(**options)
         self.steps = 0
         self.live_ranks = list(world.roles or range(world.size))
@@ -83,6 +87,7 @@ class Strategy:
         appended to it (``hpcsgd train`` splits its compute and communication time by them).
         """
         t, algorithm = self.steps, self.algorithm
+        WATCHDOG.step = t + 1  # named, as metrics count steps, if a collective times out
         algorithm.reduce_gradients(t)
         if marks is not None:
             marks.append(time.perf_counter())
@@ -105,6 +110,27 @@ class Strategy:
     def mean_and_consensus(self) -> tuple[torch.Tensor, float]:
         """The live ranks' mean model (flat) and the consensus distance (collective)."""
         return self.coll.mean_and_consensus(self.flat.flat)
+
+    @contextmanager
+    def averaged_model(self):
+        """``with strategy.averaged_model():`` the model holds the live ranks' mean (collective).
+
+        For evaluating the averaged model in one's own loop: on entry every live rank's model
+        (parameters and floating buffers) becomes the mean over the live ranks, summed in
+        float64; on exit each rank gets its own model back, bit for bit, whatever happened
+        inside. An overlapped round in flight is applied first. Do not step inside.
+        """
+        self.flush()
+        flat = self.flat.flat
+        own = flat.clone()
+        total = self.coll.sum_float64(flat.detach().to("cpu", torch.float64).numpy())
+        with torch.no_grad():
+            flat.copy_(torch.from_numpy(total / self.coll.size))
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                flat.copy_(own)
 
     def consensus_distance(self) -> float:
         """``(1/L) sum_i ||x_i - mean||^2`` over the live ranks (collective)."""
@@ -148,6 +174,29 @@ class Strategy:
         before every checkpoint and at the end).
         """
         self.algorithm.flush()
+
+    def resize(self, world) -> None:
+        """Go on as the ranks ``world.roles`` of a run of ``world.size`` ranks (collective-free).
+
+        For a resume on fewer processes than the run had (:func:`hpcsgd.load_checkpoint` calls
+        it with the run's world): the live ranks become the roles, drop masks and link rules
+        are indexed by run rank, and the algorithm is built again over the new ranks. A
+        uniform drop rate carries over to the run's P; per-link rates cannot, and are refused.
+        """
+        options = dict(self._options)
+        rates = options.get("rates")
+        if rates is not None and rates.phase1.shape[0] != world.size:
+            options["rates"] = _resized_rates(rates, world.size)
+        if options.get("network") is not None and world.size != self.world.size:
+            raise ConfigError(f"an emulated network of {self.world.size} ranks cannot be carried over to a run of "
+                              f"{world.size}: build the strategy without network= to resume on fewer ranks")
+        self.flush()
+        self.algorithm.close()
+        self.world = world
+        self.coll = self.coll.over(world.comm, list(world.roles))
+        self.live_ranks = list(world.roles)
+        self._options = options
+        self.algorithm = self._build(**options)
 
     def state_dict(self) -> dict:
         """Steps, traffic counters, live ranks and the failed ranks' traffic."""
@@ -229,6 +278,22 @@ def link_network(world, latency_ms: float = 0.0, gbps: float = 0.0, latency_rule
     ``"from:R=x"``, ``"S->D=x"`` (milliseconds, Gb/s). See ALGORITHMS.md, "Network emulation".
     """
     return LinkNetwork.build(world.size, latency_ms, gbps, tuple(latency_rules), tuple(bandwidth_rules))
+
+
+def _resized_rates(rates: LinkRates, size: int) -> LinkRates:
+    """The same uniform per-phase drop rates for ``size`` ranks (per-link rates: refused)."""
+    mats = []
+    for phase in (1, 2):
+        m = rates.for_phase(phase)
+        off = m[~np.eye(len(m), dtype=bool)]
+        if off.size and not np.all(off == off[0]):
+            raise ConfigError("per-link drop rates (link_rates with rules or a matrix) are built for "
+                              f"{len(m)} ranks and cannot be carried over to a run of {size}; "
+                              "resume on as many ranks as the run had")
+        full = np.full((size, size), float(off[0]) if off.size else 0.0)
+        np.fill_diagonal(full, 0.0)
+        mats.append(full)
+    return LinkRates(mats[0], mats[1])
 
 
 def _rates(world, drop_rate, rates) -> LinkRates:

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=2.0, metavar="SECONDS",
         help="with --follow: seconds between refreshes (default: 2)",
     )
+    parser.add_argument(
+        "--tensorboard", metavar="DIR", default=None,
+        help="also write TensorBoard event files, one subdirectory per run, every logged metric as a "
+        "scalar over steps (needs the tensorboard package; --out may then be left out)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         if not finished or args.out is None:
             return 0  # Ctrl-C leaves a running job alone: not an error
         # The run has ended: write its report, as --out asked.
+    if getattr(args, "tensorboard", None) is not None:
+        from .tensorboard import export
+
+        written = export(load_runs(args.runs), args.tensorboard)
+        print(f"hpcsgd report: {len(written)} run(s) -> TensorBoard event files in {args.tensorboard}", file=sys.stderr)
+        if args.out is None:
+            return 0
     if args.out is None:
         raise ConfigError("--out REPORT_DIR is required (or --follow to watch a running job)")
     return write_report(args)
