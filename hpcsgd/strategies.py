@@ -186,7 +186,9 @@ class Strategy:
         options = dict(self._options)
         rates = options.get("rates")
         if rates is not None and rates.phase1.shape[0] != world.size:
-            options["rates"] = _resized_rates(rates, world.size)
+            drop_rate = getattr(self, "_drop_rate", None)  # given as one number: rebuilt for the run's P
+            options["rates"] = (LinkRates.build(world.size, drop_rate) if drop_rate is not None
+                                else _resized_rates(rates, world.size))
         if options.get("network") is not None and world.size != self.world.size:
             raise ConfigError(f"an emulated network of {self.world.size} ranks cannot be carried over to a run of "
                               f"{world.size}: build the strategy without network= to resume on fewer ranks")
@@ -327,6 +329,7 @@ class RPS(Strategy):
                  seed: int = 0, average_optimizer_state: bool = False, overlap_rounds: bool = False,
                  network: LinkNetwork | None = None):
         tau, seed = _check_tau(tau), _check_seed(seed)
+        self._drop_rate = drop_rate if rates is None else None
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, tau=tau, rates=rates, seed=seed,
                          average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
@@ -348,6 +351,7 @@ class LossyAllreduce(Strategy):
     def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None, seed: int = 0,
                  network: LinkNetwork | None = None):
         seed = _check_seed(seed)
+        self._drop_rate = drop_rate if rates is None else None
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, rates=rates, seed=seed)
 

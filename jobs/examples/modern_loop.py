@@ -72,7 +72,8 @@ def main():
     parser.add_argument("--strategy", choices=("sync", "local", "rps"), default="sync")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--stop-after", type=int, default=None, metavar="E", help="end after epoch E's checkpoint")
-    parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="train through torch.compile(model, backend=BACKEND) (default backend: inductor)")
     parser.add_argument("--train-size", type=int, default=2000)
     args = parser.parse_args()
 
@@ -93,7 +94,8 @@ def main():
         opt, lambda s: warmup_cosine(s, warmup=2 * len(sampler), total=args.epochs * len(sampler)))
     parts = {"model": model, "optimizer": opt, "scheduler": scheduler, "sampler": sampler, "strategy": strategy}
     start = hpcsgd.load_checkpoint(args.run_dir, world, parts)  # None: nothing to resume
-    forward = torch.compile(model) if args.compile else model  # after the strategy re-homed the parameters
+    # Compiled after the strategy re-homed the parameters into its flat buffer.
+    forward = torch.compile(model, backend=args.compile) if args.compile else model
 
     config = {"algorithm": args.strategy, "q": 2, "batch_size": 16, "optimizer": "AdamW", "lr": 3e-3,
               "epochs": args.epochs, "model": "Net"}
