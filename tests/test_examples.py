@@ -26,12 +26,14 @@ def test_own_loop_example_writes_a_run_directory_report_reads(tmp_path):
     run_dir = tmp_path / "own-loop"
     proc = _mpi_script(EXAMPLES / "own_loop.py", str(run_dir))
     assert proc.returncode == 0, proc.stderr
-    match = re.search(r"(\d+) steps, (\d+) rounds, arrival ([0-9.]+), test accuracy \(mean over ranks\) ([0-9.]+)", proc.stdout)
+    match = re.search(r"(\d+) steps, (\d+) rounds, arrival ([0-9.]+), test accuracy \(mean over ranks\) ([0-9.]+), "
+                      r"of the averaged model ([0-9.]+)", proc.stdout)
     assert match, proc.stdout
     steps, rounds, arrival, accuracy = int(match[1]), int(match[2]), float(match[3]), float(match[4])
     assert steps == rounds == 4 * 32  # RPS tau 1: a round every step; 4 epochs of ceil(2000/4/16) steps
     assert 0.8 < arrival < 0.97  # 10% drop rate
     assert accuracy > 0.5  # five classes: chance is 0.2
+    assert float(match[5]) > 0.5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == "rps" and summary["ranks"] == 4 and summary["q"] == 2
     for rank in range(4):
