@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import importlib
 
+# Bound now, not lazily: the submodule hpcsgd.progress (stdlib imports only) would otherwise
+# take the name when the CLI first imports it, and hpcsgd.progress(loader, world) would break.
+from .progress import progress
+
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use (PEP 562).
@@ -53,6 +57,7 @@ __all__ = [
     "link_network",
     "link_rates",
     "load_checkpoint",
+    "progress",
     "save_checkpoint",
 ]
 

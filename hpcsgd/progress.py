@@ -74,3 +74,20 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def progress(iterable, world, total: int | None = None, desc: str | None = None, **tqdm_options):
+    """``for x, y in hpcsgd.progress(loader, world):`` a tqdm bar on rank 0 of a library loop.
+
+    As ``hpcsgd train``'s bar: on rank 0 only, when stderr is a terminal and tqdm is
+    installed; everywhere else (other ranks, batch jobs, no tqdm) the iterable itself comes
+    back, so the loop is the same on every rank and nothing is printed into a log file.
+    ``total`` defaults to ``len(iterable)``; ``tqdm_options`` go to tqdm as they are.
+    """
+    if world.comm.rank != 0 or not sys.stderr.isatty():
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, **tqdm_options)

@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .data.assignment import chunks_for_rank, draws_per_step, sample_plan
+from .data.assignment import chunks_for_rank, coverage, draws_per_step, sample_plan
 from .data.placement import Placement
 from .data.partition import parse_partition, partition_indices
 from .data.sampler import StratifiedSampler
@@ -91,6 +91,7 @@ class RedundantSampler(torch.utils.data.Sampler):
             raise ConfigError(f"labels has {len(found)} entries, the dataset {n} samples")
         labels_ = found if found is not None else np.zeros(n, dtype=np.int64)
         seed = _check_int("seed", seed, 0)
+        self._cut = (labels_, partition)  # to cut the data again for another P (resize)
         self.chunks = partition_indices(labels_, P, partition, seed)
         self.placement = _placement(placement, ranks_per_node, world)
         self._start([len(c) for c in self.chunks], world, q, batch_size, seed, chunk_weighting, total=n)
@@ -108,12 +109,13 @@ class RedundantSampler(torch.utils.data.Sampler):
         self = cls.__new__(cls)
         self.chunks = None
         self.placement = _placement(placement, ranks_per_node, world)
+        self._cut = None
         self._start(list(chunk_sizes), world, q, batch_size, seed, chunk_weighting, adopted)
         return self
 
     def _start(self, sizes: list[int], world, q, batch_size, seed, chunk_weighting, adopted=None, total=None) -> None:
         """The stream over this rank's held chunks; steps per epoch: ``ceil(N / P / batch_size)``."""
-        P = world.size
+        P = self.P = world.size
         self.q = _check_int("q", q, 1, P, f" (P={P})")
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
@@ -126,7 +128,8 @@ class RedundantSampler(torch.utils.data.Sampler):
                                          self.seed, self.rank)
         for c in (c for c, r in self.adopted.items() if r == self.rank):
             self._stream.adopt(c, sizes[c], draws[c])
-        self.steps_per_epoch = max(1, math.ceil((sum(sizes) if total is None else total) / P / self.batch_size))
+        self.total = sum(sizes) if total is None else total
+        self.steps_per_epoch = max(1, math.ceil(self.total / P / self.batch_size))
         self.steps = 0  # batches handed out so far
         self.loss_weights = self._weights(list(range(P)))
 
@@ -159,6 +162,27 @@ class RedundantSampler(torch.utils.data.Sampler):
     def set_live(self, live_ranks: Sequence[int], reweight: bool = False) -> None:
         """After ranks failed: with ``reweight``, draws and loss weights that restore every covered chunk's weight."""
         self.loss_weights = self._weights(list(live_ranks), reweight=reweight)
+
+    def resize(self, world, adopted: dict[int, int]) -> None:
+        """Play run rank ``world.rank`` of a run of ``world.size`` ranks, with ``adopted`` chunks.
+
+        For a resume on fewer processes (:func:`hpcsgd.load_checkpoint` calls it, with the
+        adoption plan ``hpcsgd train --resume`` uses): the data is cut into the run's P
+        chunks again, as the run that wrote the checkpoint cut it, and the draws per chunk
+        are planned for the live ranks ``world.roles``; load the state after.
+        """
+        if self._cut is None:
+            raise ConfigError("a sampler over chunks (RedundantSampler.over_chunks) is built for its run: "
+                              "build it with the run's world instead of resizing it")
+        labels, partition = self._cut
+        self.chunks = partition_indices(labels, world.size, partition, self.seed)
+        self._start([len(c) for c in self.chunks], world, self.q, self.batch_size, self.seed, self.chunk_weighting,
+                    adopted, total=self.total)
+        self.set_live(list(world.roles or range(world.size)))  # draws as the CLI's: only the roles train
+
+    def coverage(self, live_ranks: Sequence[int]) -> float:
+        """The share of the training samples that ``live_ranks`` (run ranks) hold, adopted chunks included."""
+        return coverage(self.P, self.q, live_ranks, self.adopted, self.chunk_sizes, self.placement)
 
     def __len__(self) -> int:
         return self.steps_per_epoch

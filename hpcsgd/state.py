@@ -12,6 +12,24 @@ from pathlib import Path
 
 from . import checkpoint as _ckpt
 from .checkpoint import complete_dirs, step_dir
+from .comm.agree import agree
+
+
+def _run_view(world, parts: dict) -> tuple:
+    """(communicator, run rank, record) of the ranks that save: a strategy among ``parts`` knows
+    the run (its P, its live ranks, after failures and resizes); else ``world`` is the run."""
+    from .redundant import RedundantSampler
+    from .strategies import Strategy
+
+    strategy = next((p for p in parts.values() if isinstance(p, Strategy)), None)
+    sampler = next((p for p in parts.values() if isinstance(p, RedundantSampler)), None)
+    adopted = {str(c): r for c, r in sampler.adopted.items()} if sampler is not None else {}
+    if strategy is not None:
+        record = {"ranks": strategy.world.size, "live_world": list(strategy.live_ranks), "adopted": adopted}
+        return strategy.coll.comm, strategy.world.rank, record
+    comm = world.comm
+    ranks = sorted(comm.allgather(world.rank))  # the rank files the record vouches for
+    return comm, world.rank, {"ranks": max(world.size, comm.size), "live_world": ranks, "adopted": adopted}
 
 
 def save_checkpoint(run_dir, world, parts: dict, step: int) -> Path:
@@ -19,8 +37,8 @@ def save_checkpoint(run_dir, world, parts: dict, step: int) -> Path:
 
     Args:
         run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
-        world: from :func:`hpcsgd.init` (or a strategy's world after failures: any object
-            with ``comm`` and ``rank``).
+        world: from :func:`hpcsgd.init`. With a strategy among ``parts`` the strategy's
+            live ranks save (after failures, or a resume on fewer ranks, as the run's ranks).
         parts: ``{name: object with state_dict()}``, the same names on every rank.
         step: steps taken; names the checkpoint.
 
@@ -28,9 +46,8 @@ def save_checkpoint(run_dir, world, parts: dict, step: int) -> Path:
         The checkpoint directory. A failed write raises the same CheckpointError on every
         rank and leaves the previous checkpoint as it was.
     """
-    comm = world.comm
-    ranks = sorted(comm.allgather(world.rank))  # the rank files the record vouches for
-    return _ckpt.save(Path(run_dir), comm, world.rank, parts, step, {"ranks": comm.size, "live_world": ranks})
+    comm, rank, record = _run_view(world, parts)
+    return _ckpt.save(Path(run_dir), comm, rank, parts, step, record)
 
 
 def load_checkpoint(run_dir, world, parts: dict) -> int | None:
@@ -40,11 +57,25 @@ def load_checkpoint(run_dir, world, parts: dict) -> int | None:
     Returns None (and loads nothing) when ``run_dir`` has no complete checkpoint. Tensors
     come back on the CPU; ``load_state_dict`` of models and optimizers copies them where
     they belong.
+
+    On fewer processes than the run had (a requeued job with a node gone), as ``hpcsgd
+    train --resume``: the processes play the first live ranks of the run, the chunks only
+    departed ranks held are adopted by live ones, the sampler and the strategy in ``parts``
+    are re-formed for the run (``len(sampler)`` is the run's again), and the first process
+    prints the plan and the coverage. Every process then loads the file of the run rank it
+    plays (``strategy.world.rank``). More processes than the checkpoint's live ranks: a
+    CheckpointError on every rank.
     """
+    from . import resize
+
     meta = _ckpt.newest_intact(Path(run_dir), world.comm)
     if meta is None:
         return None
-    return _ckpt.restore(meta, world.rank, parts)
+    membership = agree(world.comm, lambda: resize.plan(meta, world, parts), "resume")
+    rank = world.rank
+    if membership is not None:
+        rank = agree(world.comm, lambda: resize.apply(membership, world, parts), "resume")
+    return agree(world.comm, lambda: _ckpt.restore(meta, rank, parts), "resume")
 
 
 __all__ = ["complete_dirs", "load_checkpoint", "save_checkpoint", "step_dir"]

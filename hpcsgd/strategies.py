@@ -26,6 +26,7 @@ from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
 from .comm.netem import LinkNetwork
+from .comm.watchdog import WATCHDOG
 from .errors import CheckpointError, ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
 
@@ -62,6 +63,7 @@ class Strategy:
             raise ConfigError(f"network must come from hpcsgd.link_network(), got {type(network).__name__}")
         self.coll = Collectives(world.comm, list(world.roles or range(world.size)), network=network)
         self.coll.bcast_(self.flat.flat)  # identical initialisation, not just a shared seed
+        self._options = options  # to build the algorithm again for another world (resize)
         self.algorithm = self._build(**options)
         self.steps = 0
         self.live_ranks = list(world.roles or range(world.size))
@@ -87,6 +89,7 @@ class Strategy:
         appended to it (``hpcsgd train`` splits its compute and communication time by them).
         """
         t, algorithm = self.steps, self.algorithm
+        WATCHDOG.step = t + 1  # named, as metrics count steps, if a collective times out
         if self._synchronized:
             self._synchronized = False
         else:
@@ -153,6 +156,27 @@ class Strategy:
         self.algorithm.wait_snapshot()
         return self.coll.mean_and_consensus(self.flat.flat)
 
+    @contextmanager
+    def averaged_model(self):
+        """``with strategy.averaged_model():`` the model holds the live ranks' mean (collective).
+
+        For evaluating the averaged model in one's own loop: on entry every live rank's model
+        (parameters and floating buffers) becomes the mean over the live ranks, summed in
+        float64; on exit each rank gets its own model back, bit for bit, whatever happened
+        inside. An overlapped round in flight is applied first. Do not step inside.
+        """
+        self.flush()
+        flat = self.flat.flat
+        own = flat.clone()
+        total = self.coll.sum_float64(flat.detach().to("cpu", torch.float64).numpy())
+        with torch.no_grad():
+            flat.copy_(torch.from_numpy(total / self.coll.size))
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                flat.copy_(own)
+
     def consensus_distance(self) -> float:
         """``(1/L) sum_i ||x_i - mean||^2`` over the live ranks (collective)."""
         return self.mean_and_consensus()[1]
@@ -195,6 +219,31 @@ class Strategy:
         before every checkpoint and at the end).
         """
         self.algorithm.flush()
+
+    def resize(self, world) -> None:
+        """Go on as the ranks ``world.roles`` of a run of ``world.size`` ranks (collective-free).
+
+        For a resume on fewer processes than the run had (:func:`hpcsgd.load_checkpoint` calls
+        it with the run's world): the live ranks become the roles, drop masks and link rules
+        are indexed by run rank, and the algorithm is built again over the new ranks. A
+        uniform drop rate carries over to the run's P; per-link rates cannot, and are refused.
+        """
+        options = dict(self._options)
+        rates = options.get("rates")
+        if rates is not None and rates.phase1.shape[0] != world.size:
+            drop_rate = getattr(self, "_drop_rate", None)  # given as one number: rebuilt for the run's P
+            options["rates"] = (LinkRates.build(world.size, drop_rate) if drop_rate is not None
+                                else _resized_rates(rates, world.size))
+        if options.get("network") is not None and world.size != self.world.size:
+            raise ConfigError(f"an emulated network of {self.world.size} ranks cannot be carried over to a run of "
+                              f"{world.size}: build the strategy without network= to resume on fewer ranks")
+        self.flush()
+        self.algorithm.close()
+        self.world = world
+        self.coll = self.coll.over(world.comm, list(world.roles))
+        self.live_ranks = list(world.roles)
+        self._options = options
+        self.algorithm = self._build(**options)
 
     def state_dict(self) -> dict:
         """Steps, traffic counters, live ranks, the failed ranks' traffic and an overlapped round in flight.
@@ -307,6 +356,22 @@ def _nodes(world, rules, ranks_per_node: int) -> list[int] | None:
     return [r // R for r in range(world.size)]
 
 
+def _resized_rates(rates: LinkRates, size: int) -> LinkRates:
+    """The same uniform per-phase drop rates for ``size`` ranks (per-link rates: refused)."""
+    mats = []
+    for phase in (1, 2):
+        m = rates.for_phase(phase)
+        off = m[~np.eye(len(m), dtype=bool)]
+        if off.size and not np.all(off == off[0]):
+            raise ConfigError("per-link drop rates (link_rates with rules or a matrix) are built for "
+                              f"{len(m)} ranks and cannot be carried over to a run of {size}; "
+                              "resume on as many ranks as the run had")
+        full = np.full((size, size), float(off[0]) if off.size else 0.0)
+        np.fill_diagonal(full, 0.0)
+        mats.append(full)
+    return LinkRates(mats[0], mats[1])
+
+
 def _rates(world, drop_rate, rates) -> LinkRates:
     if rates is not None:
         if not isinstance(rates, LinkRates):
@@ -339,6 +404,7 @@ class RPS(Strategy):
                  seed: int = 0, average_optimizer_state: bool = False, overlap_rounds: bool = False,
                  network: LinkNetwork | None = None):
         tau, seed = _check_tau(tau), _check_seed(seed)
+        self._drop_rate = drop_rate if rates is None else None
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, tau=tau, rates=rates, seed=seed,
                          average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
@@ -360,6 +426,7 @@ class LossyAllreduce(Strategy):
     def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None, seed: int = 0,
                  network: LinkNetwork | None = None):
         seed = _check_seed(seed)
+        self._drop_rate = drop_rate if rates is None else None
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, rates=rates, seed=seed)
 

@@ -43,9 +43,9 @@ class World:
         return self.comm.rank == 0
 
 
-def init(comm=None, device: str = "auto", threads: int = 0) -> World:
-    """Join the MPI world (``MPI.COMM_WORLD`` unless ``comm``), bind this rank's device and
-    size its thread pools.
+def init(comm=None, device: str = "auto", threads: int = 0, collective_timeout: float | None = None) -> World:
+    """Join the MPI world (``MPI.COMM_WORLD`` unless ``comm``), bind this rank's device, size
+    its thread pools and arm the collective watchdog.
 
     Args:
         comm: an mpi4py communicator; default ``MPI.COMM_WORLD``.
@@ -55,6 +55,11 @@ def init(comm=None, device: str = "auto", threads: int = 0) -> World:
             OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, else the node's cores over its ranks. Without
             this, numpy's BLAS pool (one thread per core in every rank) spins between calls and
             several ranks on a node slow each other down many times over.
+        collective_timeout: seconds any collective of hpcsgd may wait before the job is
+            aborted with exit code 4 and a message naming the call and the ranks that did
+            not arrive (:mod:`hpcsgd.comm.watchdog`); None: the CLI's default; 0: off. So a
+            rank that takes one step more than the others, or hangs, ends the job instead
+            of leaving the others waiting forever. A later call may change it (collective).
 
     Returns:
         The :class:`World`; calling again with the same communicator returns the same one.
@@ -64,15 +69,38 @@ def init(comm=None, device: str = "auto", threads: int = 0) -> World:
     from .comm.device import apply_threads, local_rank_and_size, select_device
 
     comm = MPI.COMM_WORLD if comm is None else comm
+    timeout = _check_timeout(collective_timeout)
     known = _WORLDS.get(id(comm))
     if known is not None and known.comm is comm:
+        if collective_timeout is not None:
+            _arm(comm, timeout)
         return known
+    _arm(comm, timeout)
     apply_threads(comm, threads)
     local_rank, local_size = local_rank_and_size(comm, decide_waits=True)
     world = World(comm, comm.rank, comm.size, local_rank, local_size, select_device(comm, device),
                   tuple(range(comm.size)))
     _WORLDS[id(comm)] = world
     return world
+
+
+def _check_timeout(value) -> float:
+    """The watchdog's timeout: ``value`` checked, or the CLI's default when None."""
+    from .config import TrainConfig
+    from .errors import ConfigError
+
+    if value is None:
+        return float(TrainConfig.collective_timeout)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"collective_timeout must be a number of seconds >= 0 (0: no watchdog), got {value!r}")
+    return float(value)
+
+
+def _arm(comm, timeout: float) -> None:
+    """Arm the process's watchdog over ``comm`` (an untimed rendezvous of its ranks)."""
+    from .comm.watchdog import WATCHDOG
+
+    WATCHDOG.arm(comm, timeout)
 
 
 def world_for_run(comm, roles: list[int], run_size: int, device: torch.device) -> World:

@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --follow: stop when the run directory has not changed for this long (a hung or "
         "never-started job; default: wait; a job whose process has exited ends the follow at once)",
     )
+    parser.add_argument(
+        "--tensorboard", metavar="DIR", default=None,
+        help="also write TensorBoard event files, one subdirectory per run, every logged metric as a "
+        "scalar over steps (needs the tensorboard package; --out may then be left out)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
         # The run has ended: write its report (what there is of it, for a crashed job), as --out asked.
         code = write_report(args)
         return code if isinstance(ended, bool) else 2
+    if getattr(args, "tensorboard", None) is not None:
+        from .tensorboard import export
+
+        written = export(load_runs(args.runs), args.tensorboard)
+        print(f"hpcsgd report: {len(written)} run(s) -> TensorBoard event files in {args.tensorboard}", file=sys.stderr)
+        if args.out is None:
+            return 0
     if args.out is None:
         raise ConfigError("--out REPORT_DIR is required (or --follow to watch a running job)")
     return write_report(args)

@@ -220,7 +220,8 @@ class Watchdog:
     def _message(self, call: _Call, members: list[int], arrived: list[int], replies: dict | None) -> str:
         where = f"in step {call.step}" if call.step is not None else "during setup"
         head = f"collective timeout: {call.op} {where} did not complete within {self.timeout:g} s"
-        advice = "; raise --collective-timeout if the job is only slow (0 turns the watchdog off)"
+        advice = ("; raise --collective-timeout (hpcsgd.init(collective_timeout=S) in a script) if the job is "
+                  "only slow (0 turns the watchdog off)")
         if replies is None:
             return f"{head} on rank {MPI.COMM_WORLD.rank} (MPI lacks thread support: the missing ranks are unknown){advice}"
         missing = [r for r in members if r not in arrived]
