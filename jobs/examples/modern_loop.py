@@ -56,14 +56,14 @@ def evaluate(model, dataset, batch_size=250):
     return loss / len(dataset), correct / len(dataset)
 
 
-def build_strategy(name, model, opt, world, accumulates_locally):
+def build_strategy(name, model, opt, world):
     if name == "sync":
-        # Without no_sync() (the fallback below), gradients are averaged once, at step(), not
-        # from hooks during each micro-batch's backward.
-        return hpcsgd.SyncSGD(model, opt, world, overlap=accumulates_locally)
+        return hpcsgd.SyncSGD(model, opt, world)  # buckets averaged from gradient hooks, as DDP's
+    # AdamW's exp_avg and exp_avg_sq are averaged with the model at each round, so every
+    # rank's optimizer continues from the same state as its averaged model.
     if name == "local":
-        return hpcsgd.LocalSGD(model, opt, world, tau=8)
-    return hpcsgd.RPS(model, opt, world, tau=2, drop_rate=0.1, seed=0)
+        return hpcsgd.LocalSGD(model, opt, world, tau=8, average_optimizer_state=True)
+    return hpcsgd.RPS(model, opt, world, tau=2, drop_rate=0.1, seed=0, average_optimizer_state=True)
 
 
 def main():
@@ -85,10 +85,7 @@ def main():
     torch.manual_seed(0)
     model = Net().to(world.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    # no_sync() and synchronize() come with the accum-state work; until then the getattr
-    # fallbacks below keep this script running (remove them once it has landed).
-    accumulates_locally = hasattr(hpcsgd.SyncSGD, "no_sync")
-    strategy = build_strategy(args.strategy, model, opt, world, accumulates_locally)
+    strategy = build_strategy(args.strategy, model, opt, world)
     # len(sampler) is read at every step: after a resume on fewer ranks it is the run's again.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=2 * len(sampler), total=args.epochs * len(sampler)))
@@ -100,23 +97,20 @@ def main():
     config = {"algorithm": args.strategy, "q": 2, "batch_size": 16, "optimizer": "AdamW", "lr": 3e-3,
               "epochs": args.epochs, "model": "Net"}
     log = hpcsgd.RunLog(args.run_dir, strategy.world, config, resume_step=start, sampler=sampler)
-    no_sync = getattr(strategy, "no_sync", None)
-    synchronize = getattr(strategy, "synchronize", None)
     for epoch in range((start or 0) // len(sampler), args.epochs):
         sampler.set_epoch(epoch)
         losses = []
         for x, y in hpcsgd.progress(loader, world, desc=f"epoch {epoch + 1}"):
             opt.zero_grad()
             for i, (xm, ym) in enumerate(zip(x.chunk(2), y.chunk(2))):  # two micro-batches
-                # The first accumulates locally; the second's backward communicates (sync).
-                quiet = no_sync() if no_sync is not None and i == 0 else contextlib.nullcontext()
+                # The first accumulates locally; the second's backward averages the sum (sync).
+                quiet = strategy.no_sync() if i == 0 else contextlib.nullcontext()
                 with quiet:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = F.cross_entropy(forward(xm), ym) / 2
                     loss.backward()  # outside autocast, as torch recommends
                 losses.append(2 * loss.item())
-            if synchronize is not None:
-                synchronize()  # sync: the averaged gradient is what gets clipped, as under DDP
+            strategy.synchronize()  # sync: the averaged gradient is what gets clipped, as under DDP
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             strategy.step()
             scheduler.step()
