@@ -107,7 +107,9 @@ def test_same_summary_across_nodes(nodes, shards, tmp_path, strategy):
     one = json.loads((tmp_path / "one-node" / "summary.json").read_text())
     two = json.loads((tmp_path / "two-nodes" / "summary.json").read_text())
     assert (one["exchange"], two["exchange"]) == (one_node_path, cross_path)
-    differ = {k: (one.get(k), two.get(k)) for k in (one.keys() | two.keys()) - TIMINGS - {"exchange"}
+    # The ranks sharing memory, as each run detected them: the topology, not a result.
+    assert (one["ranks_per_node"], two["ranks_per_node"]) == (4, 2)
+    differ = {k: (one.get(k), two.get(k)) for k in (one.keys() | two.keys()) - TIMINGS - {"exchange", "ranks_per_node"}
               if one.get(k) != two.get(k)}
     assert not differ, f"2 nodes x 2 ranks differ from one node: {differ}"
     # Each round averages the two nodes' models, so each node must receive at least a model's
