@@ -76,12 +76,14 @@ class SharedWindow:
     def fence(self, what: str, wait_mode: str = "spin") -> None:
         """Every rank's stores to the window are visible to every rank after this (collective).
 
-        ``wait_mode`` other than ``spin`` (hpcsgd/comm/waiting.py): the ranks first meet in an
-        ``Ibarrier`` waited for that way, so that a rank arriving early gives its core to the
-        ones still copying instead of spinning in the fence; the fence then finds everyone.
+        The ranks first meet in an ``Ibarrier`` waited for the ``wait_mode`` way
+        (hpcsgd/comm/waiting.py), so that a rank arriving early on an oversubscribed node gives
+        its core to the ones still copying instead of spinning in the fence; the fence then
+        finds everyone. Every rank takes the barrier whatever its own mode: the modes are each
+        rank's choice and can differ (a sub-communicator's ``hpcsgd.init`` decides them for its
+        ranks only), and a barrier taken by some ranks alone would pair with a later one.
         """
-        if wait_mode != "spin":
-            wait_request(self._comm.Ibarrier(), f"Ibarrier [shared-memory exchange, {what}]", self._comm, wait_mode)
+        wait_request(self._comm.Ibarrier(), f"Ibarrier [shared-memory exchange, {what}]", self._comm, wait_mode)
         with WATCHDOG.guard(f"Win_fence [shared-memory exchange, {what}]", self._comm):
             self._win.Fence()
 
