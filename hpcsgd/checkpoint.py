@@ -18,7 +18,7 @@ state attribute and its arrays; per file, its step and record; and COMPLETE carr
 A checkpoint whose record or files are unreadable, truncated or altered is moved aside
 (``checkpoints/broken-step-...``) with a warning naming the file and the part, and the next
 older intact one is used. This module reads no part's fields: each
-part has ``state_dict()`` and ``load_state_dict()``. The stop signals are in :mod:`hpcsgd.stop`.
+part has ``state_dict()`` and ``load_state_dict()``. The stop signals are in :mod:`hpcsgd.train.stop`.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def find_latest(
 
     As :func:`newest_intact`, and the checkpoint must fit: ``ranks`` is the run's rank count
     P (its number of chunks; the job resuming it may have fewer, see
-    :class:`~hpcsgd.membership.Membership`), the same shards (``shards`` defaults to the index
+    :class:`~hpcsgd.train.membership.Membership`), the same shards (``shards`` defaults to the index
     in ``cfg.data``) and a config with the same trajectory.
     """
     if shards is None:

@@ -17,7 +17,8 @@ import traceback
 import types
 import typing
 
-from . import __version__, startup  # startup's clock starts at this import
+from . import __version__
+from .train import startup  # startup's clock starts at this import
 from .errors import HpcsgdError
 from .registry import REGISTRY  # no torch, no MPI: cheap before the slow imports
 
@@ -76,7 +77,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .stop import install_stop_handlers
+    from .train.stop import install_stop_handlers
 
     install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
     cfg = config_from_args(args)
@@ -85,11 +86,11 @@ def run_train(args: argparse.Namespace) -> int:
     from mpi4py import MPI  # MPI_Init
 
     startup.mark("MPI")
-    from .rundir import claim
+    from .train.rundir import claim
 
     claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
     from .checkpoint import EXIT_PREEMPTED, Preempted
-    from .train import train
+    from .train.loop import train
 
     startup.mark("imports")
     try:
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .threads import limit_before_import
+    from .comm.threads import limit_before_import
 
     limit_before_import()  # before numpy and torch start their thread pools
     parser = build_parser()

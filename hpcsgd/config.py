@@ -437,7 +437,7 @@ def _number(text: str) -> float | None:
 
 def _validate_links(cfg: TrainConfig) -> None:
     """The link rules' form and values, before the world size is known (their ranks: at assembly)."""
-    from .comm.lossy import apply_link_rules  # numpy only: no MPI
+    from .faults.lossy import apply_link_rules  # numpy only: no MPI
 
     def rate(what: str, value: float) -> None:
         if not 0.0 <= value < 1.0:

@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 
 import hpcsgd
-from hpcsgd.membership import Membership
+from hpcsgd.train.membership import Membership
 from hpcsgd.redundant import RedundantSampler
 
 from conftest import all_ranks

@@ -12,7 +12,7 @@ import torch
 from hpcsgd.checkpoint import find_latest
 from hpcsgd.config import build_config
 from hpcsgd.errors import CheckpointError
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
 from conftest import all_ranks, make_shards
 

@@ -15,7 +15,7 @@ import torch
 import hpcsgd.checkpoint as ckpt
 from hpcsgd.config import build_config
 from hpcsgd.errors import CheckpointError
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
 from conftest import all_ranks, make_shards
 

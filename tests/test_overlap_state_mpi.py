@@ -16,11 +16,11 @@ from hpcsgd.algorithms.overlap import RoundInFlight
 from hpcsgd.comm.watchdog import WATCHDOG
 from hpcsgd.config import build_config
 from hpcsgd.data import read_index
-from hpcsgd.evaluation import Evaluator
-from hpcsgd.schedule import Schedule
-from hpcsgd.stop import StopSignal
+from hpcsgd.train.evaluation import Evaluator
+from hpcsgd.train.schedule import Schedule
+from hpcsgd.train.stop import StopSignal
 from hpcsgd.strategies import Strategy
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
 from conftest import all_ranks, make_shards
 

@@ -10,13 +10,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from hpcsgd.comm.lossy import LinkRates
-from hpcsgd.comm.netem import LinkNetwork
+from hpcsgd.faults.lossy import LinkRates
+from hpcsgd.faults.netem import LinkNetwork
 from hpcsgd.config import build_config, validate_for_world
 from hpcsgd.data.assignment import adopt_orphans, chunk_holders, chunks_for_rank, coverage, sample_plan
 from hpcsgd.data.placement import Placement, node_count, node_of, node_ranks, placement_chunks
 from hpcsgd.errors import ConfigError
-from hpcsgd.topology import resolve_placement
+from hpcsgd.train.topology import resolve_placement
 
 # Every (P, q, R) spread placement accepts: q copies on q different nodes needs q * R <= P.
 SPREAD = [(P, q, R) for P in range(1, 11) for R in range(1, P + 1) for q in range(1, P + 1) if q * R <= P]

@@ -107,7 +107,7 @@ def test_resume_on_fewer_ranks_reassigns_orphaned_chunks_and_says_so(shards, tmp
 def test_roles_on_fewer_ranks_skip_a_rank_due_to_fail_at_the_resume_step():
     """Faults {0: 60}, resumed on 3 ranks at step 60: rank 0 leaves at once, so the processes
     play 1, 2, 3 and none departs (was: roles 0, 1, 2, rank 3 departed, 2 ranks training)."""
-    from hpcsgd.membership import Membership
+    from hpcsgd.train.membership import Membership
 
     resume = {"step": 60, "live_world": [0, 1, 2, 3], "adopted": {}, "dir": "step-00000060"}
     plans = [Membership.assign(4, 1, 3, i, {0: 60}, resume) for i in range(3)]

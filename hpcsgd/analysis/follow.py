@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..rundir import job_gone
+from ..train.rundir import job_gone
 from .runs import DEFAULT_LABEL_KEYS, _RANK_FILE, _number, config_label, find_run_dirs, is_run_dir, number_text
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase screen

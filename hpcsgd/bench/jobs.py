@@ -18,7 +18,7 @@ _LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "MPI_LOCAL", "OMPI_", "HYDRA_")
 
 def _clean_env(**extra: str) -> dict:
     """This environment without thread settings or a launcher's variables, plus ``extra``."""
-    from ..threads import THREAD_VARIABLES
+    from ..comm.threads import THREAD_VARIABLES
 
     env = {k: v for k, v in os.environ.items()
            if k not in THREAD_VARIABLES and not k.endswith("_NUM_THREADS") and not k.startswith(_LAUNCHER_VARIABLES)}

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from .blocks import block_offsets
 from .collectives import Collectives
-from .lossy import LinkRates, arrival_mask
+from ..faults.lossy import LinkRates, arrival_mask
 from . import ulfm
 from .shm import SharedWindow
 from .watchdog import WATCHDOG

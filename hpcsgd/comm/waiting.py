@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..threads import launcher_local_size, node_cores
+from .threads import launcher_local_size, node_cores
 from .watchdog import WATCHDOG
 
 WAIT_MODES = ("spin", "yield", "sleep")

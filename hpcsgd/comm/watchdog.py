@@ -162,7 +162,7 @@ class Watchdog:
             if self._multiple:
                 try:
                     self._answer_alarms()
-                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.recovery repairs the job)
+                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.train.recovery repairs the job)
                     from .ulfm import ack_world_failures
 
                     ack_world_failures()

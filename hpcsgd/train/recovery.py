@@ -28,10 +28,10 @@ import time
 import torch
 from mpi4py import MPI
 
-from .comm import ulfm
-from .errors import ConfigError, TrainingError
-from .metrics import MetricsWriter
-from .progress import Progress
+from ..comm import ulfm
+from ..errors import ConfigError, TrainingError
+from ..metrics import MetricsWriter
+from ..progress import Progress
 
 KEEP = 2  # snapshots kept: this step's start and the one before (see the module docstring)
 

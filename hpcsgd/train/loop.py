@@ -1,9 +1,9 @@
 """The training loop of ``hpcsgd train``: a client of the public API and a few one-job parts.
 
-One call of :func:`train` runs on every rank of a communicator. :func:`~hpcsgd.assembly.assemble`
-builds the run (shards, membership, model, optimizer, strategy); :class:`~hpcsgd.batches.Batches`
-draws the batches; the strategy takes each step; :class:`~hpcsgd.membership.Membership` removes
-failed ranks; :class:`~hpcsgd.evaluation.Evaluator` and :class:`~hpcsgd.totals.RunTotals` give
+One call of :func:`train` runs on every rank of a communicator. :func:`~hpcsgd.train.assembly.assemble`
+builds the run (shards, membership, model, optimizer, strategy); :class:`~hpcsgd.train.batches.Batches`
+draws the batches; the strategy takes each step; :class:`~hpcsgd.train.membership.Membership` removes
+failed ranks; :class:`~hpcsgd.train.evaluation.Evaluator` and :class:`~hpcsgd.train.totals.RunTotals` give
 the metrics and the summary; :mod:`hpcsgd.checkpoint` saves the dict of their states. Ranks
 never wait on each other except inside the strategy's collectives and the periodic diagnostics.
 """
@@ -16,18 +16,18 @@ import time
 
 from mpi4py import MPI
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import startup
 from .assembly import assemble
 from .batches import Batches, gather_on_device
-from .comm.agree import agree
-from .comm.watchdog import WATCHDOG
-from .config import TrainConfig
+from ..comm.agree import agree
+from ..comm.watchdog import WATCHDOG
+from ..config import TrainConfig
 from .diversity import gradient_diversity
-from .errors import TrainingError
+from ..errors import TrainingError
 from .evaluation import Evaluator
-from .metrics import MetricsWriter
-from .progress import Progress
+from ..metrics import MetricsWriter
+from ..progress import Progress
 from .recovery import Recovery
 from .schedule import Schedule, pointless_settings
 from .stop import StopSignal
@@ -43,7 +43,7 @@ def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.assembly.Run`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Run`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 
