@@ -89,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.rundir import claim
 
     claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
-    from .checkpoint import EXIT_PREEMPTED, Preempted
+    from .train.resume import EXIT_PREEMPTED, Preempted
     from .train.loop import train
 
     startup.mark("imports")

@@ -9,7 +9,7 @@ import h5py
 import pytest
 import torch
 
-from hpcsgd.checkpoint import find_latest
+from hpcsgd.train.resume import find_latest
 from hpcsgd.config import build_config
 from hpcsgd.errors import CheckpointError
 from hpcsgd.train.loop import Trainer

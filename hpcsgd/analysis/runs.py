@@ -25,9 +25,6 @@ from ..trajectory import NOT_TRAJECTORY
 
 FINISHED, UNFINISHED = "finished", "running/crashed"
 
-# Keys that say where or how a run was executed, not what was trained: the list the checkpoint
-# uses to decide what a run may resume with changed (hpcsgd.trajectory), so the two agree.
-IGNORED_KEYS = NOT_TRAJECTORY
 # What changes results besides the config keys, added to each run's config under these names
 # (from summary.json, else the newest checkpoint's record, else the metrics): runs on other
 # data, other shards or at another world size are never one group of seeds.
@@ -385,7 +382,8 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
     Only the runs that have a key count: a key that a run's config lacks (written by an older
     trainer, or rebuilt from summary.json) is unknown there, not different. Keys in
-    :data:`IGNORED_KEYS` never differ.
+    :data:`hpcsgd.trajectory.NOT_TRAJECTORY` (where or how a run was executed, not what was
+    trained: what a checkpoint may be resumed with changed) never differ.
     """
     order: dict[str, None] = {}
     for run in runs:
@@ -393,7 +391,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [
         k
         for k in order
-        if k not in IGNORED_KEYS and len({_hashable(run.config[k]) for run in runs if k in run.config}) > 1
+        if k not in NOT_TRAJECTORY and len({_hashable(run.config[k]) for run in runs if k in run.config}) > 1
     ]
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
 from ..comm import LinkRates
 from ..faults.netem import LinkNetwork
 from ..comm import ulfm
@@ -32,6 +31,7 @@ from .membership import Membership
 from .models import build_model
 from ..optim import ScalingSGD
 from .recovery import check_launch
+from .resume import find_latest
 from ..registry import algorithm
 from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
@@ -138,7 +138,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
 def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
     """The checkpoint ``--resume`` continues from, and whether the run had finished; one line says which."""
     run_dir = Path(cfg.run_dir)
-    resume = agree(comm, lambda: ckpt.find_latest(run_dir, cfg, P, index, comm), "resume")
+    resume = agree(comm, lambda: find_latest(run_dir, cfg, P, index, comm), "resume")
     plan = agree(comm, lambda: resolve_resume(run_dir, resume, total_steps) if comm.rank == 0 else None, "resume")
     with WATCHDOG.guard("Bcast [resume]", comm):
         line, finished = comm.bcast(plan, root=0)

@@ -17,7 +17,7 @@ import time
 from mpi4py import MPI
 
 from .. import checkpoint as ckpt
-from . import startup
+from . import resume, startup
 from .assembly import assemble
 from .batches import Batches, gather_on_device
 from ..comm.agree import agree
@@ -82,8 +82,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (collective; an overlapped round in flight is saved, not applied)."""
-        m, shards = self.membership, ckpt.shard_identity(self.job.index)
-        record = {"ranks": m.P, **m.state_dict(), **ckpt.identity(self.cfg, shards),
+        m, shards = self.membership, resume.shard_identity(self.job.index)
+        record = {"ranks": m.P, **m.state_dict(), **resume.identity(self.cfg, shards),
                   "wall_s": float(time.perf_counter() - self.t_start)}
         ckpt.save(self.job.run_dir, self.api.coll.comm, m.rank, self.parts(), step, record, on_error=self.stop.drain)
 
@@ -126,7 +126,7 @@ class Trainer:
             self.save(done)
             self.progress.close()
             self.metrics.close()
-            raise ckpt.Preempted(done)
+            raise resume.Preempted(done)
         return True
 
     def _end(self) -> dict | None:

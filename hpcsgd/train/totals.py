@@ -104,7 +104,7 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
 
     ``run`` is the assembled :class:`~hpcsgd.train.assembly.Run`.
     """
-    from ..checkpoint import shard_identity  # torch and h5py: only where a run ends
+    from .resume import shard_identity
 
     cfg, sched, m = run.cfg, run.schedule, run.membership
     L = run.strategy.coll.size
