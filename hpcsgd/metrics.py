@@ -106,6 +106,14 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, rank: int, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics" / f"rank-{rank}.jsonl"
         self._fd: int | None = None
+        self._open(resume_step)
+
+    def restart(self, step: int) -> None:
+        """Continue after ``step`` (the step survivors redo after a repair): later lines go, as on a resume."""
+        self.close()
+        self._open(step)
+
+    def _open(self, resume_step: int | None) -> None:
         try:
             if resume_step is not None:
                 self._truncate_after(resume_step)

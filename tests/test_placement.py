@@ -12,6 +12,7 @@ import pytest
 
 from hpcsgd.faults.lossy import LinkRates
 from hpcsgd.faults.netem import LinkNetwork
+from hpcsgd.faults.schedule import fault_schedule, rank_faults
 from hpcsgd.config import build_config, validate_for_world
 from hpcsgd.data.assignment import adopt_orphans, chunk_holders, chunks_for_rank, coverage, sample_plan
 from hpcsgd.data.placement import Placement, node_count, node_of, node_ranks, placement_chunks
@@ -161,9 +162,9 @@ def test_config_keys_and_flags():
     cfg = build_config(BASE, {"placement": "spread", "ranks-per-node": 2, "fail": ["node:1@30", "5@10"]})
     assert cfg.placement == "spread" and cfg.ranks_per_node == 2
     assert cfg.faults == {5: 10} and cfg.node_faults == {1: 30}
-    assert cfg.rank_faults(6, 2) == {2: 30, 3: 30, 5: 10}
-    assert cfg.fault_schedule(6, 10, 100, 2) == {2: 30, 3: 30, 5: 10}
-    assert cfg.rank_faults(5, 3) == {3: 30, 4: 30, 5: 10}  # the last node holds the remaining ranks
+    assert rank_faults(cfg, 6, 2) == {2: 30, 3: 30, 5: 10}
+    assert fault_schedule(cfg, 6, 10, 100, 2) == {2: 30, 3: 30, 5: 10}
+    assert rank_faults(cfg, 5, 3) == {3: 30, 4: 30, 5: 10}  # the last node holds the remaining ranks
     assert build_config(BASE).placement == "cyclic" and build_config(BASE).ranks_per_node == 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..comm import LinkRates
 from ..faults.netem import LinkNetwork
+from ..faults.schedule import fault_schedule
 from ..comm import ulfm
 from ..comm.agree import agree
 from ..comm.device import apply_threads, select_device
@@ -124,7 +125,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     R = placement.ranks_per_node
     cfg = dataclasses.replace(cfg, ranks_per_node=R)
     agree(comm, lambda: validate_for_world(cfg, P, ranks_per_node=R), "config")  # node:N entries need R
-    faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps, R)
+    faults = fault_schedule(cfg, P, schedule.steps_per_epoch, schedule.total_steps, R)
     # A failure scheduled at or after the last step never happens (warned about here).
     faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
     if comm.rank == 0:

@@ -25,6 +25,7 @@ from ..comm.watchdog import WATCHDOG
 from ..config import TrainConfig
 from .diversity import gradient_diversity
 from ..errors import TrainingError
+from ..faults.schedule import straggle, stragglers
 from .evaluation import Evaluator
 from ..metrics import MetricsWriter
 from ..progress import Progress
@@ -94,7 +95,8 @@ class Trainer:
         if self.world.rank == 0 and self.progress.mode != "none":
             print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.job.resume or {}).get("wall_s", 0.0)
-        self.recovery = Recovery(self)
+        self.recovery = Recovery(self.parts, self.membership, self.api, self.stop, self.metrics, self.progress,
+                                 self.job.run_dir, self.cfg.fail_mode, self.start_step)
         step = self.start_step
         while True:
             try:
@@ -142,17 +144,9 @@ class Trainer:
         self.metrics.close()
         return result
 
-    def _straggle(self, step: int) -> None:
-        """Sleep where the config makes this rank a straggler (timed as straggle_s)."""
-        for rank, first, last, seconds in self.cfg.stragglers:
-            if rank == self.membership.rank and first <= step <= last:
-                t = time.perf_counter()
-                time.sleep(seconds)
-                self.totals.timers.straggle_s += time.perf_counter() - t
-
     def train_step(self, step: int) -> None:
         cfg, timers, api = self.cfg, self.totals.timers, self.api
-        self._straggle(step)
+        timers.straggle_s += straggle(stragglers(cfg.straggle), self.membership.rank, step)  # timed apart
         t0 = time.perf_counter()
         x, y = self.batches.next()
         t1 = time.perf_counter()
