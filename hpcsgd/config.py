@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 import tomllib
@@ -23,6 +22,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .faults.schedule import FAIL_RULE, STRAGGLE_RULE, rank_faults, stragglers
 from .limits import FLOAT32_MAX, check_bytes, check_float32, check_seconds, node_cpus
+from .metrics import toml_text
 from .registry import ALGORITHMS, REGISTRY
 
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
@@ -99,13 +99,7 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved config as TOML (read back by :func:`load_toml`)."""
-        lines = ["# resolved hpcsgd train config"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
+        return toml_text({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "resolved hpcsgd train config")
 
     @property
     def faults(self) -> dict[int, int]:
@@ -139,20 +133,6 @@ def _read_help() -> dict[str, str]:
 
 
 _HELP = _read_help()
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string is a TOML basic string, except that JSON writes characters beyond the
-        # BMP as surrogate escapes (TOML refuses them) and leaves DEL raw (TOML wants it escaped).
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def load_toml(path: str | Path) -> dict:

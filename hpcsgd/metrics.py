@@ -1,4 +1,4 @@
-"""Run-directory output: per-rank JSONL metrics and the atomic JSON/text writes.
+"""Run-directory output: per-rank JSONL metrics, config.toml's TOML, and the atomic writes.
 
 The run directory is the interface between training and analysis (DESIGN.md): analysis reads
 ``metrics/rank-K.jsonl``, ``summary.json`` and ``config.toml`` and nothing else. A write that
@@ -92,6 +92,29 @@ def _clean(value):
 
 def dumps(record: dict) -> str:
     return json.dumps(_clean(record), sort_keys=False, allow_nan=False)
+
+
+def toml_text(config: dict, comment: str) -> str:
+    """``config`` as a TOML file (``key = value`` lines after ``# comment``); None values are left out.
+
+    The one TOML writer: ``hpcsgd train``'s resolved config, :class:`~hpcsgd.RunLog`'s
+    config.toml and the bench's demo config; ``tomllib`` reads each back to the same values.
+    """
+    lines = [f"# {comment}"] + [f"{key} = {toml_value(value)}" for key, value in config.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value) -> str:
+    """One TOML value: booleans, numbers, strings, lists of them; anything else as its string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string, except that JSON writes characters beyond the
+    # BMP as surrogate escapes (TOML refuses them) and leaves DEL raw (TOML wants it escaped).
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 class MetricsWriter:

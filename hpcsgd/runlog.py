@@ -14,7 +14,7 @@ import numpy as np
 
 from .data.assignment import coverage
 from .errors import ConfigError
-from .metrics import MetricsWriter, atomic_write_text, dumps
+from .metrics import MetricsWriter, atomic_write_text, dumps, toml_text
 
 
 def _last_wall(path: Path) -> float:
@@ -32,16 +32,6 @@ def _drop_departed(run_dir: Path, step: int, playing: list[int]) -> None:
             continue
         if rank not in playing:
             MetricsWriter(run_dir, rank, step).close()
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 class RunLog:
@@ -74,8 +64,7 @@ class RunLog:
         if world.comm.rank == 0:
             try:
                 (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                lines = [f"{k} = {_toml_value(v)}" for k, v in self.config.items() if v is not None]
-                atomic_write_text(self.run_dir / "config.toml", "\n".join(["# hpcsgd.RunLog", *lines]) + "\n")
+                atomic_write_text(self.run_dir / "config.toml", toml_text(self.config, "hpcsgd.RunLog"))
                 if resume_step is not None:
                     _drop_departed(self.run_dir, resume_step, playing)
             except OSError as exc:

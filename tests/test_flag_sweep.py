@@ -97,7 +97,7 @@ ACCEPTED: dict[str, set[str]] = {
     "bench --fabric-latency-us": {"zero", "tiny"},  # no latency: the bandwidth term is left
     "train --fail": {"1@99999999999999999999999"},  # warned: after the run's last step, it never happens
     # No table at that path: the projection says so and uses the model's form only (as without
-    # tools/scaling.json); an unreadable or malformed table is refused.
+    # the packaged hpcsgd/bench/scaling.json); an unreadable or malformed table is refused.
     "bench --table": _ANY,
 }
 
