@@ -18,7 +18,7 @@ import hpcsgd
 from hpcsgd.train.membership import Membership
 from hpcsgd.redundant import RedundantSampler
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

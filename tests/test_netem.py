@@ -16,7 +16,7 @@ from hpcsgd.comm import BlockExchange, Collectives, LinkRates
 from hpcsgd.faults.netem import LinkNetwork, NetworkClock
 from hpcsgd.errors import ConfigError
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 
 # ---- the model (no MPI) --------------------------------------------------------------------

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from hpcsgd import checkpoint as ckpt
 from hpcsgd.algorithms.overlap import RoundInFlight
 from hpcsgd.comm.watchdog import WATCHDOG
 from hpcsgd.config import build_config
@@ -23,7 +22,7 @@ from hpcsgd.strategies import Strategy
 from hpcsgd.train.loop import Trainer
 from hpcsgd.train.resume import Preempted
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, make_shards
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

@@ -15,7 +15,7 @@ from hpcsgd.data.placement import placement_chunks
 from hpcsgd.errors import ConfigError
 from hpcsgd.train.topology import detect_ranks_per_node
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

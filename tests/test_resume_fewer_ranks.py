@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from hpcsgd.data import load_chunk, load_source, read_index, write_shards
+from hpcsgd.data import load_chunk, read_index
 
+from helpers import synthetic_shards
 from launch import mpi
 
 pytestmark = pytest.mark.slow
@@ -20,10 +21,8 @@ FLAGS = ["--steps", "120", "--checkpoint-every", "60", "--batch-size", "8", "--m
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resize") / "shards"
-    data = load_source("synthetic", seed=0, n_train=512, n_test=256, num_classes=8, features=12)
-    write_shards(data, 4, "label", out, seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("resize") / "shards", 4, "label", n_train=512, n_test=256,
+                            num_classes=8, features=12)
 
 
 def _train(n, shards, run, *flags):

@@ -15,9 +15,9 @@ import pytest
 import hpcsgd.analysis.runs as runs
 import hpcsgd.checkpoint as ckpt
 import hpcsgd.train.resume as resume
-from hpcsgd.data import load_source, write_shards
 from hpcsgd.trajectory import NOT_TRAJECTORY
 
+from helpers import synthetic_shards
 from launch import mpi
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,7 @@ FLAGS = ["--batch-size", "8", "--steps", "6", "--checkpoint-every", "3", "--prog
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "p4"
-    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "label", out,
-                 seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("resume") / "p4", 4, "label", n_train=128, n_test=32)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from hpcsgd.config import build_config
 from hpcsgd.train.loop import Trainer
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, make_shards
 from reference import chunk_plan, simulate, single_process_concatenated
 
 pytestmark = pytest.mark.mpi(min_size=1)
