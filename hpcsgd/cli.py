@@ -286,7 +286,7 @@ def leave(code: int) -> typing.NoReturn:
     and was not requeued. The codes in AGREED_EXITS are reached by every rank together, so
     MPI is finalized normally and the process exits with the plain code; any other code
     (Ctrl-C, a bug) keeps the abort, which takes down ranks that may sit in a collective.
-    The C library's ``exit`` skips tearing down torch's modules (2-3 s per rank) after the streams are flushed.
+    The C library's ``exit`` skips tearing down torch's modules (seconds per rank) after the streams are flushed.
     """
     if code not in AGREED_EXITS:
         sys.exit(code)
@@ -315,9 +315,8 @@ def _exit_without_python_teardown(code: int) -> typing.NoReturn:
     """The C library's ``exit``: C atexit handlers (MPICH's among them) and stdio, no Python teardown.
 
     ``os._exit`` skips the C atexit handlers too, and MPICH's hydra then SIGKILLed a rank that
-    was still inside MPI_Finalize (exit 9): 19 of 40 4-rank jobs of a script that finalizes
-    and calls os._exit, 0 of 20 with this (and 0 of 20 with a full interpreter exit, which
-    costs torch's module teardown, 2.5-6 s per rank).
+    was still inside MPI_Finalize (exit 9); with this, no rank was (nor with a full interpreter
+    exit, which costs torch's module teardown; the figures: README, "Threads and start-up").
     """
     try:
         import ctypes

@@ -48,6 +48,15 @@ class RunLog:
             rank's file (departed ranks' too), and the wall time goes on from the record at it.
         sampler: the run's :class:`~hpcsgd.RedundantSampler`: records and the summary then
             carry ``coverage`` (the share of chunks the live ranks hold, adopted ones included).
+
+    Example::
+
+        log = hpcsgd.RunLog("runs/mine", world, {"algorithm": "rps", "q": 2, "lr": 0.1})
+        for step in range(steps):
+            ...  # forward, backward, strategy.step()
+            if step % 50 == 0:
+                log.log(step + 1, strategy, loss=loss.item())  # steps done
+        log.finish(strategy)  # summary.json; then: hpcsgd report runs/mine --out report
     """
 
     def __init__(self, run_dir, world, config: dict | None = None, resume_step: int | None = None, sampler=None):

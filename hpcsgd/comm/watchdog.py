@@ -8,8 +8,8 @@ seconds, finds out who did not arrive and aborts the whole job with exit code 4.
 
 Why a monitor thread and not nonblocking calls polled with ``Test``: the guard costs two
 attribute writes per collective and the blocking calls stay blocking, while MPICH's
-``Iallreduce`` + ``Wait`` of a large buffer measured about 10% slower than ``Allreduce``, and
-``Test`` polling slower still (``hpcsgd bench`` rows ``watchdog_overhead`` and
+``Iallreduce`` + ``Wait`` of a large buffer measured slower than ``Allreduce`` (README,
+"Benchmarks"), and ``Test`` polling slower still (``hpcsgd bench`` rows ``watchdog_overhead`` and
 ``watchdog_polling_alternative``).
 
 Who did not arrive: nothing is exchanged while all is well. A rank whose call times out sends
