@@ -99,7 +99,8 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved config as TOML (read back by :func:`load_toml`)."""
-        return toml_text({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "resolved hpcsgd train config")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return toml_text(values, "resolved hpcsgd train config")
 
     @property
     def faults(self) -> dict[int, int]:

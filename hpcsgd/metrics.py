@@ -100,7 +100,7 @@ def toml_text(config: dict, comment: str) -> str:
     The one TOML writer: ``hpcsgd train``'s resolved config, :class:`~hpcsgd.RunLog`'s
     config.toml and the bench's demo config; ``tomllib`` reads each back to the same values.
     """
-    lines = [f"# {comment}"] + [f"{key} = {toml_value(value)}" for key, value in config.items() if value is not None]
+    lines = [f"# {comment}"] + [f"{key} = {toml_value(v)}" for key, v in config.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +132,7 @@ class MetricsWriter:
         self._open(resume_step)
 
     def restart(self, step: int) -> None:
-        """Continue after ``step`` (the step survivors redo after a repair): later lines go, as on a resume."""
+        """Continue after ``step`` (the step survivors redo after a repair): later lines go, as on resume."""
         self.close()
         self._open(step)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..train.rundir import job_gone
-from .runs import DEFAULT_LABEL_KEYS, RANK_FILE, config_label, find_run_dirs, finite_number, is_run_dir, number_text
+from .runs import (DEFAULT_LABEL_KEYS, RANK_FILE, config_label, find_run_dirs, finite_number, is_run_dir,
+                   number_text)
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase screen
 BAR_WIDTH = 30

@@ -15,8 +15,8 @@ from .timing import format_rows, row, write_json
 ENV_RANKS = 4
 # The demo's config, jobs/configs/digits-risgd.toml (a test keeps the two equal), written for each
 # launch: an installed hpcsgd has no jobs/ folder to read it from.
-DEMO_CONFIG = {"algorithm": "local", "model": "mlp", "mlp_hidden": [256, 128], "tau": 8, "epochs": 20, "batch_size": 16,
-               "lr": 0.1, "seed": 0, "eval_every": 5}
+DEMO_CONFIG = {"algorithm": "local", "model": "mlp", "mlp_hidden": [256, 128], "tau": 8, "epochs": 20,
+               "batch_size": 16, "lr": 0.1, "seed": 0, "eval_every": 5}
 _LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "MPI_LOCAL", "OMPI_", "HYDRA_")
 
 

@@ -25,7 +25,8 @@ def rank_faults(cfg, ranks: int, ranks_per_node: int = 1) -> dict[int, int]:
     return found
 
 
-def fault_schedule(cfg, ranks: int, steps_per_epoch: int, total_steps: int, ranks_per_node: int = 1) -> dict[int, int]:
+def fault_schedule(cfg, ranks: int, steps_per_epoch: int, total_steps: int,
+                   ranks_per_node: int = 1) -> dict[int, int]:
     """Explicit faults plus, with ``fail_rate``, a seeded random schedule every rank derives alike.
 
     Each rank fails in each epoch with probability ``fail_rate`` (at a uniform step of that
@@ -57,7 +58,9 @@ def stragglers(rules: list[str]) -> list[tuple[int, int, int, float]]:
 
 
 def straggle(rules: list[tuple[int, int, int, float]], rank: int, step: int) -> float:
-    """Sleep where ``rules`` (from :func:`stragglers`) make ``rank`` a straggler at ``step``; the seconds it took."""
+    """Sleep where ``rules`` (from :func:`stragglers`) make ``rank`` a straggler at ``step``.
+
+    Returns the seconds it took (0.0 where ``rank`` is no straggler at ``step``)."""
     slept = 0.0
     for who, first, last, seconds in rules:
         if who == rank and first <= step <= last:
