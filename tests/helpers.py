@@ -31,10 +31,15 @@ def synthetic_shards(out: Path, parts: int, partition: str = "iid", seed: int = 
 
 
 def make_shards(out: Path, parts: int, partition: str = "iid", seed: int = 0, **options) -> Path:
-    """:func:`synthetic_shards` for in-process MPI tests: rank 0 writes, everyone waits."""
+    """:func:`synthetic_shards` for in-process MPI tests: rank 0 writes, everyone waits.
+
+    Also before the write: a test that makes the same shards again (``_config`` twice) must not
+    have rank 0 rewrite them while another rank still reads the previous ones.
+    """
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    comm.Barrier()
     if comm.rank == 0:
         synthetic_shards(out, parts, partition, seed, **options)
     comm.Barrier()

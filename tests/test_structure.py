@@ -107,3 +107,10 @@ def test_the_readme_map_names_every_module():
     named = _map_of_modules()
     assert not modules - named, f"modules the README's map leaves out: {sorted(modules - named)}"
     assert not named - modules, f"the README's map names modules that do not exist: {sorted(named - modules)}"
+
+
+def test_test_files_import_shared_helpers_from_helpers_not_conftest():
+    """conftest.py is pytest's (fixtures); what test files share is imported from tests/helpers.py."""
+    tests = Path(__file__).resolve().parent
+    offenders = [p.name for p in sorted(tests.glob("*.py")) if re.search(r"^\s*(from|import) conftest\b", p.read_text(), re.M)]
+    assert not offenders, f"import these from helpers instead of conftest: {offenders}"
