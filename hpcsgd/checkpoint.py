@@ -3,8 +3,9 @@
 The CLI and the public :func:`hpcsgd.save_checkpoint` write the same format. Layout:
 ``RUN_DIR/checkpoints/step-00000120/rank-K.h5`` (one file per live rank: under local SGD
 every rank's model, momentum and sampler differ) and ``.../COMPLETE``, a small JSON record
-(step, ranks, live ranks, the parts; for the CLI also the shards' identity and the config
-fingerprint) written by the first live rank after every rank's file is in place. In a rank
+(step, ranks, live ranks, the parts, and what the caller adds: ``hpcsgd train`` adds the
+shards' identity and the config fingerprint, and decides what fits a resume, in
+:mod:`hpcsgd.train.resume`) written by the first live rank after every rank's file is in place. In a rank
 file each part's tensors and arrays are datasets ``PART/N``, and the rest of its state dict
 is one JSON attribute that says where each tensor goes back. Each file is written to a
 temporary name, fsynced and renamed; a directory without ``COMPLETE`` is ignored, so a rank
@@ -18,7 +19,7 @@ state attribute and its arrays; per file, its step and record; and COMPLETE carr
 A checkpoint whose record or files are unreadable, truncated or altered is moved aside
 (``checkpoints/broken-step-...``) with a warning naming the file and the part, and the next
 older intact one is used. This module reads no part's fields: each
-part has ``state_dict()`` and ``load_state_dict()``. The stop signals are in :mod:`hpcsgd.stop`.
+part has ``state_dict()`` and ``load_state_dict()``.
 """
 
 from __future__ import annotations
@@ -40,63 +41,13 @@ from .comm.agree import agree
 from .comm.watchdog import WATCHDOG
 from .errors import CheckpointError
 from .metrics import atomic_write_bytes, atomic_write_text, cannot_write
-from .trajectory import NOT_TRAJECTORY, trajectory
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from .config import TrainConfig
-    from .data.shards import ShardIndex
-
-EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1/SIGINT; `--resume` continues the run
 KEEP = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
-_NOT_TRAJECTORY = NOT_TRAJECTORY  # fields a run may resume with changed (hpcsgd.trajectory: one list)
 # What the digests of a rank file cover; files without this attribute have one over the arrays only.
 SCOPE = "parts+attributes"
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint that a stop signal asked for is on disk."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by signal after step {step}; checkpoint written")
-        self.step = step
-
-
-def fingerprint(cfg: "TrainConfig", shards: dict | None = None) -> str:
-    """Hash of every config field that shapes the trajectory, and of the shards' content.
-
-    ``shards`` is :func:`shard_identity` of the shards trained on; None gives the fingerprint
-    checkpoints written before the shards were part of it carry.
-    """
-    values = trajectory(vars(cfg))
-    if values.get("placement") == "cyclic":
-        del values["placement"]  # the default: checkpoints written before the key existed still fit
-    if shards is not None:
-        values["shards"] = shards["digest"]
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def identity(cfg: "TrainConfig", shards: dict) -> dict:
-    """What a checkpoint's record says about the run: fingerprint, shards and the trajectory keys.
-
-    The keys themselves (not only their hash) let a refused resume name what differs.
-    """
-    return {"fingerprint": fingerprint(cfg, shards), "shards": shards,
-            "config": json.loads(json.dumps(trajectory(vars(cfg)), default=str))}
-
-
-def shard_identity(index: "ShardIndex") -> dict:
-    """What names a shard set in messages, and a digest of its chunk and test checksums."""
-    digest = hashlib.sha256(json.dumps([list(index.chunk_checksums), index.test_checksum]).encode()).hexdigest()
-    return {"path": str(index.path), "source": index.source, "partition": index.partition, "seed": index.seed,
-            "parts": index.parts, "digest": digest[:16]}
-
-
-def _describe_shards(shards: dict) -> str:
-    return (f"{shards.get('path')} ({shards.get('source')}, {shards.get('partition')}, seed {shards.get('seed')}, "
-            f"P={shards.get('parts')}, content {shards.get('digest')})")
-
 
 
 class TorchRNG:
@@ -293,24 +244,6 @@ def complete_dirs(run_dir: Path) -> list[Path]:
     return sorted(d for d in root.glob("step-*") if (d / "COMPLETE").exists())
 
 
-def find_latest(
-    run_dir: Path, cfg: "TrainConfig", ranks: int, shards: "ShardIndex | None" = None, comm: "MPI.Comm | None" = None
-) -> dict | None:
-    """The newest intact checkpoint's record for ``hpcsgd train --resume``, or None (start fresh).
-
-    As :func:`newest_intact`, and the checkpoint must fit: ``ranks`` is the run's rank count
-    P (its number of chunks; the job resuming it may have fewer, see
-    :class:`~hpcsgd.membership.Membership`), the same shards (``shards`` defaults to the index
-    in ``cfg.data``) and a config with the same trajectory.
-    """
-    if shards is None:
-        from .data import read_index
-
-        shards = read_index(cfg.data)
-    return newest_intact(run_dir, comm, lambda meta, directory: _check_fits(meta, directory, cfg, ranks,
-                                                                             shard_identity(shards)))
-
-
 def newest_intact(run_dir: Path, comm: "MPI.Comm | None" = None,
                   check: Callable[[dict, Path], None] | None = None) -> dict | None:
     """The newest intact checkpoint's record (``dir``, ``step``, ...), or None when there is none.
@@ -434,49 +367,6 @@ def _check_scope(name: str, attrs: dict, arrays: dict, states: dict, digests: di
     if _meta_digest(attrs["step"], attrs.get("record")) != str(attrs.get("sha256_meta")):
         return f"{name}: its step and record attributes fail their checksum (altered or corrupted)"
     return None
-
-
-def _check_fits(meta: dict, directory: Path, cfg: "TrainConfig", ranks: int, shards: dict) -> None:
-    """Refuse a checkpoint of another rank count, other shards or another config, naming both."""
-    if meta["ranks"] != ranks:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by a run of {meta['ranks']} ranks, these shards have "
-            f"P={ranks} chunks: resume with the shards the run started with"
-        )
-    written = meta.get("shards")
-    if written is not None and written.get("digest") != shards["digest"]:
-        raise CheckpointError(
-            f"checkpoint {directory} was written on other shards: {_describe_shards(written)}; this run reads "
-            f"{_describe_shards(shards)}: resume with the shards the run started with, or start a new run"
-        )
-    expected = fingerprint(cfg, shards if written is not None else None)
-    if meta["fingerprint"] != expected:
-        differ = _differences(meta.get("config") or _config_toml(Path(directory).parent.parent), cfg)
-        raise CheckpointError(
-            f"checkpoint {directory} was written by a run with another config"
-            + (f" ({differ})" if differ else "") + "; use a new run directory or the original config"
-        )
-
-
-def _differences(old: dict | None, cfg: "TrainConfig") -> str:
-    """The trajectory keys whose values differ, as ``key: OLD in the checkpoint, NEW now``."""
-    if not old:
-        return ""
-    new = json.loads(json.dumps(trajectory(vars(cfg)), default=str))
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return "; ".join(f"{k}: {old.get(k, '(unset)')!r} in the checkpoint, {new.get(k, '(unset)')!r} now" for k in keys)
-
-
-def _config_toml(run_dir: Path) -> dict | None:
-    """The trajectory keys of the run's config.toml: what a checkpoint of an older trainer
-    (whose record has no config) was written with; None when it cannot be read."""
-    import tomllib
-
-    try:
-        with open(run_dir / "config.toml", "rb") as fh:
-            return trajectory(tomllib.load(fh))
-    except (OSError, ValueError):
-        return None
 
 
 def _set_aside(broken: list[tuple[Path, str]], chosen: Path, comm: "MPI.Comm | None") -> None:

@@ -17,7 +17,8 @@ import traceback
 import types
 import typing
 
-from . import __version__, startup  # startup's clock starts at this import
+from . import __version__
+from .train import startup  # startup's clock starts at this import
 from .errors import HpcsgdError
 from .registry import REGISTRY  # no torch, no MPI: cheap before the slow imports
 
@@ -76,7 +77,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .stop import install_stop_handlers
+    from .train.stop import install_stop_handlers
 
     install_stop_handlers()  # before torch's slow import, so an early SIGUSR1 still checkpoints
     cfg = config_from_args(args)
@@ -85,11 +86,11 @@ def run_train(args: argparse.Namespace) -> int:
     from mpi4py import MPI  # MPI_Init
 
     startup.mark("MPI")
-    from .rundir import claim
+    from .train.rundir import claim
 
     claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
-    from .checkpoint import EXIT_PREEMPTED, Preempted
-    from .train import train
+    from .train.resume import EXIT_PREEMPTED, Preempted
+    from .train.loop import train
 
     startup.mark("imports")
     try:
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .threads import limit_before_import
+    from .comm.threads import limit_before_import
 
     limit_before_import()  # before numpy and torch start their thread pools
     parser = build_parser()
@@ -285,7 +286,7 @@ def leave(code: int) -> typing.NoReturn:
     and was not requeued. The codes in AGREED_EXITS are reached by every rank together, so
     MPI is finalized normally and the process exits with the plain code; any other code
     (Ctrl-C, a bug) keeps the abort, which takes down ranks that may sit in a collective.
-    The C library's ``exit`` skips tearing down torch's modules (2-3 s per rank) after the streams are flushed.
+    The C library's ``exit`` skips tearing down torch's modules (seconds per rank) after the streams are flushed.
     """
     if code not in AGREED_EXITS:
         sys.exit(code)
@@ -314,9 +315,8 @@ def _exit_without_python_teardown(code: int) -> typing.NoReturn:
     """The C library's ``exit``: C atexit handlers (MPICH's among them) and stdio, no Python teardown.
 
     ``os._exit`` skips the C atexit handlers too, and MPICH's hydra then SIGKILLed a rank that
-    was still inside MPI_Finalize (exit 9): 19 of 40 4-rank jobs of a script that finalizes
-    and calls os._exit, 0 of 20 with this (and 0 of 20 with a full interpreter exit, which
-    costs torch's module teardown, 2.5-6 s per rank).
+    was still inside MPI_Finalize (exit 9); with this, no rank was (nor with a full interpreter
+    exit, which costs torch's module teardown; the figures: README, "Threads and start-up").
     """
     try:
         import ctypes

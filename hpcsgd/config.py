@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 import tomllib
@@ -19,10 +18,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .errors import ConfigError
+from .faults.schedule import FAIL_RULE, STRAGGLE_RULE, rank_faults, stragglers
 from .limits import FLOAT32_MAX, check_bytes, check_float32, check_seconds, node_cpus
+from .metrics import toml_text
 from .registry import ALGORITHMS, REGISTRY
 
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
@@ -38,8 +38,6 @@ _MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 INT_MAX = 2**63 - 1  # every other integer key must fit a signed 64-bit integer (TOML's, torch's)
 MIN_GBPS = 1e-6  # 1 kb/s: a slower emulated link would make a model's message a duration no clock takes
-_FAIL = re.compile(r"^(node:)?(\d+)@(\d+)$")  # RANK@STEP, or node:N@STEP (every rank of node N)
-_STRAGGLER = re.compile(r"^(\d+)@(\d+)(?:-(\d+))?:([0-9.]+)$")
 
 
 @dataclass(frozen=True)
@@ -101,61 +99,18 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved config as TOML (read back by :func:`load_toml`)."""
-        lines = ["# resolved hpcsgd train config"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return toml_text(values, "resolved hpcsgd train config")
 
     @property
     def faults(self) -> dict[int, int]:
         """world rank -> step at which it fails (the explicit ``RANK@STEP`` entries)."""
-        return {int(m[2]): int(m[3]) for m in map(_FAIL.match, self.fail) if not m[1]}
+        return {int(m[2]): int(m[3]) for m in map(FAIL_RULE.match, self.fail) if not m[1]}
 
     @property
     def node_faults(self) -> dict[int, int]:
         """node -> step at which all its ranks fail (the ``node:N@STEP`` entries)."""
-        return {int(m[2]): int(m[3]) for m in map(_FAIL.match, self.fail) if m[1]}
-
-    def rank_faults(self, ranks: int, ranks_per_node: int = 1) -> dict[int, int]:
-        """The explicit faults per world rank, a node's entry standing for each rank of the node."""
-        R = ranks_per_node  # node n is ranks n*R .. (n+1)*R - 1 (hpcsgd/data/placement.py)
-        found = {r: s for n, s in self.node_faults.items() for r in range(n * R, min((n + 1) * R, ranks))}
-        for rank, step in self.faults.items():
-            found[rank] = min(step, found.get(rank, step))
-        return found
-
-    def fault_schedule(self, ranks: int, steps_per_epoch: int, total_steps: int, ranks_per_node: int = 1) -> dict[int, int]:
-        """Explicit faults plus, with ``fail_rate``, a seeded random schedule every rank derives alike.
-
-        Each rank fails in each epoch with probability ``fail_rate`` (at a uniform step of that
-        epoch); rank 0 never fails at random, so at least one rank always survives.
-        """
-        schedule = self.rank_faults(ranks, ranks_per_node)
-        if self.fail_rate > 0:
-            rng = np.random.default_rng([self.seed, 104729])
-            epochs = math.ceil(total_steps / steps_per_epoch)
-            for rank in range(1, ranks):
-                fails = rng.random(epochs) < self.fail_rate
-                offsets = rng.integers(0, steps_per_epoch, epochs)
-                if rank not in schedule and fails.any():
-                    epoch = int(np.argmax(fails))
-                    step = epoch * steps_per_epoch + int(offsets[epoch])
-                    if step < total_steps:
-                        schedule[rank] = step
-        return schedule
-
-    @property
-    def stragglers(self) -> list[tuple[int, int, int, float]]:
-        """(rank, first step, last step, seconds) of each straggler rule."""
-        out = []
-        for rule in self.straggle:
-            m = _STRAGGLER.match(rule)
-            first = int(m[2])
-            out.append((int(m[1]), first, int(m[3]) if m[3] else first, float(m[4])))
-        return out
+        return {int(m[2]): int(m[3]) for m in map(FAIL_RULE.match, self.fail) if m[1]}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -179,20 +134,6 @@ def _read_help() -> dict[str, str]:
 
 
 _HELP = _read_help()
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string is a TOML basic string, except that JSON writes characters beyond the
-        # BMP as surrogate escapes (TOML refuses them) and leaves DEL raw (TOML wants it escaped).
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def load_toml(path: str | Path) -> dict:
@@ -413,13 +354,13 @@ def _validate_faults(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.fail_rate < 1.0:
         raise ConfigError(f"fail_rate must be in [0, 1), got {cfg.fail_rate}")
     for rule in cfg.fail:
-        if not _FAIL.match(rule):
+        if not FAIL_RULE.match(rule):
             raise ConfigError(f"fail entry {rule!r} must look like RANK@STEP with RANK, STEP >= 0, e.g. 3@500, "
                               f"or node:NODE@STEP (every rank of a node), e.g. node:1@500")
     if len(cfg.faults) + len(cfg.node_faults) != len(cfg.fail):
         raise ConfigError(f"fail names a rank or a node twice: {cfg.fail}")
     for rule in cfg.straggle:
-        m = _STRAGGLER.match(rule)
+        m = STRAGGLE_RULE.match(rule)
         if not m or (m[3] and int(m[3]) < int(m[2])):
             raise ConfigError(f"straggle entry {rule!r} must look like RANK@STEP[-END]:SECONDS, e.g. 1@10-20:0.5")
         seconds = _number(m[4])
@@ -437,7 +378,7 @@ def _number(text: str) -> float | None:
 
 def _validate_links(cfg: TrainConfig) -> None:
     """The link rules' form and values, before the world size is known (their ranks: at assembly)."""
-    from .comm.lossy import apply_link_rules  # numpy only: no MPI
+    from .faults.lossy import apply_link_rules  # numpy only: no MPI
 
     def rate(what: str, value: float) -> None:
         if not 0.0 <= value < 1.0:
@@ -481,8 +422,8 @@ def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int
         if node >= nodes:
             raise ConfigError(f"fail entry node:{node}@{step} names node {node}, but the {world_size} ranks fill "
                               f"nodes 0..{nodes - 1} ({ranks_per_node} ranks per node)")
-    if len(cfg.rank_faults(world_size, ranks_per_node)) >= world_size:
+    if len(rank_faults(cfg, world_size, ranks_per_node)) >= world_size:
         raise ConfigError(f"fail would stop all {world_size} ranks; at least one must survive")
-    for rank, first, _, _ in cfg.stragglers:
+    for rank, first, _, _ in stragglers(cfg.straggle):
         if rank >= world_size:
             raise ConfigError(f"straggle entry for rank {rank}: ranks are 0..{world_size - 1}")

@@ -6,7 +6,15 @@ non-zero exit; any other exception is a bug and aborts the whole MPI job with a 
 
 
 class HpcsgdError(Exception):
-    """A problem with the user's input or environment, with a message that names it."""
+    """A problem with the user's input or environment, with a message that names it.
+
+    Example::
+
+        try:
+            sampler = hpcsgd.RedundantSampler(train_set, world, q=world.size + 1)
+        except hpcsgd.ConfigError as exc:  # raised on every rank alike
+            sys.exit(f"bad setting: {exc}")
+    """
 
 
 class ConfigError(HpcsgdError, ValueError):

@@ -1,4 +1,4 @@
-"""Run-directory output: per-rank JSONL metrics and the atomic JSON/text writes.
+"""Run-directory output: per-rank JSONL metrics, config.toml's TOML, and the atomic writes.
 
 The run directory is the interface between training and analysis (DESIGN.md): analysis reads
 ``metrics/rank-K.jsonl``, ``summary.json`` and ``config.toml`` and nothing else. A write that
@@ -94,6 +94,29 @@ def dumps(record: dict) -> str:
     return json.dumps(_clean(record), sort_keys=False, allow_nan=False)
 
 
+def toml_text(config: dict, comment: str) -> str:
+    """``config`` as a TOML file (``key = value`` lines after ``# comment``); None values are left out.
+
+    The one TOML writer: ``hpcsgd train``'s resolved config, :class:`~hpcsgd.RunLog`'s
+    config.toml and the bench's demo config; ``tomllib`` reads each back to the same values.
+    """
+    lines = [f"# {comment}"] + [f"{key} = {toml_value(v)}" for key, v in config.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value) -> str:
+    """One TOML value: booleans, numbers, strings, lists of them; anything else as its string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string, except that JSON writes characters beyond the
+    # BMP as surrogate escapes (TOML refuses them) and leaves DEL raw (TOML wants it escaped).
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to ``RUN_DIR/metrics/rank-K.jsonl``.
 
@@ -106,6 +129,14 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, rank: int, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics" / f"rank-{rank}.jsonl"
         self._fd: int | None = None
+        self._open(resume_step)
+
+    def restart(self, step: int) -> None:
+        """Continue after ``step`` (the step survivors redo after a repair): later lines go, as on resume."""
+        self.close()
+        self._open(step)
+
+    def _open(self, resume_step: int | None) -> None:
         try:
             if resume_step is not None:
                 self._truncate_after(resume_step)

@@ -7,8 +7,8 @@ computes ``beta*self + alpha*vec1*vec2`` element by element), as cheap as ``p.ad
 
 Start-up: torch.optim wraps ``SGD.step``, ``zero_grad``, ``state_dict`` and
 ``add_param_group`` (called by the constructor) so that the first call imports
-``torch._dynamo``, which pulls in sympy: 2-5 s per rank, more than torch itself, for a
-compiler hpcsgd never uses. ScalingSGD calls those methods unwrapped and, when every
+``torch._dynamo``, which pulls in sympy: seconds per rank, more than torch itself (README,
+"Threads and start-up"), for a compiler hpcsgd never uses. ScalingSGD calls those methods unwrapped and, when every
 parameter is on the CPU, runs the plain step itself with the arithmetic of torch's
 single-tensor SGD, the loop torch runs for CPU tensors: bit for bit the same result, and no
 ``torch._dynamo``. On GPUs the plain step stays torch's (its multi-tensor kernels).

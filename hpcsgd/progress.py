@@ -37,6 +37,7 @@ class Progress:
     def __init__(self, mode: str, total: int, start: int = 0, enabled: bool = True):
         self.total = total
         self.bar = None
+        self.requested = mode
         self.mode = "none" if not enabled else mode
         if self.mode == "auto":
             self.mode = "bar" if sys.stderr.isatty() else "lines"
@@ -74,6 +75,11 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def take_over(self, start: int) -> None:
+        """Report from this rank on, from step ``start``: the rank that reported has gone."""
+        if self.mode == "none" and self.requested != "none":
+            self.__init__(self.requested, self.total, start, enabled=True)
 
 
 def progress(iterable, world, total: int | None = None, desc: str | None = None, **tqdm_options):

@@ -74,6 +74,15 @@ class RedundantSampler(torch.utils.data.Sampler):
         placement: ``"cyclic"`` (rank r also holds chunks r+1..r+q-1) or ``"spread"`` (chunks
             r, r+R, ..., so a chunk's copies sit on q different nodes; needs q <= P/R).
         ranks_per_node: R for ``"spread"``; 0 (default): the ranks sharing rank 0's node.
+
+    Example::
+
+        sampler = hpcsgd.RedundantSampler(train_set, world, q=2, batch_size=16, partition="label")
+        loader = DataLoader(train_set, batch_sampler=sampler)
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for x, y in loader:  # 2 * 16 samples: 16 from each of this rank's 2 chunks
+                ...
     """
 
     def __init__(self, dataset, world, q: int = 1, batch_size: int = 32, partition: str = "iid",

@@ -14,7 +14,7 @@ import numpy as np
 
 from .data.assignment import coverage
 from .errors import ConfigError
-from .metrics import MetricsWriter, atomic_write_text, dumps
+from .metrics import MetricsWriter, atomic_write_text, dumps, toml_text
 
 
 def _last_wall(path: Path) -> float:
@@ -34,16 +34,6 @@ def _drop_departed(run_dir: Path, step: int, playing: list[int]) -> None:
             MetricsWriter(run_dir, rank, step).close()
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
-
-
 class RunLog:
     """Writes one run directory from every rank of ``world``.
 
@@ -58,6 +48,15 @@ class RunLog:
             rank's file (departed ranks' too), and the wall time goes on from the record at it.
         sampler: the run's :class:`~hpcsgd.RedundantSampler`: records and the summary then
             carry ``coverage`` (the share of chunks the live ranks hold, adopted ones included).
+
+    Example::
+
+        log = hpcsgd.RunLog("runs/mine", world, {"algorithm": "rps", "q": 2, "lr": 0.1})
+        for step in range(steps):
+            ...  # forward, backward, strategy.step()
+            if step % 50 == 0:
+                log.log(step + 1, strategy, loss=loss.item())  # steps done
+        log.finish(strategy)  # summary.json; then: hpcsgd report runs/mine --out report
     """
 
     def __init__(self, run_dir, world, config: dict | None = None, resume_step: int | None = None, sampler=None):
@@ -74,8 +73,7 @@ class RunLog:
         if world.comm.rank == 0:
             try:
                 (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                lines = [f"{k} = {_toml_value(v)}" for k, v in self.config.items() if v is not None]
-                atomic_write_text(self.run_dir / "config.toml", "\n".join(["# hpcsgd.RunLog", *lines]) + "\n")
+                atomic_write_text(self.run_dir / "config.toml", toml_text(self.config, "hpcsgd.RunLog"))
                 if resume_step is not None:
                     _drop_departed(self.run_dir, resume_step, playing)
             except OSError as exc:

@@ -66,7 +66,7 @@ def load_checkpoint(run_dir, world, parts: dict) -> int | None:
     plays (``strategy.world.rank``). More processes than the checkpoint's live ranks: a
     CheckpointError on every rank.
     """
-    from . import resize
+    from .train import resize
 
     meta = _ckpt.newest_intact(Path(run_dir), world.comm)
     if meta is None:

@@ -25,7 +25,7 @@ from .algorithms import lossy_allreduce as _lossy
 from .algorithms import rps as _rps
 from .algorithms import sync as _sync
 from .comm import Collectives, FlatParams, LinkRates
-from .comm.netem import LinkNetwork
+from .faults.netem import LinkNetwork
 from .comm.watchdog import WATCHDOG
 from .errors import CheckpointError, ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
@@ -187,7 +187,7 @@ class Strategy:
         Returns whether this rank is still training. A failed rank hands its traffic counts
         to the survivors (:attr:`failed_counters`) and must stop calling :meth:`step`.
         ``survivors``: the communicator of the live ranks when ``ranks`` really died (ULFM,
-        see :mod:`hpcsgd.recovery`): it is collective over the survivors only, and the dead
+        see :mod:`hpcsgd.train.recovery`): it is collective over the survivors only, and the dead
         ranks' traffic died with them.
         """
         failing = sorted({int(r) for r in ranks} & set(self.live_ranks))

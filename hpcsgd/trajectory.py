@@ -14,7 +14,7 @@ NOT_TRAJECTORY = frozenset({
     "eval_train_samples", "grad_diversity", "overlap", "bucket_mb", "checkpoint_every", "data",
     "collective_timeout",
     # The R a run started with is kept in its checkpoint record and a resume uses that one
-    # (hpcsgd.assembly.resolve_placement), so a resume may name another.
+    # (hpcsgd.train.assembly.resolve_placement), so a resume may name another.
     "ranks_per_node",
 })
 

@@ -27,6 +27,13 @@ class World:
         device: the torch device this rank trains on (a GPU of its own, else the CPU).
         roles: the run rank each member of ``comm`` plays, in ``comm`` order; ``range(size)``
             unless ``hpcsgd train`` resumed a run of P ranks on fewer processes.
+
+    Example::
+
+        world = hpcsgd.init()  # under mpiexec -n P; the same World on a second call
+        model = Net().to(world.device)
+        if world.is_root:
+            print(f"{world.size} ranks, {world.local_size} on this node")
     """
 
     comm: object

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from hpcsgd.comm import FlatParams, LinkRates, arrival_mask, block_offsets
 from hpcsgd.config import TrainConfig
 from hpcsgd.data import StratifiedSampler, chunks_for_rank, load_chunk, read_index
-from hpcsgd.models import build_model
-from hpcsgd.train import Schedule
+from hpcsgd.train.models import build_model
+from hpcsgd.train.schedule import Schedule
 
 
 def chunk_plan(sizes, q: int, b: int, weighting: str = "size") -> dict[int, tuple[int, Fraction]]:

@@ -13,7 +13,7 @@ from torch import nn
 
 import hpcsgd
 
-from conftest import all_ranks
+from helpers import all_ranks
 from reference import accumulated_sync
 
 pytestmark = pytest.mark.mpi(min_size=1)

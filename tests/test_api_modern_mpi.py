@@ -15,10 +15,10 @@ import torch
 from mpi4py import MPI
 
 import hpcsgd
-from hpcsgd.membership import Membership
+from hpcsgd.train.membership import Membership
 from hpcsgd.redundant import RedundantSampler
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

@@ -12,7 +12,7 @@ import torch
 
 import hpcsgd
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 from hpcsgd.bench import fit_cost_model, project
 
-from launch import hpcsgd, mpi
+from launch import ROOT, hpcsgd, mpi
 
 
 @pytest.mark.slow
@@ -121,3 +125,51 @@ def test_bench_refuses_bad_values_in_one_line(tmp_path, argv, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
+
+
+def test_the_jobs_rows_launch_the_demos_config():
+    """The bench's jobs rows write the demo's config themselves (an installed hpcsgd has no jobs/)."""
+    import tomllib
+
+    from hpcsgd.bench.jobs import DEMO_CONFIG
+
+    with open(ROOT / "jobs" / "configs" / "digits-risgd.toml", "rb") as fh:
+        assert DEMO_CONFIG == tomllib.load(fh)
+
+
+@pytest.mark.slow
+def test_installed_without_e_the_bench_finds_its_data(tmp_path):
+    """`pip install .` (no -e, no repository beside it): --project reads the packaged scaling table
+    and the jobs rows launch the demo, from a directory outside the repository."""
+    source = tmp_path / "src"  # a clean copy: no build/ folder of an earlier install is packaged
+    shutil.copytree(ROOT / "hpcsgd", source / "hpcsgd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                          str(target), str(source)], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=work)
+
+    where = run("import hpcsgd; print(hpcsgd.__file__)")
+    assert where.stdout.strip() == str(target / "hpcsgd" / "__init__.py"), where.stderr
+    project = subprocess.run([sys.executable, "-m", "hpcsgd", "bench", "--project"], capture_output=True, text=True,
+                             timeout=120, env=env, cwd=work)
+    assert project.returncode == 0, project.stderr
+    assert f"measurements in {target / 'hpcsgd' / 'bench' / 'scaling.json'}" in project.stdout, project.stdout
+    assert "no scaling table" not in project.stdout
+    demo = run("import json, pathlib, sys\n"
+               "from hpcsgd.bench.jobs import _clean_env, _launch_demo\n"
+               "from hpcsgd.data import load_source, write_shards\n"
+               "d = pathlib.Path('.').resolve()\n"
+               "write_shards(load_source('digits'), 4, 'label', d / 's', seed=0)\n"
+               "print(json.dumps(_launch_demo(d / 's', d / 'run', _clean_env(OMP_NUM_THREADS='1'), 1)))")
+    assert demo.returncode == 0, demo.stderr
+    assert json.loads(demo.stdout.splitlines()[-1])["train_loss"] > 0
+    config = (work / "digits-risgd.toml").read_text()
+    assert 'algorithm = "local"' in config and "tau = 8" in config

@@ -9,27 +9,17 @@ import h5py
 import pytest
 import torch
 
-from hpcsgd.checkpoint import find_latest
-from hpcsgd.config import build_config
+from hpcsgd.train.resume import find_latest
 from hpcsgd.errors import CheckpointError
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, small_run_config
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
 
 def _config(shared_tmp, run, **overrides):
-    from mpi4py import MPI
-
-    data = make_shards(shared_tmp / "shards", MPI.COMM_WORLD.size, partition="label")
-    values = {
-        "data": str(data), "run_dir": str(shared_tmp / run), "steps": 24, "batch_size": 8, "lr": 0.2,
-        "momentum": 0.9, "model": "mlp", "mlp_hidden": [16], "progress": "none", "eval_every": 0.0,
-        "log_every": 2, "checkpoint_every": 8, "seed": 5, "algorithm": "rps", "drop_rate": 0.2, "tau": 2,
-        **overrides,
-    }
-    return build_config(values)
+    return small_run_config(shared_tmp, run, **{"algorithm": "rps", "drop_rate": 0.2, **overrides})
 
 
 def _losses(trainer):

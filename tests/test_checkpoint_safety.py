@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from hpcsgd.checkpoint import read_part
-from hpcsgd.data import load_source, write_shards
 
+from diskfull import tmpfs
+from helpers import synthetic_shards
 from launch import BIN, ROOT, env, mpi
 
 pytestmark = pytest.mark.slow
@@ -24,23 +25,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt-safety") / "shards"
-    write_shards(load_source("synthetic", seed=0, n_train=256, n_test=64, num_classes=4, features=8), 4, "label", out, seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("ckpt-safety") / "shards", 4, "label")
 
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """An 8 MiB tmpfs (root only: skipped where mount is not allowed)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 FLAGS = ["--steps", "160", "--checkpoint-every", "20", "--batch-size", "8", "--mlp-hidden", "16", "--algorithm", "local",

@@ -13,25 +13,16 @@ import pytest
 import torch
 
 import hpcsgd.checkpoint as ckpt
-from hpcsgd.config import build_config
 from hpcsgd.errors import CheckpointError
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, small_run_config
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
 
 def _config(shared_tmp, run, **overrides):
-    from mpi4py import MPI
-
-    data = make_shards(shared_tmp / "shards", MPI.COMM_WORLD.size, partition="label")
-    values = {
-        "data": str(data), "run_dir": str(shared_tmp / run), "steps": 24, "batch_size": 8, "lr": 0.2,
-        "momentum": 0.9, "model": "mlp", "mlp_hidden": [16], "progress": "none", "eval_every": 0.0,
-        "log_every": 2, "checkpoint_every": 8, "seed": 5, "algorithm": "local", "tau": 2, **overrides,
-    }
-    return build_config(values)
+    return small_run_config(shared_tmp, run, **{"algorithm": "local", **overrides})
 
 
 def _records(trainer):

@@ -8,17 +8,15 @@ import pytest
 
 from hpcsgd.data import read_index
 
-from launch import ROOT, hpcsgd, mpi
+from helpers import digits_shards
+from launch import ROOT, mpi
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def digits_label4(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    result = hpcsgd("shard", "--source", "digits", "--parts", 4, "--partition", "label", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return digits_shards(tmp_path_factory.mktemp("digits") / "shards")
 
 
 def test_risgd_q2_beats_local_sgd_on_label_skewed_digits(digits_label4, tmp_path):

@@ -10,7 +10,7 @@ from hpcsgd.comm import BlockExchange, Collectives, LinkRates, arrival_mask
 from hpcsgd.comm.agree import agree
 from hpcsgd.errors import ShardError
 
-from conftest import all_ranks
+from helpers import all_ranks
 from reference import blockwise_average
 
 pytestmark = pytest.mark.mpi(min_size=1)

@@ -15,9 +15,9 @@ from hpcsgd.comm import Collectives, FlatParams, LinkRates
 from hpcsgd.config import build_config
 from hpcsgd.optim import ScalingSGD
 from hpcsgd.registry import REGISTRY
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, make_shards
 from reference import blockwise_average
 
 pytestmark = pytest.mark.mpi(min_size=1)

@@ -134,7 +134,7 @@ def test_a_metrics_line_that_does_not_fit_is_cut_back_and_named(tmp_path):
 def test_a_summary_that_does_not_fit_is_printed_and_named(tmp_path):
     from mpi4py import MPI
 
-    from hpcsgd.totals import write_summary
+    from hpcsgd.train.totals import write_summary
 
     with tmpfs(tmp_path / "full", "1m") as full:
         fill(full, leave=0)

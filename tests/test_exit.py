@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from hpcsgd.data import load_source, write_shards
-
+from helpers import synthetic_shards
 from launch import BIN, ROOT, env, mpi
 
 pytestmark = pytest.mark.slow
@@ -23,9 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("exit") / "p2"
-    write_shards(load_source("synthetic", seed=0, n_train=256, n_test=64, num_classes=4, features=8), 2, "iid", out, seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("exit") / "p2", 2, "iid")
 
 
 def test_collective_bad_input_after_mpi_init_exits_2_without_abort(shards, tmp_path):

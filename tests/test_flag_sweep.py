@@ -97,7 +97,7 @@ ACCEPTED: dict[str, set[str]] = {
     "bench --fabric-latency-us": {"zero", "tiny"},  # no latency: the bandwidth term is left
     "train --fail": {"1@99999999999999999999999"},  # warned: after the run's last step, it never happens
     # No table at that path: the projection says so and uses the model's form only (as without
-    # tools/scaling.json); an unreadable or malformed table is refused.
+    # the packaged hpcsgd/bench/scaling.json); an unreadable or malformed table is refused.
     "bench --table": _ANY,
 }
 
@@ -186,11 +186,11 @@ def _cwd(workdir: Path, command: str) -> Path:
 
 def _train_checks(args: argparse.Namespace) -> None:
     """What `hpcsgd train` checks before its first step, without MPI: config, shards, world, links, model."""
-    from hpcsgd.assembly import duplicate_chunks, link_rates, model_for
-    from hpcsgd.comm.netem import LinkNetwork
+    from hpcsgd.train.assembly import duplicate_chunks, link_rates, model_for
+    from hpcsgd.faults.netem import LinkNetwork
     from hpcsgd.config import validate_for_world
     from hpcsgd.data import read_index
-    from hpcsgd.schedule import Schedule, pointless_settings
+    from hpcsgd.train.schedule import Schedule, pointless_settings
 
     cfg = cli.config_from_args(args)
     index = read_index(cfg.data)

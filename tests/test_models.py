@@ -1,11 +1,11 @@
-"""Tests for hpcsgd.models: shapes, parameter counts, determinism, errors, gradient flow."""
+"""Tests for hpcsgd.train.models: shapes, parameter counts, determinism, errors, gradient flow."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hpcsgd.errors import ConfigError
-from hpcsgd.models import (
+from hpcsgd.train.models import (
     MODEL_NAMES,
     build_model,
     count_parameters,

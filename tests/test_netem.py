@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from hpcsgd.comm import BlockExchange, Collectives, LinkRates
-from hpcsgd.comm.netem import LinkNetwork, NetworkClock
+from hpcsgd.faults.netem import LinkNetwork, NetworkClock
 from hpcsgd.errors import ConfigError
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 
 # ---- the model (no MPI) --------------------------------------------------------------------

@@ -16,8 +16,7 @@ import subprocess
 
 import pytest
 
-from hpcsgd.data import load_source, write_shards
-
+from helpers import synthetic_shards
 from launch import ROOT, mpi
 from test_ulfm import MPIRUN, VENV, metrics, needs_ulfm, summary, ulfm_env
 
@@ -31,10 +30,8 @@ NODE1 = ("--fail", "node:1@20")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nodes") / "shards"
-    data = load_source("synthetic", seed=0, n_train=960, n_test=240, num_classes=6, features=12)
-    write_shards(data, 6, "label", out, seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("nodes") / "shards", 6, "label", n_train=960, n_test=240,
+                            num_classes=6, features=12)
 
 
 def train(n, shards, run, *flags, timeout=400):

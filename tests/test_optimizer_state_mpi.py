@@ -15,7 +15,7 @@ import hpcsgd
 from hpcsgd.comm import LinkRates
 from hpcsgd.errors import ConfigError, TrainingError
 
-from conftest import all_ranks
+from helpers import all_ranks
 from reference import averaged_state_run
 
 pytestmark = pytest.mark.mpi(min_size=1)

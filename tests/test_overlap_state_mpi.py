@@ -11,18 +11,18 @@ import time
 import pytest
 import torch
 
-from hpcsgd import checkpoint as ckpt
 from hpcsgd.algorithms.overlap import RoundInFlight
 from hpcsgd.comm.watchdog import WATCHDOG
 from hpcsgd.config import build_config
 from hpcsgd.data import read_index
-from hpcsgd.evaluation import Evaluator
-from hpcsgd.schedule import Schedule
-from hpcsgd.stop import StopSignal
+from hpcsgd.train.evaluation import Evaluator
+from hpcsgd.train.schedule import Schedule
+from hpcsgd.train.stop import StopSignal
 from hpcsgd.strategies import Strategy
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
+from hpcsgd.train.resume import Preempted
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, make_shards
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
@@ -88,7 +88,7 @@ def test_a_preempted_overlapped_run_resumes_into_the_uninterrupted_one(shared_tm
     asked = StopSignal.requested
     monkeypatch.setattr(StopSignal, "requested", lambda self, coll: asked(self, coll) or WATCHDOG.step == 10)
     cut = Trainer(_config(shared_tmp, f"{name}-cut", **FLAGS[name]), comm)
-    with pytest.raises(ckpt.Preempted):
+    with pytest.raises(Preempted):
         cut.run()
     monkeypatch.setattr(StopSignal, "requested", asked)
     assert all_ranks(cut.api.algorithm._in_flight.pending)  # the round was saved, not applied

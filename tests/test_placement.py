@@ -10,13 +10,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from hpcsgd.comm.lossy import LinkRates
-from hpcsgd.comm.netem import LinkNetwork
+from hpcsgd.faults.lossy import LinkRates
+from hpcsgd.faults.netem import LinkNetwork
+from hpcsgd.faults.schedule import fault_schedule, rank_faults
 from hpcsgd.config import build_config, validate_for_world
 from hpcsgd.data.assignment import adopt_orphans, chunk_holders, chunks_for_rank, coverage, sample_plan
 from hpcsgd.data.placement import Placement, node_count, node_of, node_ranks, placement_chunks
 from hpcsgd.errors import ConfigError
-from hpcsgd.topology import resolve_placement
+from hpcsgd.train.topology import resolve_placement
 
 # Every (P, q, R) spread placement accepts: q copies on q different nodes needs q * R <= P.
 SPREAD = [(P, q, R) for P in range(1, 11) for R in range(1, P + 1) for q in range(1, P + 1) if q * R <= P]
@@ -161,9 +162,9 @@ def test_config_keys_and_flags():
     cfg = build_config(BASE, {"placement": "spread", "ranks-per-node": 2, "fail": ["node:1@30", "5@10"]})
     assert cfg.placement == "spread" and cfg.ranks_per_node == 2
     assert cfg.faults == {5: 10} and cfg.node_faults == {1: 30}
-    assert cfg.rank_faults(6, 2) == {2: 30, 3: 30, 5: 10}
-    assert cfg.fault_schedule(6, 10, 100, 2) == {2: 30, 3: 30, 5: 10}
-    assert cfg.rank_faults(5, 3) == {3: 30, 4: 30, 5: 10}  # the last node holds the remaining ranks
+    assert rank_faults(cfg, 6, 2) == {2: 30, 3: 30, 5: 10}
+    assert fault_schedule(cfg, 6, 10, 100, 2) == {2: 30, 3: 30, 5: 10}
+    assert rank_faults(cfg, 5, 3) == {3: 30, 4: 30, 5: 10}  # the last node holds the remaining ranks
     assert build_config(BASE).placement == "cyclic" and build_config(BASE).ranks_per_node == 0
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpcsgd.data import load_source, write_shards
-
+from helpers import synthetic_shards
 from launch import mpi
 
 DEADLINE = 60.0  # seconds, start-up of 4 ranks included (a hang is caught by the subprocess timeout)
@@ -14,10 +13,7 @@ DEADLINE = 60.0  # seconds, start-up of 4 ranks included (a hang is caught by th
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("placement") / "p4"
-    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "iid", out,
-                 seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("placement") / "p4", 4, "iid", n_train=128, n_test=32)
 
 
 def _train(shards, tmp_path, *extra):

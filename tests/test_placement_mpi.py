@@ -13,9 +13,9 @@ import torch
 import hpcsgd
 from hpcsgd.data.placement import placement_chunks
 from hpcsgd.errors import ConfigError
-from hpcsgd.topology import detect_ranks_per_node
+from hpcsgd.train.topology import detect_ranks_per_node
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from hpcsgd.data import load_chunk, load_source, read_index, write_shards
+from hpcsgd.data import load_chunk, read_index
 
+from helpers import synthetic_shards
 from launch import mpi
 
 pytestmark = pytest.mark.slow
@@ -20,10 +21,8 @@ FLAGS = ["--steps", "120", "--checkpoint-every", "60", "--batch-size", "8", "--m
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resize") / "shards"
-    data = load_source("synthetic", seed=0, n_train=512, n_test=256, num_classes=8, features=12)
-    write_shards(data, 4, "label", out, seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("resize") / "shards", 4, "label", n_train=512, n_test=256,
+                            num_classes=8, features=12)
 
 
 def _train(n, shards, run, *flags):
@@ -107,7 +106,7 @@ def test_resume_on_fewer_ranks_reassigns_orphaned_chunks_and_says_so(shards, tmp
 def test_roles_on_fewer_ranks_skip_a_rank_due_to_fail_at_the_resume_step():
     """Faults {0: 60}, resumed on 3 ranks at step 60: rank 0 leaves at once, so the processes
     play 1, 2, 3 and none departs (was: roles 0, 1, 2, rank 3 departed, 2 ranks training)."""
-    from hpcsgd.membership import Membership
+    from hpcsgd.train.membership import Membership
 
     resume = {"step": 60, "live_world": [0, 1, 2, 3], "adopted": {}, "dir": "step-00000060"}
     plans = [Membership.assign(4, 1, 3, i, {0: 60}, resume) for i in range(3)]

@@ -14,9 +14,10 @@ import pytest
 
 import hpcsgd.analysis.runs as runs
 import hpcsgd.checkpoint as ckpt
-from hpcsgd.data import load_source, write_shards
+import hpcsgd.train.resume as resume
 from hpcsgd.trajectory import NOT_TRAJECTORY
 
+from helpers import synthetic_shards
 from launch import mpi
 
 pytestmark = pytest.mark.slow
@@ -26,10 +27,7 @@ FLAGS = ["--batch-size", "8", "--steps", "6", "--checkpoint-every", "3", "--prog
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "p4"
-    write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "label", out,
-                 seed=0)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("resume") / "p4", 4, "label", n_train=128, n_test=32)
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +146,15 @@ def test_an_edited_complete_record_fails_its_checksum(finished, tmp_path):
 
 def test_one_list_of_keys_that_do_not_change_results():
     """The checkpoint's fingerprint and the report's grouping read the same list."""
-    assert ckpt._NOT_TRAJECTORY is NOT_TRAJECTORY and runs.IGNORED_KEYS is NOT_TRAJECTORY
     from hpcsgd.config import build_config
 
     cfg = build_config({"data": "d", "run_dir": "r"})
     for key in NOT_TRAJECTORY:
-        assert key not in ckpt.identity(cfg, {"digest": "x"})["config"]
-    assert set(ckpt.identity(cfg, {"digest": "x"})["config"]) == set(vars(cfg)) - NOT_TRAJECTORY
+        assert key not in resume.identity(cfg, {"digest": "x"})["config"]
+    assert set(resume.identity(cfg, {"digest": "x"})["config"]) == set(vars(cfg)) - NOT_TRAJECTORY
+    # The report: runs that differ in every key of the list and in one trajectory key differ in that key only.
+    config = dict(json.loads(json.dumps(vars(cfg), default=str)))
+    other = {k: f"changed {v}" if k in NOT_TRAJECTORY else v for k, v in config.items()}
+    other["seed"] = config["seed"] + 1
+    pair = [runs.Run(Path("a"), config, None, {}), runs.Run(Path("b"), other, None, {})]
+    assert runs.differing_keys(pair) == ["seed"]

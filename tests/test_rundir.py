@@ -13,7 +13,7 @@ import pytest
 
 from hpcsgd.data import load_source, write_shards
 from hpcsgd.errors import ConfigError
-from hpcsgd.rundir import LOCK_NAME, RunDirError, lock, read_record, run_entries
+from hpcsgd.train.rundir import LOCK_NAME, RunDirError, lock, read_record, run_entries
 
 from launch import BIN, ROOT, env, mpi
 
@@ -100,7 +100,7 @@ def test_second_job_on_one_run_directory_fails_at_once_and_the_first_finishes_cl
 
 def test_lock_held_by_a_live_process_is_refused_naming_it(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hpcsgd.rundir import lock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hpcsgd.train.rundir import lock; "
          "lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
         env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -125,7 +125,7 @@ def _dead_pid() -> int:
 def test_without_file_locking_the_record_decides_by_pid_and_host(tmp_path, monkeypatch, capsys):
     import socket
 
-    import hpcsgd.rundir as rundir
+    import hpcsgd.train.rundir as rundir
 
     def no_locking(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcsgd.config import build_config
-from hpcsgd.diversity import intra_gradient_diversity
-from hpcsgd.train import Schedule, pointless_settings
+from hpcsgd.train.diversity import intra_gradient_diversity
+from hpcsgd.train.schedule import Schedule, pointless_settings
 
 
 def _cfg(**overrides):

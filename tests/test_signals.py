@@ -61,7 +61,8 @@ def test_kill_9_during_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
     """kill -9 one rank while checkpoints are written every step; the newest complete one loads."""
     import h5py
 
-    from hpcsgd.checkpoint import find_latest, read_part
+    from hpcsgd.checkpoint import read_part
+    from hpcsgd.train.resume import find_latest
     from hpcsgd.config import build_config
 
     shards = tmp_path / "shards"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hpcsgd.config import build_config
-from hpcsgd.train import Trainer
+from hpcsgd.train.loop import Trainer
 
-from conftest import all_ranks, make_shards
+from helpers import all_ranks, make_shards
 from reference import chunk_plan, simulate, single_process_concatenated
 
 pytestmark = pytest.mark.mpi(min_size=1)

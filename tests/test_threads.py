@@ -2,7 +2,7 @@
 
 The demo ran 7x slower without OMP_NUM_THREADS=1: numpy's OpenBLAS pool (one thread per core,
 spinning after each BLAS call) on 4 ranks x 2 cores. These tests check the decision
-(hpcsgd.threads) and, in real mpiexec jobs, the pool sizes a rank ends up with, from the
+(hpcsgd.comm.threads) and, in real mpiexec jobs, the pool sizes a rank ends up with, from the
 command line and from the Python API.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from hpcsgd import threads
+from hpcsgd.comm import threads
 
 from launch import BIN, ROOT
 
@@ -128,7 +128,7 @@ from threadpoolctl import threadpool_info
 blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 sys.stdout.write(json.dumps({{"blas": blas, "torch": torch.get_num_threads()}}) + "\n")  # one write: no interleaving
 """
-CLI_START = "from hpcsgd.threads import limit_before_import; limit_before_import()"  # what hpcsgd.cli.main does
+CLI_START = "from hpcsgd.comm.threads import limit_before_import; limit_before_import()"  # what hpcsgd.cli.main does
 TRAIN_START = """
 import numpy  # numpy (and its OpenBLAS pool) loaded before hpcsgd could set the environment
 from mpi4py import MPI

@@ -23,7 +23,8 @@ import pytest
 
 from hpcsgd.data import read_index
 
-from launch import ROOT, env, hpcsgd, mpi
+from helpers import digits_shards
+from launch import ROOT, env, mpi
 
 VENV = Path(os.environ.get("HPCSGD_OPENMPI_VENV", ROOT / ".venv-openmpi"))
 MPIRUN = VENV / "bin" / "mpirun"
@@ -39,10 +40,7 @@ RUN = ("--q", 2, "--tau", 1, "--steps", 80, "--batch-size", 16, "--lr", 0.1, "--
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    result = hpcsgd("shard", "--source", "digits", "--parts", 4, "--partition", "label", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+    return digits_shards(tmp_path_factory.mktemp("digits") / "shards")
 
 
 def ulfm_env() -> dict:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..rundir import job_gone
-from .runs import DEFAULT_LABEL_KEYS, _RANK_FILE, _number, config_label, find_run_dirs, is_run_dir, number_text
+from ..train.rundir import job_gone
+from .runs import (DEFAULT_LABEL_KEYS, RANK_FILE, config_label, find_run_dirs, finite_number, is_run_dir,
+                   number_text)
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase screen
 BAR_WIDTH = 30
@@ -98,7 +99,7 @@ def _parse(line: bytes) -> dict | None:
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return rec if isinstance(rec, dict) and _number(rec.get("step")) is not None else None
+    return rec if isinstance(rec, dict) and finite_number(rec.get("step")) is not None else None
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Follower:
         metrics = self.run_dir / "metrics"
         if metrics.is_dir():
             for entry in sorted(metrics.iterdir()):
-                match = _RANK_FILE.match(entry.name)
+                match = RANK_FILE.match(entry.name)
                 if match:
                     self.tails.setdefault(int(match.group(1)), RankTail(entry))
         self.rewritten = False
@@ -166,7 +167,7 @@ class Follower:
         done = []
         for step in sorted(self.steps):
             records = list(self.steps[step].values())
-            live = max((_number(r.get("live_ranks")) or 0 for r in records), default=0)
+            live = max((finite_number(r.get("live_ranks")) or 0 for r in records), default=0)
             if records and (len(records) >= live or step < latest or self.summary is not None):
                 done.append(step)
         return done
@@ -175,7 +176,7 @@ class Follower:
         """Rank means of the step's records, per :data:`COLUMNS` key."""
         out: dict[str, float | None] = {"step": float(step)}
         for _, _, key, _ in COLUMNS:
-            values = [v for r in self.steps[step].values() if (v := _number(r.get(key))) is not None]
+            values = [v for r in self.steps[step].values() if (v := finite_number(r.get(key))) is not None]
             if key == "live_ranks":
                 out[key] = max(values) if values else None
             else:
@@ -186,13 +187,13 @@ class Follower:
         """The run's total steps: summary.json's, else config's ``steps``, else its epochs
         times the steps per epoch that the records show (step / epoch)."""
         for source in (self.summary or {}, self.config or {}):
-            steps = _number(source.get("steps"))
+            steps = finite_number(source.get("steps"))
             if steps and steps > 0:
                 return int(steps)
-        epochs = _number((self.config or {}).get("epochs"))
+        epochs = finite_number((self.config or {}).get("epochs"))
         for step in sorted(self.steps, reverse=True):
             for rec in self.steps[step].values():
-                epoch = _number(rec.get("epoch"))
+                epoch = finite_number(rec.get("epoch"))
                 if epochs and epoch:
                     return max(1, round(epochs * round(step / epoch)))
         return None
@@ -269,7 +270,7 @@ def progress_line(f: Follower, rows: list[dict], total: int | None) -> str:
     else:
         parts.append(f"step {step}")
     config = f.config or {}
-    epochs = _number(config.get("epochs")) if not config.get("steps") else None  # steps win over epochs
+    epochs = finite_number(config.get("epochs")) if not config.get("steps") else None  # steps win over epochs
     if last.get("epoch") is not None:
         parts.append(f"epoch {last['epoch']:.2f}" + (f"/{epochs:g}" if epochs else ""))
     if wall is not None:
@@ -304,7 +305,7 @@ def ranks_line(f: Follower) -> str:
 def summary_line(summary: dict) -> str:
     """The end of the run in the words of the `done:` line of `hpcsgd train`."""
     def num(key: str, fmt: str) -> str:
-        value = _number(summary.get(key))
+        value = finite_number(summary.get(key))
         return "-" if value is None else fmt.format(value)
 
     return (

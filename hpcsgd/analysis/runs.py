@@ -25,9 +25,6 @@ from ..trajectory import NOT_TRAJECTORY
 
 FINISHED, UNFINISHED = "finished", "running/crashed"
 
-# Keys that say where or how a run was executed, not what was trained: the list the checkpoint
-# uses to decide what a run may resume with changed (hpcsgd.trajectory), so the two agree.
-IGNORED_KEYS = NOT_TRAJECTORY
 # What changes results besides the config keys, added to each run's config under these names
 # (from summary.json, else the newest checkpoint's record, else the metrics): runs on other
 # data, other shards or at another world size are never one group of seeds.
@@ -36,7 +33,7 @@ IDENTITY_KEYS = ("data_digest", "partition", "world_size")
 DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
 # summary.json keys that stand in for the config when config.toml is missing.
 _SUMMARY_CONFIG_KEYS = ("algorithm", "q", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs", "placement")
-_RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
+RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
 # Evaluation record key -> the summary.json key of the same quantity at the end of the run
 # (same model, same split: the logged test evaluation uses the whole test split too).
 _SUMMARY_EVAL = {
@@ -82,7 +79,7 @@ class Run:
 
     def has(self, key: str) -> bool:
         """Whether any rank logged a non-null ``key``."""
-        return any(_number(r.get(key)) is not None for recs in self.records.values() for r in recs)
+        return any(finite_number(r.get(key)) is not None for recs in self.records.values() for r in recs)
 
     def curve(self, key: str, x: str = "epoch", ranks: int | str = "mean") -> tuple[np.ndarray, np.ndarray]:
         """``key`` against ``x`` over the logged steps, as two float arrays.
@@ -111,7 +108,7 @@ class Run:
         ys: dict[int, list[float]] = {}
         for by_step in sources:
             for step, rec in by_step.items():
-                xv, yv = _number(rec.get(x)), _number(rec.get(key))
+                xv, yv = finite_number(rec.get(x)), finite_number(rec.get(key))
                 if xv is None or yv is None:
                     continue
                 xs.setdefault(step, []).append(xv)
@@ -140,9 +137,9 @@ class Run:
     def _summary_end(self, key: str, x: str) -> tuple[float, float, float] | None:
         """(step, x, value) of ``key`` from summary.json's end-of-run evaluation, or None."""
         summary = self.summary or {}
-        step = _number(summary.get("steps"))
-        xv = step if x == "step" else _number(summary.get(_SUMMARY_X.get(x, x)))
-        value = _number(summary.get(_SUMMARY_EVAL.get(key, "")))
+        step = finite_number(summary.get("steps"))
+        xv = step if x == "step" else finite_number(summary.get(_SUMMARY_X.get(x, x)))
+        value = finite_number(summary.get(_SUMMARY_EVAL.get(key, "")))
         if step is None or xv is None or value is None:
             return None
         return step, xv, value
@@ -183,13 +180,13 @@ def _by_step(records: list[dict]) -> dict[int, dict]:
     """Records keyed by step; a repeated step keeps the later line (it was written last)."""
     out = {}
     for rec in records:
-        step = _number(rec.get("step"))
+        step = finite_number(rec.get("step"))
         if step is not None:
             out[int(step)] = rec
     return out
 
 
-def _number(value) -> float | None:
+def finite_number(value) -> float | None:
     """A finite float, or None for null, NaN, strings and the like."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -236,7 +233,7 @@ def identity(path: Path, summary: dict | None, records: dict[int, list[dict]]) -
     out = {"data_digest": shards.get("digest"), "partition": summary.get("partition", shards.get("partition"))}
     world = summary.get("world_size", summary.get("ranks", record.get("ranks")))
     if not isinstance(world, int) and records:
-        first = [_number(recs[0].get("live_ranks")) for recs in records.values() if recs]
+        first = [finite_number(recs[0].get("live_ranks")) for recs in records.values() if recs]
         world = max([int(v) for v in first if v is not None] + [max(records) + 1])
     out["world_size"] = world
     return {k: v for k, v in out.items() if v is not None}
@@ -288,7 +285,7 @@ def _read_metrics(metrics: Path, warnings: list[str]) -> dict[int, list[dict]]:
         return {}
     records: dict[int, list[dict]] = {}
     for entry in sorted(metrics.iterdir()):
-        match = _RANK_FILE.match(entry.name)
+        match = RANK_FILE.match(entry.name)
         if match and entry.is_file():
             records[int(match.group(1))] = _read_jsonl(entry, warnings)
     if not any(records.values()):
@@ -326,7 +323,7 @@ def _check_ranks(records: dict[int, list[dict]], summary: dict | None, warnings:
         expected = max(expected, summary["ranks"])
     for recs in records.values():
         # The first record's live_ranks is the world size unless a rank failed at once.
-        live = _number(recs[0].get("live_ranks")) if recs else None
+        live = finite_number(recs[0].get("live_ranks")) if recs else None
         if live is not None:
             expected = max(expected, int(live))
     missing = sorted(set(range(expected)) - set(records))
@@ -385,7 +382,8 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
     Only the runs that have a key count: a key that a run's config lacks (written by an older
     trainer, or rebuilt from summary.json) is unknown there, not different. Keys in
-    :data:`IGNORED_KEYS` never differ.
+    :data:`hpcsgd.trajectory.NOT_TRAJECTORY` (where or how a run was executed, not what was
+    trained: what a checkpoint may be resumed with changed) never differ.
     """
     order: dict[str, None] = {}
     for run in runs:
@@ -393,7 +391,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [
         k
         for k in order
-        if k not in IGNORED_KEYS and len({_hashable(run.config[k]) for run in runs if k in run.config}) > 1
+        if k not in NOT_TRAJECTORY and len({_hashable(run.config[k]) for run in runs if k in run.config}) > 1
     ]
 
 
@@ -610,7 +608,7 @@ def diversity(run: Run, measure: str) -> float | None:
         if len(ys):
             return float(np.mean(ys))
     for key in summary_keys:
-        value = _number((run.summary or {}).get(key))
+        value = finite_number((run.summary or {}).get(key))
         if value is not None:
             return value
     return None

@@ -139,7 +139,7 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 def _check_params(params: int) -> None:
     """The exchange rows' MLP (3072 inputs, 10 classes, two equal hidden layers) can have ``params`` and fits."""
-    from ..models import mlp_param_count
+    from ..train.models import mlp_param_count
 
     smallest = mlp_param_count(3072, 10, (1, 1))
     if params < smallest:

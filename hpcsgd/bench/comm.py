@@ -20,8 +20,8 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     Allreduce. Since that moves work into the optimizer, the rows also time a round step's
     optimizer step against a plain one, and the whole round step against optimizer + raw.
     The raw Allreduce runs where the average does, on the model buffer right after an
-    optimizer step: an Allreduce after the optimizer has streamed ~100 MB through memory
-    measured 3-6% slower than the same call after a light operation, for raw mpi4py too.
+    optimizer step: an Allreduce after the optimizer has streamed the model through memory
+    is slower than the same call after a light operation, for raw mpi4py too (README, "Benchmarks").
     """
     import torch
     from mpi4py import MPI

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from .timing import write_json
 
-TABLE = Path(__file__).resolve().parents[2] / "tools" / "scaling.json"
+# Package data (setup.cfg), so an installed hpcsgd finds it too; tools/bench --scaling rewrites it.
+TABLE = resources.files(__package__) / "scaling.json"
 
 
 def _features(kind: str, P: np.ndarray, nbytes: np.ndarray, cores: np.ndarray | None = None) -> np.ndarray:
@@ -103,7 +105,8 @@ def print_projection(args) -> int:
             print(f"  {kind:<9} alpha {f['alpha_s'] * 1e6:8.2f} us  beta {f['beta_s_per_byte'] * 1e9:7.3f} ns/byte  "
                   f"error median {f['median_rel_error']:.0%}, max {f['max_rel_error']:.0%}")
     else:
-        print(f"no scaling table at {args.table}: run tools/bench --scaling first; projecting with the model form only")
+        print(f"no scaling table at {args.table}: run tools/bench --scaling (or give --table) first; "
+              f"projecting with the model form only")
     print(f"\nprojection on a {args.fabric_gbps:g} Gb/s, {args.fabric_latency_us:g} us fabric (per round, before overlap):")
     print(f"{'model':<22} {'ranks':>6} {'averaging ms':>13} {'RPS round ms':>13} {'DDP step comm ms':>17}")
     projected = project(args.fabric_gbps, args.fabric_latency_us)

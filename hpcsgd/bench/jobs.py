@@ -13,12 +13,16 @@ from pathlib import Path
 from .timing import format_rows, row, write_json
 
 ENV_RANKS = 4
+# The demo's config, jobs/configs/digits-risgd.toml (a test keeps the two equal), written for each
+# launch: an installed hpcsgd has no jobs/ folder to read it from.
+DEMO_CONFIG = {"algorithm": "local", "model": "mlp", "mlp_hidden": [256, 128], "tau": 8, "epochs": 20,
+               "batch_size": 16, "lr": 0.1, "seed": 0, "eval_every": 5}
 _LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "MPI_LOCAL", "OMPI_", "HYDRA_")
 
 
 def _clean_env(**extra: str) -> dict:
     """This environment without thread settings or a launcher's variables, plus ``extra``."""
-    from ..threads import THREAD_VARIABLES
+    from ..comm.threads import THREAD_VARIABLES
 
     env = {k: v for k, v in os.environ.items()
            if k not in THREAD_VARIABLES and not k.endswith("_NUM_THREADS") and not k.startswith(_LAUNCHER_VARIABLES)}
@@ -33,7 +37,10 @@ def _launch_demo(shards: Path, run_dir: Path, env: dict, epochs: float) -> dict:
 
     shutil.rmtree(run_dir, ignore_errors=True)
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    config = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "digits-risgd.toml"
+    from ..metrics import atomic_write_text, toml_text
+
+    config = run_dir.parent / "digits-risgd.toml"
+    atomic_write_text(config, toml_text(DEMO_CONFIG, "the demo's config (jobs/configs/digits-risgd.toml)"))
     cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ENV_RANKS), sys.executable, "-m", "mpi4py",
            "-m", "hpcsgd", "train", str(config), "--data", str(shards), "--run-dir", str(run_dir), "--q", "2",
            "--epochs", str(epochs), "--progress", "lines"]

@@ -61,7 +61,7 @@ def flat_mlp(params: int):
     import torch
 
     from ..comm import FlatParams
-    from ..models import build_model, mlp_hidden_for_params
+    from ..train.models import build_model, mlp_hidden_for_params
 
     torch.manual_seed(0)
     model = build_model("mlp", (3072,), 10, mlp_hidden_for_params(3072, 10, params))

@@ -33,7 +33,7 @@ def models(kind: str, quick: bool):
     """(name, builder, input batch, labels) for the DDP and averager comparisons."""
     import torch
 
-    from ..models import build_model, mlp_hidden_for_params
+    from ..train.models import build_model, mlp_hidden_for_params
 
     g = torch.Generator().manual_seed(0)
     if kind == "mlp":
@@ -146,10 +146,10 @@ def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[di
 
     from ..config import build_config
     from ..data import load_source, write_shards
-    from ..models import build_model
+    from ..train.models import build_model
     from ..redundant import RedundantSampler
     from ..strategies import LocalSGD
-    from ..train import Trainer
+    from ..train.loop import Trainer
     from ..world import init
 
     q, b = min(2, comm.size), 32
@@ -203,8 +203,8 @@ def data_rows(comm, reps: int, quick: bool) -> list[dict]:
     import torch.nn.functional as F
 
     from ..data import StratifiedSampler, chunks_for_rank, load_chunk, load_source, read_index, write_shards
-    from ..models import build_model
-    from ..batches import gather_on_device
+    from ..train.models import build_model
+    from ..train.batches import gather_on_device
 
     P, q, b = comm.size, min(2, comm.size), 32
     tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
@@ -256,7 +256,7 @@ def accuracy_rows(comm, quick: bool) -> list[dict]:
     """Wall time to a target test accuracy on digits: RI-SGD (q=2, tau 8) vs sync SGD."""
     from ..config import build_config
     from ..data import load_source, write_shards
-    from ..train import train
+    from ..train.loop import train
 
     tmp = comm.bcast(tempfile.mkdtemp(prefix="hpcsgd-bench-") if comm.rank == 0 else None)
     if comm.rank == 0:

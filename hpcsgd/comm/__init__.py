@@ -14,10 +14,10 @@ _EXPORTS = {
     "Collectives": ".collectives",
     "CommCounters": ".collectives",
     "FlatParams": ".flat",
-    "LinkRates": ".lossy",
-    "arrival_mask": ".lossy",
+    "LinkRates": "..faults.lossy",
+    "arrival_mask": "..faults.lossy",
     "block_offsets": ".blocks",
-    "uniforms": ".lossy",
+    "uniforms": "..faults.lossy",
 }
 
 

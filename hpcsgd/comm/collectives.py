@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .netem import LinkNetwork, NetworkClock, agreed_offset
+from ..faults.netem import LinkNetwork, NetworkClock, agreed_offset
 from .waiting import default_wait_mode, wait_request
 from .watchdog import WATCHDOG
 

@@ -10,7 +10,7 @@ import torch
 from mpi4py import MPI
 
 from ..errors import ConfigError
-from ..threads import limit_loaded_pools, threads_per_rank, warn_if_oversubscribed
+from .threads import limit_loaded_pools, threads_per_rank, warn_if_oversubscribed
 from .waiting import decide_for_node
 from .watchdog import WATCHDOG
 
@@ -57,7 +57,7 @@ def apply_threads(comm: MPI.Comm, requested: int = 0) -> int:
     torch's intra-op pool (and its MKL) by ``torch.set_num_threads``; a BLAS pool numpy has
     already started (the Python API: numpy was imported before hpcsgd could set the
     environment) through threadpoolctl. Warns once per node when threads x ranks exceed the
-    cores (see ``hpcsgd.threads``).
+    cores (see ``hpcsgd.comm.threads``).
     """
     local_rank, local_size = local_rank_and_size(comm)
     threads = threads_per_rank(local_size, requested)

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from .blocks import block_offsets
 from .collectives import Collectives
-from .lossy import LinkRates, arrival_mask
+from ..faults.lossy import LinkRates, arrival_mask
 from . import ulfm
 from .shm import SharedWindow
 from .watchdog import WATCHDOG
@@ -182,8 +182,8 @@ class BlockExchange:
     def _block_average(self, rows: np.ndarray, block) -> None:
         """``self._avg <- mean of block(i) over rows``, summed row by row in rank order.
 
-        Row by row: about 20% faster than np.sum over axis 0, which the profile showed as
-        the round's third-largest cost. Both paths add in this order, so they agree bit for bit.
+        Row by row: faster than np.sum over axis 0, which the profile showed among the round's
+        largest costs (README, "Benchmarks"). Both paths add in this order, so they agree bit for bit.
         """
         avg = self._avg[:self._my_size]
         np.copyto(avg, block(rows[0]))

@@ -5,7 +5,7 @@ Slurm) a rank that dies does not end the job: the next operation that involves i
 ``MPI_ERR_PROC_FAILED`` on the ranks that notice, and ``MPI_ERR_REVOKED`` on the others once
 one of them revokes the communicator. :func:`repair` revokes, shrinks to the survivors and
 names the dead. Everything else (which step to redo, the crash-stop bookkeeping) lives in
-:mod:`hpcsgd.recovery`. Under MPICH, or Open MPI without ``--with-ft ulfm``, :func:`active`
+:mod:`hpcsgd.train.recovery`. Under MPICH, or Open MPI without ``--with-ft ulfm``, :func:`active`
 is False and nothing here is used: a death aborts the job as before.
 """
 

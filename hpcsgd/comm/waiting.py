@@ -3,9 +3,9 @@
 MPI's own wait spins without yielding the core. That is the fastest wait when each rank has
 cores to itself (a cluster node, one rank per GPU). Where ranks share cores, a rank spinning
 for its peers takes the core the slowest of them needs to finish the work everyone waits
-for: on 4 ranks x 2 cores, sync SGD's step measured 3-8% slower than PyTorch DDP's (whose
-gloo waits sleep in the kernel), and beside a spinning worker thread an overlapped round's
-forward and backward ran at half speed. Three ways to wait:
+for: on 4 ranks x 2 cores, sync SGD's step was slower than PyTorch DDP's (whose gloo waits
+sleep in the kernel), and beside a spinning worker thread an overlapped round's forward and
+backward slowed down too (figures: README, "Threads and start-up"). Three ways to wait:
 
 - ``spin``: ``MPI_Wait``.
 - ``yield``: poll with ``MPI_Test`` and ``sched_yield`` between polls; every poll also moves
@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..threads import launcher_local_size, node_cores
+from .threads import launcher_local_size, node_cores
 from .watchdog import WATCHDOG
 
 WAIT_MODES = ("spin", "yield", "sleep")
@@ -68,8 +68,8 @@ def wait_request(request, op: str, comm, mode: str = "spin", can_sleep: bool = T
     """Complete ``request`` (named ``op`` on ``comm`` in the watchdog's messages) the ``mode`` way.
 
     ``can_sleep=False``: ``sleep`` waits as ``yield`` does. For requests that move only a
-    piece per poll: MPICH's ``Ialltoallv`` of a 23 MB model took 16x as long with sleeps between
-    polls, while its ``Iallreduce`` lost nothing.
+    piece per poll: MPICH's ``Ialltoallv`` took many times as long with sleeps between polls
+    (README), while its ``Iallreduce`` lost nothing.
     """
     if mode == "sleep" and not can_sleep:
         mode = "yield"

@@ -8,8 +8,8 @@ seconds, finds out who did not arrive and aborts the whole job with exit code 4.
 
 Why a monitor thread and not nonblocking calls polled with ``Test``: the guard costs two
 attribute writes per collective and the blocking calls stay blocking, while MPICH's
-``Iallreduce`` + ``Wait`` of a large buffer measured about 10% slower than ``Allreduce``, and
-``Test`` polling slower still (``hpcsgd bench`` rows ``watchdog_overhead`` and
+``Iallreduce`` + ``Wait`` of a large buffer measured slower than ``Allreduce`` (README,
+"Benchmarks"), and ``Test`` polling slower still (``hpcsgd bench`` rows ``watchdog_overhead`` and
 ``watchdog_polling_alternative``).
 
 Who did not arrive: nothing is exchanged while all is well. A rank whose call times out sends
@@ -162,7 +162,7 @@ class Watchdog:
             if self._multiple:
                 try:
                     self._answer_alarms()
-                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.recovery repairs the job)
+                except MPI.Exception:  # a dead peer under ULFM (hpcsgd.train.recovery repairs the job)
                     from .ulfm import ack_world_failures
 
                     ack_world_failures()

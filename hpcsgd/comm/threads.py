@@ -4,9 +4,9 @@ Why this matters: numpy's OpenBLAS starts a pool of one thread per core when num
 imported, whatever torch is told later, and after each BLAS call its workers keep spinning
 (a ``sched_yield`` loop) for a while before they sleep. With 4 ranks on 2 cores each rank's
 idle workers took the cores from the other ranks: the demo's training loop (two ``np.dot``
-of the model per averaging round, for the consensus distance) ran 7x slower than with
-``OMP_NUM_THREADS=1``. The pools must be sized before the libraries load, so the command
-line calls :func:`limit_before_import` first thing; a library user whose numpy is already
+of the model per averaging round, for the consensus distance) ran several times slower than
+with ``OMP_NUM_THREADS=1`` (README, "Threads and start-up"). The pools must be sized before
+the libraries load, so the command line calls :func:`limit_before_import` first thing; a library user whose numpy is already
 loaded is covered by :func:`limit_loaded_pools` (through threadpoolctl), which training calls
 once MPI knows the exact number of ranks on the node.
 

@@ -14,9 +14,9 @@ import sys
 
 from mpi4py import MPI
 
-from .comm.watchdog import WATCHDOG
-from .data.placement import Placement
-from .errors import ConfigError
+from ..comm.watchdog import WATCHDOG
+from ..data.placement import Placement
+from ..errors import ConfigError
 
 
 def detect_ranks_per_node(comm) -> tuple[int, bool]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import TrainConfig
-from .registry import REGISTRY
+from ..config import TrainConfig
+from ..registry import REGISTRY
 
 
 @dataclass

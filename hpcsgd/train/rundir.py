@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from .config import TrainConfig
+    from ..config import TrainConfig
 
 LOCK_NAME = ".hpcsgd.lock"
 REPLACED = "replaced"
@@ -61,7 +61,7 @@ def claim(cfg: "TrainConfig", comm: "MPI.Comm") -> None:
     or it holds a run and neither ``resume`` nor ``overwrite`` is set, and ConfigError when
     the directory cannot be created.
     """
-    from .comm.agree import agree
+    from ..comm.agree import agree
 
     run_dir = Path(cfg.run_dir)
     agree(comm, lambda: _claim_rank0(run_dir, cfg, comm) if comm.rank == 0 else None, "run directory")
@@ -173,7 +173,7 @@ def _write_record(fd: int, ranks: int, path: Path) -> None:
         os.pwrite(fd, data, 0)
         os.fsync(fd)
     except OSError as exc:  # a full disk: one line naming the lock file, not a traceback
-        from .metrics import cannot_write
+        from ..metrics import cannot_write
 
         raise ConfigError(cannot_write(path, exc, len(data))) from None
 
@@ -266,8 +266,8 @@ def prepare(comm: "MPI.Comm", run_dir: Path, cfg: "TrainConfig", rank: int) -> N
     Two agreements, so that rank 0 failing to create the directory is reported by every
     rank instead of leaving the others waiting for it.
     """
-    from .comm.agree import agree
-    from .metrics import atomic_write_text
+    from ..comm.agree import agree
+    from ..metrics import atomic_write_text
 
     def make() -> None:
         if comm.rank != 0:

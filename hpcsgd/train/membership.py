@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from .data import adopt_orphans, chunk_holders, coverage, held_chunks
-from .data.placement import CYCLIC, Placement, node_of, node_ranks
-from .errors import ShardError
+from ..data import adopt_orphans, chunk_holders, coverage, held_chunks
+from ..data.placement import CYCLIC, Placement, node_of, node_ranks
+from ..errors import ShardError
 
 
 class Membership:
@@ -83,7 +83,7 @@ class Membership:
 
     @property
     def nodes(self) -> list[int]:
-        """The node of each run rank (blocks of R ranks, see hpcsgd.topology)."""
+        """The node of each run rank (blocks of R ranks, see hpcsgd.train.topology)."""
         return [node_of(r, self.placement.ranks_per_node) for r in range(self.P)]
 
     def attach(self, strategy) -> None:

@@ -25,13 +25,15 @@ import shutil
 import signal
 import sys
 import time
-import torch
+from collections.abc import Callable
+from pathlib import Path
+
 from mpi4py import MPI
 
-from .comm import ulfm
-from .errors import ConfigError, TrainingError
-from .metrics import MetricsWriter
-from .progress import Progress
+from ..comm import ulfm
+from ..errors import ConfigError, TrainingError
+from ..metrics import MetricsWriter
+from ..progress import Progress
 
 KEEP = 2  # snapshots kept: this step's start and the one before (see the module docstring)
 
@@ -54,17 +56,24 @@ def check_launch(cfg) -> None:
 
 
 class Recovery:
-    """One rank's rollback points and the repair after a process death (no-op without ULFM)."""
+    """One rank's rollback points and the repair after a process death (no-op without ULFM).
 
-    def __init__(self, trainer):
-        """``trainer``: the rank's :class:`hpcsgd.train.Trainer` (set up), whose parts it rolls back."""
-        self.t = trainer
+    Given what it rolls back and repairs, not the trainer: ``parts()`` (the stateful parts a
+    checkpoint holds, by name), the run's ``membership`` (whose faults and live ranks it
+    edits), the ``strategy`` (whose communicator is the one repaired), the ``stop`` signal,
+    the ``metrics`` and ``progress`` it restarts at the redone step, and the ``run_dir``.
+    """
+
+    def __init__(self, parts: Callable[[], dict], membership, strategy, stop, metrics: MetricsWriter,
+                 progress: Progress, run_dir: Path, fail_mode: str, start_step: int):
+        self.parts, self.membership, self.strategy, self.stop = parts, membership, strategy, stop
+        self.metrics, self.progress, self.run_dir = metrics, progress, Path(run_dir)
         self.on = ulfm.active()
         self.kills: dict[int, int] = {}
-        faults = trainer.membership.faults
-        if trainer.cfg.fail_mode == "kill":
+        faults = membership.faults
+        if fail_mode == "kill":
             # The survivors must find these deaths, not read them from the schedule.
-            self.kills = {r: s for r, s in faults.items() if s >= trainer.start_step}
+            self.kills = {r: s for r, s in faults.items() if s >= start_step}
             for r in self.kills:
                 del faults[r]
         self.snapshots: dict[int, dict] = {}
@@ -78,7 +87,7 @@ class Recovery:
         for record in [r for r in self._waiting if step > r["step"]]:
             record["next_step_unix"] = now
             self._waiting.remove(record)
-        if self.kills.get(self.t.membership.rank) == step:
+        if self.kills.get(self.membership.rank) == step:
             self._die(step)
         if self.on:
             self.snapshots[step] = self._snapshot()
@@ -86,19 +95,19 @@ class Recovery:
                 del self.snapshots[old]
 
     def _die(self, step: int) -> None:
-        rank = self.t.membership.rank
-        directory = self.t.job.run_dir / "deaths"
+        rank = self.membership.rank
+        directory = self.run_dir / "deaths"
         directory.mkdir(exist_ok=True)
         (directory / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "step": step, "unix": time.time()}) + "\n")
-        self.t.metrics.close()
+        self.metrics.close()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _snapshot(self) -> dict:
-        return {name: copy.deepcopy(part.state_dict()) for name, part in self.t.parts().items()}
+        return {name: copy.deepcopy(part.state_dict()) for name, part in self.parts().items()}
 
     def _restore(self, snap: dict) -> None:
-        for name, part in self.t.parts().items():
+        for name, part in self.parts().items():
             part.load_state_dict(copy.deepcopy(snap[name]))
 
     # -- after a death -----------------------------------------------------------------
@@ -106,9 +115,8 @@ class Recovery:
         """Repair after ``exc`` raised in ``step``; returns the step to redo. Re-raises anything else."""
         if not (self.on and ulfm.is_process_failure(exc)):
             raise exc
-        t = self.t
         detected = time.time()
-        coll = t.api.coll
+        coll = self.strategy.coll
         comm, dead = coll.comm, []
         while True:  # a survivor that dies during the repair is repaired too
             try:
@@ -127,11 +135,11 @@ class Recovery:
         for old in [s for s in self.snapshots if s > redo]:
             del self.snapshots[old]
         repaired = time.time()
-        t.stop.abandon()  # its exchange was on the revoked communicator
+        self.stop.abandon()  # its exchange was on the revoked communicator
         for r in dead:
-            t.membership.faults[r] = redo
+            self.membership.faults[r] = redo
             self.kills.pop(r, None)
-        t.membership.fail(dead, redo, survivors=survivors)
+        self.membership.fail(dead, redo, survivors=survivors)
         self._undo_output(redo)
         record = {"ranks": sorted(dead), "step": redo, "detected_step": step, "detected_unix": detected,
                   "repair_s": repaired - detected, "next_step_unix": None}
@@ -142,15 +150,12 @@ class Recovery:
 
     def _undo_output(self, redo: int) -> None:
         """What the redone steps wrote goes: metrics lines and checkpoints after ``redo``."""
-        t = self.t
-        t.metrics.close()
-        t.metrics = MetricsWriter(t.job.run_dir, t.membership.rank, redo)
-        if t.api.coll.rank != 0:
+        self.metrics.restart(redo)
+        if self.strategy.coll.rank != 0:
             return
-        if t.progress.mode == "none" and t.cfg.progress != "none":
-            # The lowest live rank reports from now on, as it writes the summary and checkpoints.
-            t.progress = Progress(t.cfg.progress, t.schedule.total_steps, redo, enabled=True)
-        for directory in (t.job.run_dir / "checkpoints").glob("step-*"):
+        # The lowest live rank reports from now on, as it writes the summary and checkpoints.
+        self.progress.take_over(redo)
+        for directory in (self.run_dir / "checkpoints").glob("step-*"):
             try:
                 newer = int(directory.name.rsplit("-", 1)[1]) > redo
             except ValueError:
@@ -162,12 +167,12 @@ class Recovery:
     def failure_records(self) -> list[dict]:
         """One record per failed rank, for summary.json: simulated ones leave, real ones died."""
         out = []
-        for rank, step in sorted(self.t.membership.faults.items()):
+        for rank, step in sorted(self.membership.faults.items()):
             if rank not in self.deaths:
                 out.append({"rank": rank, "step": step, "kind": "left"})
                 continue
             event = self.deaths[rank]
-            died = _death_time(self.t.job.run_dir, rank)
+            died = _death_time(self.run_dir, rank)
             nxt = event["next_step_unix"]
             out.append({
                 "rank": rank,

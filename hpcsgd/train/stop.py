@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .comm import Collectives
+    from ..comm import Collectives
 
 _STOP_FLAG = np.zeros(1, dtype=np.int32)  # set by the handlers, read by StopSignal
 
@@ -55,7 +55,7 @@ class StopSignal:
     def requested(self, coll: "Collectives") -> bool:
         from mpi4py import MPI
 
-        from .comm.watchdog import WATCHDOG
+        from ..comm.watchdog import WATCHDOG
 
         stop = False
         if self._request is not None:
@@ -79,7 +79,7 @@ class StopSignal:
 
     def drain(self) -> None:
         if self._request is not None:
-            from .comm.watchdog import WATCHDOG
+            from ..comm.watchdog import WATCHDOG
 
             WATCHDOG.wait(self._request, "Iallreduce [stop flag]", self._comm)
             self._request = None

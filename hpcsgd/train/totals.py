@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, TrainingError
-from .registry import REGISTRY
+from ..errors import CheckpointError, TrainingError
+from ..registry import REGISTRY
 
 
 @dataclass
@@ -102,9 +102,9 @@ def _membership_summary(m) -> dict:
 def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
     """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
 
-    ``run`` is the assembled :class:`~hpcsgd.assembly.Run`.
+    ``run`` is the assembled :class:`~hpcsgd.train.assembly.Run`.
     """
-    from .checkpoint import shard_identity  # torch and h5py: only where a run ends
+    from .resume import shard_identity
 
     cfg, sched, m = run.cfg, run.schedule, run.membership
     L = run.strategy.coll.size
@@ -161,8 +161,8 @@ def write_summary(comm, run_dir: Path, result: dict | None) -> dict | None:
     When it cannot be written (a full disk), rank 0 prints it on stdout first, so the figures of
     a run that trained to its end are never lost, and every rank ends with the same message.
     """
-    from .comm.agree import agree
-    from .metrics import atomic_write_text, cannot_write, dumps
+    from ..comm.agree import agree
+    from ..metrics import atomic_write_text, cannot_write, dumps
 
     path = Path(run_dir) / "summary.json"
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import load_chunk
+from ..data import load_chunk
 
 EVAL_BATCH = 1024
 

@@ -12,7 +12,7 @@ import importlib
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def is_factory_spec(name: str) -> bool:

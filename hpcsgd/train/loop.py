@@ -1,9 +1,9 @@
 """The training loop of ``hpcsgd train``: a client of the public API and a few one-job parts.
 
-One call of :func:`train` runs on every rank of a communicator. :func:`~hpcsgd.assembly.assemble`
-builds the run (shards, membership, model, optimizer, strategy); :class:`~hpcsgd.batches.Batches`
-draws the batches; the strategy takes each step; :class:`~hpcsgd.membership.Membership` removes
-failed ranks; :class:`~hpcsgd.evaluation.Evaluator` and :class:`~hpcsgd.totals.RunTotals` give
+One call of :func:`train` runs on every rank of a communicator. :func:`~hpcsgd.train.assembly.assemble`
+builds the run (shards, membership, model, optimizer, strategy); :class:`~hpcsgd.train.batches.Batches`
+draws the batches; the strategy takes each step; :class:`~hpcsgd.train.membership.Membership` removes
+failed ranks; :class:`~hpcsgd.train.evaluation.Evaluator` and :class:`~hpcsgd.train.totals.RunTotals` give
 the metrics and the summary; :mod:`hpcsgd.checkpoint` saves the dict of their states. Ranks
 never wait on each other except inside the strategy's collectives and the periodic diagnostics.
 """
@@ -16,18 +16,19 @@ import time
 
 from mpi4py import MPI
 
-from . import checkpoint as ckpt
-from . import startup
+from .. import checkpoint as ckpt
+from . import resume, startup
 from .assembly import assemble
 from .batches import Batches, gather_on_device
-from .comm.agree import agree
-from .comm.watchdog import WATCHDOG
-from .config import TrainConfig
+from ..comm.agree import agree
+from ..comm.watchdog import WATCHDOG
+from ..config import TrainConfig
 from .diversity import gradient_diversity
-from .errors import TrainingError
+from ..errors import TrainingError
+from ..faults.schedule import straggle, stragglers
 from .evaluation import Evaluator
-from .metrics import MetricsWriter
-from .progress import Progress
+from ..metrics import MetricsWriter
+from ..progress import Progress
 from .recovery import Recovery
 from .schedule import Schedule, pointless_settings
 from .stop import StopSignal
@@ -43,7 +44,7 @@ def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.assembly.Run`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Run`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 
@@ -82,8 +83,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (collective; an overlapped round in flight is saved, not applied)."""
-        m, shards = self.membership, ckpt.shard_identity(self.job.index)
-        record = {"ranks": m.P, **m.state_dict(), **ckpt.identity(self.cfg, shards),
+        m, shards = self.membership, resume.shard_identity(self.job.index)
+        record = {"ranks": m.P, **m.state_dict(), **resume.identity(self.cfg, shards),
                   "wall_s": float(time.perf_counter() - self.t_start)}
         ckpt.save(self.job.run_dir, self.api.coll.comm, m.rank, self.parts(), step, record, on_error=self.stop.drain)
 
@@ -94,7 +95,8 @@ class Trainer:
         if self.world.rank == 0 and self.progress.mode != "none":
             print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.job.resume or {}).get("wall_s", 0.0)
-        self.recovery = Recovery(self)
+        self.recovery = Recovery(self.parts, self.membership, self.api, self.stop, self.metrics, self.progress,
+                                 self.job.run_dir, self.cfg.fail_mode, self.start_step)
         step = self.start_step
         while True:
             try:
@@ -126,7 +128,7 @@ class Trainer:
             self.save(done)
             self.progress.close()
             self.metrics.close()
-            raise ckpt.Preempted(done)
+            raise resume.Preempted(done)
         return True
 
     def _end(self) -> dict | None:
@@ -142,17 +144,9 @@ class Trainer:
         self.metrics.close()
         return result
 
-    def _straggle(self, step: int) -> None:
-        """Sleep where the config makes this rank a straggler (timed as straggle_s)."""
-        for rank, first, last, seconds in self.cfg.stragglers:
-            if rank == self.membership.rank and first <= step <= last:
-                t = time.perf_counter()
-                time.sleep(seconds)
-                self.totals.timers.straggle_s += time.perf_counter() - t
-
     def train_step(self, step: int) -> None:
         cfg, timers, api = self.cfg, self.totals.timers, self.api
-        self._straggle(step)
+        timers.straggle_s += straggle(stragglers(cfg.straggle), self.membership.rank, step)  # timed apart
         t0 = time.perf_counter()
         x, y = self.batches.next()
         t1 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 ``hpcsgd train --resume`` on W < P processes keeps the first W ranks that were live at the
 checkpoint and hands the chunks only departed ranks held to live ones
-(:meth:`~hpcsgd.membership.Membership.assign`). :func:`hpcsgd.load_checkpoint` does the same
+(:meth:`~hpcsgd.train.membership.Membership.assign`). :func:`hpcsgd.load_checkpoint` does the same
 through this module: the same ``Membership.assign`` gives the roles and the adoption plan,
 the user's sampler and strategy are re-formed for the run's world (their ``resize``), and the
 first process says what moved and the coverage, in the CLI's words. More processes than the
@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .membership import Membership
-from .redundant import RedundantSampler
-from .strategies import Strategy
-from .world import world_for_run
+from ..redundant import RedundantSampler
+from ..strategies import Strategy
+from ..world import world_for_run
 
 
 def plan(meta: dict, world, parts: dict) -> Membership | None:

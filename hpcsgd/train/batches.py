@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .redundant import RedundantSampler
+from ..redundant import RedundantSampler
 
 
 class Batches:

@@ -1,7 +1,7 @@
 """Run assembly: a config and a communicator become everything a rank trains with.
 
 :func:`assemble` reads the shard index, agrees on the schedule, failures and the checkpoint
-to resume from, plays roles (:class:`~hpcsgd.membership.Membership`), binds the device, loads
+to resume from, plays roles (:class:`~hpcsgd.train.membership.Membership`), binds the device, loads
 this rank's chunks and a fixed evaluation sample, and builds the model, the optimizer and the
 strategy through the same public classes a user would (``hpcsgd.SyncSGD``, ...). Every step
 that can fail for a reason a user can fix is agreed on by all ranks (``comm.agree``).
@@ -18,28 +18,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .comm import LinkRates
-from .comm.netem import LinkNetwork
-from .comm import ulfm
-from .comm.agree import agree
-from .comm.device import apply_threads, select_device
-from .comm.watchdog import WATCHDOG
-from .config import TrainConfig, validate_for_world
-from .data import load_chunk, load_chunk_rows, load_test, read_index
-from .errors import ConfigError
+from ..comm import LinkRates
+from ..faults.netem import LinkNetwork
+from ..faults.schedule import fault_schedule
+from ..comm import ulfm
+from ..comm.agree import agree
+from ..comm.device import apply_threads, select_device
+from ..comm.watchdog import WATCHDOG
+from ..config import TrainConfig, validate_for_world
+from ..data import load_chunk, load_chunk_rows, load_test, read_index
+from ..errors import ConfigError
 from .membership import Membership
 from .models import build_model
-from .optim import ScalingSGD
+from ..optim import ScalingSGD
 from .recovery import check_launch
-from .registry import algorithm
+from .resume import find_latest
+from ..registry import algorithm
 from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
-from .strategies import Strategy
-from .strategies import build as build_strategy
+from ..strategies import Strategy
+from ..strategies import build as build_strategy
 from .topology import detect_ranks_per_node, resolve_placement, warn_if_not_blocks
 from .user_model import build_user_model, is_factory_spec
-from .world import world_for_run
+from ..world import world_for_run
 
 
 @dataclass
@@ -100,7 +101,7 @@ def assemble(cfg: TrainConfig, comm) -> Run:
     # The strategy a user would build (hpcsgd.SyncSGD, ...): it moves the model into a
     # flat buffer, broadcasts rank 0's copy and takes every step.
     m = run.membership
-    # Under ULFM training runs on a duplicate that returns errors (see hpcsgd.recovery).
+    # Under ULFM training runs on a duplicate that returns errors (see hpcsgd.train.recovery).
     run_world = world_for_run(ulfm.training_comm(comm), m.roles, m.P, run.device)
     run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates, network))
     m.attach(run.strategy)
@@ -124,7 +125,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
     R = placement.ranks_per_node
     cfg = dataclasses.replace(cfg, ranks_per_node=R)
     agree(comm, lambda: validate_for_world(cfg, P, ranks_per_node=R), "config")  # node:N entries need R
-    faults = cfg.fault_schedule(P, schedule.steps_per_epoch, schedule.total_steps, R)
+    faults = fault_schedule(cfg, P, schedule.steps_per_epoch, schedule.total_steps, R)
     # A failure scheduled at or after the last step never happens (warned about here).
     faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
     if comm.rank == 0:
@@ -138,7 +139,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
 def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
     """The checkpoint ``--resume`` continues from, and whether the run had finished; one line says which."""
     run_dir = Path(cfg.run_dir)
-    resume = agree(comm, lambda: ckpt.find_latest(run_dir, cfg, P, index, comm), "resume")
+    resume = agree(comm, lambda: find_latest(run_dir, cfg, P, index, comm), "resume")
     plan = agree(comm, lambda: resolve_resume(run_dir, resume, total_steps) if comm.rank == 0 else None, "resume")
     with WATCHDOG.guard("Bcast [resume]", comm):
         line, finished = comm.bcast(plan, root=0)
