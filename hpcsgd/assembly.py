@@ -32,11 +32,11 @@ from .membership import Membership
 from .models import build_model
 from .optim import ScalingSGD
 from .recovery import check_launch
-from .registry import algorithm
+from .algorithms.registry import algorithm
 from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
-from .strategies import Strategy
-from .strategies import build as build_strategy
+from .algorithms.base import Strategy
+from .algorithms.registry import build as build_strategy
 from .topology import detect_ranks_per_node, resolve_placement, warn_if_not_blocks
 from .user_model import build_user_model, is_factory_spec
 from .world import world_for_run

@@ -108,12 +108,11 @@ class Recovery:
             raise exc
         t = self.t
         detected = time.time()
-        coll = t.api.coll
-        comm, dead = coll.comm, []
+        live, comm, dead = t.api.live_ranks, t.api.comm, []
         while True:  # a survivor that dies during the repair is repaired too
             try:
                 survivors, lost = ulfm.repair(comm)
-                dead += [int(coll.world_ranks[_old_index(coll.comm, comm, i)]) for i in lost]
+                dead += [int(live[_old_index(t.api.comm, comm, i)]) for i in lost]
                 redo = survivors.allreduce(step, op=MPI.MIN)
                 break
             except MPI.Exception as again:
@@ -145,7 +144,7 @@ class Recovery:
         t = self.t
         t.metrics.close()
         t.metrics = MetricsWriter(t.job.run_dir, t.membership.rank, redo)
-        if t.api.coll.rank != 0:
+        if t.api.live_rank != 0:
             return
         if t.progress.mode == "none" and t.cfg.progress != "none":
             # The lowest live rank reports from now on, as it writes the summary and checkpoints.
