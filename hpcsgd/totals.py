@@ -102,7 +102,7 @@ def _membership_summary(m) -> dict:
 def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
     """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
 
-    ``run`` is the assembled :class:`~hpcsgd.assembly.Run`.
+    ``run`` is the assembled :class:`~hpcsgd.assembly.Job`.
     """
     from .checkpoint import shard_identity  # torch and h5py: only where a run ends
 

@@ -43,7 +43,7 @@ def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.assembly.Run`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.assembly.Job`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 

@@ -74,3 +74,14 @@ def test_train_py_is_a_thin_client():
     assert len(lines) < 250
     source = "\n".join(lines)
     assert "import checkpoint" in source and "from .train" not in (PACKAGE / "checkpoint.py").read_text()
+
+
+def test_no_class_name_is_defined_twice_in_the_package():
+    """One class per name (issue 27: each strategy was once two classes of the same name)."""
+    where: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(path.relative_to(PACKAGE).as_posix())
+    twice = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert not twice, twice
