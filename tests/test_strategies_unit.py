@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hpcsgd
-from hpcsgd.algorithms import LocalSGD, LossyAllreduce, RPS, Strategy, SyncSGD
+from hpcsgd.algorithms import LocalSGD, LossyAllreduce, PeriodicStrategy, RPS, Strategy, SyncSGD
 from hpcsgd.algorithms.registry import ALGORITHMS, REGISTRY
 from hpcsgd.comm import Collectives, CommCounters, LinkRates
 from hpcsgd.world import World
@@ -213,7 +213,7 @@ def test_registry_names_each_class_and_classes_are_defined_once():
         assert issubclass(spec.cls, Strategy) and spec.cls.name == spec.name
     for name in ALGORITHMS:  # the built-in ones: the public class is the one class
         assert getattr(hpcsgd, REGISTRY[name].cls.__name__) is REGISTRY[name].cls
-    assert RPS.__mro__[1].__name__ == "PeriodicStrategy" and LocalSGD.__mro__[1] is RPS.__mro__[1]
+    assert issubclass(RPS, PeriodicStrategy) and issubclass(LocalSGD, PeriodicStrategy)  # one period logic
 
 
 # -- a fifth strategy, defined here --------------------------------------------------------------
@@ -246,3 +246,34 @@ def test_a_fifth_strategy_registered_in_one_line_trains_against_its_closed_form(
     results = run_ranks(3, rank)
     expected = (1 * 0 + 2 * 1 + 3 * 2) / 6
     assert all(torch.allclose(x, torch.full_like(x, expected)) and d == 0.0 for x, d in results)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_the_fifth_strategy_trains_through_the_public_api_under_mpi():
+    """hpcsgd.init, a RedundantSampler, a plain loop: every step lands on the weighted mean of the
+    ranks' own SGD steps, on every rank."""
+    from conftest import all_ranks
+
+    world = hpcsgd.init(device="cpu")
+    y = torch.arange(96) % CLASSES
+    data = torch.utils.data.TensorDataset(torch.randn(96, D_IN, generator=torch.Generator().manual_seed(0)) + y[:, None], y)
+    sampler = hpcsgd.RedundantSampler(data, world, q=min(2, world.size), batch_size=4, partition="label", labels=y, seed=1)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
+    model = make_model()
+    opt = sgd(model)
+    strategy = hpcsgd.algorithms.build("weighted-every-step", model, opt, world)
+    weights = np.arange(1, world.size + 1, dtype=np.float64) / (world.size * (world.size + 1) / 2)
+    ok, losses = True, []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for x, target in loader:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            own = torch.cat([(p.detach() - 0.1 * p.grad).reshape(-1) for p in model.parameters()]).double()
+            expected = sum(w * v for w, v in zip(weights, world.comm.allgather(own)))
+            strategy.step()
+            ok &= torch.allclose(strategy.flat.flat.double(), expected, rtol=1e-5, atol=1e-6)
+            losses.append(loss.item())
+    assert all_ranks(ok and len(losses) == 2 * len(sampler) and strategy.consensus_distance() == 0.0)
+    assert all_ranks(np.mean(losses[-len(sampler):]) < np.mean(losses[:len(sampler)]))  # it learns

@@ -59,6 +59,17 @@ class Strategy:
         contributors: under ``nan_policy = skip``, which live ranks had a finite loss this step
             (None: all); by default a skipping rank takes no optimizer step and contributes its
             current model (ALGORITHMS.md, "Non-finite steps").
+
+    Example::
+
+        class EveryStepMean(hpcsgd.Strategy):  # a strategy of one's own: models averaged every step
+            name = "every-step-mean"
+
+            def after_step(self, step):
+                self.coll.allreduce_mean_(self.flat.flat)
+
+        hpcsgd.algorithms.register(Algorithm("every-step-mean", EveryStepMean, uses_tau=False, lossy=False))
+        strategy = hpcsgd.algorithms.build("every-step-mean", model, opt, world)
     """
 
     name = "base"

@@ -80,4 +80,25 @@ def resized_rates(rates: LinkRates, drop_rate: float | None, size: int) -> LinkR
     return LinkRates(mats[0], mats[1])
 
 
-__all__ = ["check_rates", "link_network", "link_rates", "resized_rates"]
+class LossyLinks:
+    """What the strategies over lossy links (RPS, LossyAllreduce) share: per-link drop rates
+    indexed by run rank, the seed of their masks, and carrying both over to a run of another P."""
+
+    def take_links(self, world, drop_rate, rates, seed) -> None:
+        """Check and keep ``rates`` (or the uniform ``drop_rate``) and ``seed``; before the base's constructor."""
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        self.seed = int(seed)
+        self._drop_rate = drop_rate if rates is None else None  # one number: rebuilt for another P
+        self.rates = check_rates(world, drop_rate, rates)
+
+    def resize_options(self, world) -> None:
+        self.rates = resized_rates(self.rates, self._drop_rate, world.size)
+
+    @property
+    def exchange_path(self) -> str:
+        """The block exchange's path: ``allreduce`` (lossless), ``shared-memory`` or ``alltoallv``."""
+        return self.exchange.path
+
+
+__all__ = ["LossyLinks", "check_rates", "link_network", "link_rates", "resized_rates"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..comm import BlockExchange, LinkRates
-from .base import Strategy, check_int
-from .links import check_rates, resized_rates
+from .base import Strategy
+from .links import LossyLinks
 
 
-class LossyAllreduce(Strategy):
+class LossyAllreduce(LossyLinks, Strategy):
     """Gradient averaging by RPS's two-phase block exchange every step: the baseline without model averaging.
 
     A rank that misses the average of block j uses its own ``g_i[B_j]``; with no drops this
@@ -39,22 +39,13 @@ class LossyAllreduce(Strategy):
 
     def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None,
                  seed: int = 0, **kwargs):
-        self.seed = check_int("seed", seed, 0)
-        self._drop_rate = drop_rate if rates is None else None  # one number: rebuilt for another P
-        self.rates = check_rates(world, drop_rate, rates)
+        self.take_links(world, drop_rate, rates, seed)
         super().__init__(model, optimizer, world, **kwargs)
         self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
 
     def set_collectives(self, coll) -> None:
         super().set_collectives(coll)
         self.exchange = BlockExchange(coll, self.flat.numel, self.rates, self.seed)
-
-    def resize_options(self, world) -> None:
-        self.rates = resized_rates(self.rates, self._drop_rate, world.size)
-
-    @property
-    def exchange_path(self) -> str:
-        return self.exchange.path
 
     def reduce_gradients(self, step: int) -> None:
         self.flat.adopt_grads()  # a no-op unless the user's zero_grad set gradients to None

@@ -27,6 +27,16 @@ class PeriodicStrategy(Strategy):
             model (SGD momentum, Adam moments, ...; refused, by name, where it cannot be).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         collectives, network: as for :class:`~hpcsgd.algorithms.base.Strategy`.
+
+    Example::
+
+        class EveryTauMean(PeriodicStrategy):  # local SGD's round, written out
+            name = "every-tau-mean"
+
+            def average_(self, x, step, coll, prescaled=False):
+                coll.allreduce_sum_(x) if prescaled else coll.allreduce_mean_(x)
+
+        strategy = EveryTauMean(model, opt, world, tau=4, overlap_rounds=True)
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False,

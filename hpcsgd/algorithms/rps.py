@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..comm import BlockExchange, LinkRates
-from .base import check_int
-from .links import check_rates, resized_rates
+from .links import LossyLinks
 from .periodic import PeriodicStrategy
 
 
-class RPS(PeriodicStrategy):
+class RPS(LossyLinks, PeriodicStrategy):
     """RPS: every ``tau`` steps, after the local step, two-phase block averaging of the models.
 
     A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS). With
@@ -46,9 +45,7 @@ class RPS(PeriodicStrategy):
 
     def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None,
                  seed: int = 0, **kwargs):
-        self.seed = check_int("seed", seed, 0)
-        self._drop_rate = drop_rate if rates is None else None  # one number: rebuilt for another P
-        self.rates = check_rates(world, drop_rate, rates)
+        self.take_links(world, drop_rate, rates, seed)
         super().__init__(model, optimizer, world, **kwargs)
         self._build_exchange()
 
@@ -64,13 +61,6 @@ class RPS(PeriodicStrategy):
     def set_collectives(self, coll) -> None:
         super().set_collectives(coll)
         self._build_exchange()  # the cut adapts
-
-    def resize_options(self, world) -> None:
-        self.rates = resized_rates(self.rates, self._drop_rate, world.size)
-
-    @property
-    def exchange_path(self) -> str:
-        return self.exchange.path
 
     def prescalable(self) -> bool:
         return self.exchange.path == "allreduce"

@@ -1,7 +1,11 @@
 """The communicator wrapper every strategy talks to: averaging, broadcast, counters.
 
 Strategies never call MPI themselves; they call this layer, so byte counts and injected
-faults see every message. Tensors go to MPI as zero-copy NumPy views on the CPU; CUDA tensors
+faults see every message. One naming rule for every op (Horovod's): ``op`` returns a new
+result (``sum_float64``, ``allgather_flags``), ``op_`` works in place on the tensor given
+(``allreduce_mean_``, ``allreduce_sum_``, ``bcast_``), ``op_async_`` starts it in place and
+returns a request whose ``wait()`` completes it (``allreduce_mean_async_``), and ``op_async``
+returns a request whose ``wait()`` gives the new result (``allreduce_max_async``). Tensors go to MPI as zero-copy NumPy views on the CPU; CUDA tensors
 go directly when MPI is CUDA-aware, else through a pinned host buffer reused between calls.
 """
 
