@@ -19,6 +19,7 @@ _EXPORTS = {
     "LossyAllreduce": ".lossy_allreduce",
     "link_rates": ".links",
     "link_network": ".links",
+    "Algorithm": ".registry",
     "build": ".registry",
     "register": ".registry",
 }
