@@ -89,6 +89,28 @@ def test_sync_is_one_model_on_the_mean_gradient(overlap):
     assert all(c.rounds == STEPS for _, c in results)  # one round per step, however many buckets
 
 
+def test_sync_accumulates_in_no_sync_and_clips_after_synchronize():
+    """Two micro-batches a step, the first inside no_sync(); the averaged gradient clipped in between."""
+
+    def rank(comm):
+        model = make_model()
+        opt = sgd(model)
+        strategy = SyncSGD(model, opt, fake_world(comm), collectives=Collectives(comm), bucket_mb=1e-4)
+        for t in range(STEPS):
+            opt.zero_grad()
+            with strategy.no_sync():
+                F.cross_entropy(model(batch(t, comm.rank, 0)[0]), batch(t, comm.rank, 0)[1]).backward()
+            F.cross_entropy(model(batch(t, comm.rank, 1)[0]), batch(t, comm.rank, 1)[1]).backward()
+            strategy.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            strategy.step()
+        return strategy.flat.flat.detach().clone()
+
+    model = make_model()
+    _, expected = accumulated_sync(model, sgd(model), batch, P, STEPS, micro=2, max_norm=0.05)
+    assert all(close(x, expected) for x in run_ranks(P, rank))
+
+
 def test_lossy_allreduce_averages_gradient_blocks_by_the_masks():
     rates = LinkRates.build(P, 0.3)
     results = train(LossyAllreduce, rates=rates, seed=7)
