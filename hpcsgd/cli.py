@@ -20,7 +20,7 @@ import typing
 from . import __version__
 from .train import startup  # startup's clock starts at this import
 from .errors import HpcsgdError
-from .registry import REGISTRY  # no torch, no MPI: cheap before the slow imports
+from .algorithms.registry import REGISTRY  # no torch, no MPI: cheap before the slow imports
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .faults.schedule import FAIL_RULE, STRAGGLE_RULE, rank_faults, stragglers
 from .limits import FLOAT32_MAX, check_bytes, check_float32, check_seconds, node_cpus
 from .metrics import toml_text
-from .registry import ALGORITHMS, REGISTRY
+from .algorithms.registry import ALGORITHMS, REGISTRY
 
 MODELS = ("mlp", "lenet", "resnet20", "resnet56", "resnet110")
 LR_SCHEDULES = ("constant", "step", "cosine")

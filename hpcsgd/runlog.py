@@ -121,11 +121,11 @@ class RunLog:
             out["coverage"] = self._coverage(strategy)
             keys = sorted(rank_means or {})
             if keys:
-                sums = strategy.coll.sum_float64(np.array([float(rank_means[k]) for k in keys]))
-                out.update({f"{k}_rank_mean": float(v) / strategy.coll.size for k, v in zip(keys, sums)})
+                sums = strategy.live_sum(np.array([float(rank_means[k]) for k in keys]))
+                out.update({f"{k}_rank_mean": float(v) / len(strategy.live_ranks) for k, v in zip(keys, sums)})
         out.update(summary)
         self.metrics.close()
-        writer = self.world.comm.rank == 0 if strategy is None else strategy.coll.rank == 0  # first live rank
+        writer = self.world.comm.rank == 0 if strategy is None else strategy.live_rank == 0  # first live rank
         if not writer:
             return None
         atomic_write_text(self.run_dir / "summary.json", dumps(out) + "\n")
@@ -140,8 +140,7 @@ class RunLog:
     @staticmethod
     def _strategy_summary(strategy) -> dict:
         c = strategy.counters
-        mine = np.array([c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped], dtype=np.float64)
-        totals = strategy.coll.sum_float64(mine) + strategy.failed_counters
+        totals = strategy.live_sum(c.traffic()) + strategy.failed_counters.traffic()
         messages = totals[2] + totals[3]
         return {
             "algorithm": strategy.name,

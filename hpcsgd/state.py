@@ -19,14 +19,14 @@ def _run_view(world, parts: dict) -> tuple:
     """(communicator, run rank, record) of the ranks that save: a strategy among ``parts`` knows
     the run (its P, its live ranks, after failures and resizes); else ``world`` is the run."""
     from .redundant import RedundantSampler
-    from .strategies import Strategy
+    from .algorithms.base import Strategy
 
     strategy = next((p for p in parts.values() if isinstance(p, Strategy)), None)
     sampler = next((p for p in parts.values() if isinstance(p, RedundantSampler)), None)
     adopted = {str(c): r for c, r in sampler.adopted.items()} if sampler is not None else {}
     if strategy is not None:
         record = {"ranks": strategy.world.size, "live_world": list(strategy.live_ranks), "adopted": adopted}
-        return strategy.coll.comm, strategy.world.rank, record
+        return strategy.comm, strategy.world.rank, record
     comm = world.comm
     ranks = sorted(comm.allgather(world.rank))  # the rank files the record vouches for
     return comm, world.rank, {"ranks": max(world.size, comm.size), "live_world": ranks, "adopted": adopted}

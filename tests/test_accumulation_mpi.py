@@ -57,7 +57,7 @@ def test_no_sync_then_synchronize_gives_the_mean_accumulated_gradient_and_clippi
     reference_model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
     strategy = hpcsgd.SyncSGD(model, opt, world, bucket_mb=BUCKET_MB)
-    assert len(strategy.algorithm.buckets) >= 2
+    assert len(strategy.buckets) >= 2
     expected, expected_final = accumulated_sync(
         reference_model, torch.optim.SGD(reference_model.parameters(), lr=0.3, momentum=0.5),
         _batch, P, steps, micro=2, max_norm=max_norm)

@@ -160,13 +160,13 @@ def test_strategy_resize_carries_a_uniform_drop_rate_and_refuses_per_link_rates(
     model = torch.nn.Linear(2, 2)
     rps = hpcsgd.RPS(model, torch.optim.SGD(model.parameters(), lr=0.1), world, drop_rate=0.2)
     rps.resize(run)
-    assert rps.world is run and rps.live_ranks == [0] and rps.algorithm.rates.phase1.shape == (3, 3)
-    assert rps.algorithm.rates.phase1[0, 2] == 0.2 and rps.algorithm.rates.phase1[1, 1] == 0.0
+    assert rps.world is run and rps.live_ranks == [0] and rps.rates.phase1.shape == (3, 3)
+    assert rps.rates.phase1[0, 2] == 0.2 and rps.rates.phase1[1, 1] == 0.0
     from hpcsgd.comm import LinkRates
-    from hpcsgd.strategies import _resized_rates
+    from hpcsgd.algorithms.links import resized_rates
 
     per_link = LinkRates.build(2, 0.1, rules=("0->1=0.5",))
     with pytest.raises(hpcsgd.ConfigError, match="per-link drop rates .* built for 2 ranks .* run of 4"):
-        _resized_rates(per_link, 4)
-    phases = _resized_rates(LinkRates.build(2, 0.1, phase2=0.3), 4)
+        resized_rates(per_link, None, 4)
+    phases = resized_rates(LinkRates.build(2, 0.1, phase2=0.3), None, 4)
     assert phases.phase1[3, 0] == 0.1 and phases.phase2[0, 3] == 0.3 and phases.phase2[2, 2] == 0.0

@@ -26,13 +26,13 @@ def coll():
 def test_allreduce_mean_of_rank_ids(coll):
     P, r = coll.size, coll.rank
     x = torch.full((1001,), float(r))
-    coll.allreduce_mean(x)
+    coll.allreduce_mean_(x)
     assert all_ranks(torch.all(x == (P - 1) / 2))
 
 
 def test_iallreduce_request_test_and_wait(coll):
     x = torch.arange(10, dtype=torch.float32) * (coll.rank + 1)
-    req = coll.iallreduce_mean(x)
+    req = coll.allreduce_mean_async_(x)
     while not req.test():
         pass
     same = req.wait() is x
@@ -46,8 +46,8 @@ def test_every_wait_mode_gives_the_same_average_and_exchange(coll, mode):
     P, r, d = coll.size, coll.rank, 4099
     coll.wait_mode = mode
     x = torch.arange(d, dtype=torch.float32) * (r + 1)
-    coll.iallreduce_mean(x, tag="mode").wait()
-    coll.allreduce_mean(y := torch.arange(d, dtype=torch.float32) * (r + 1), tag="mode")
+    coll.allreduce_mean_async_(x, tag="mode").wait()
+    coll.allreduce_mean_(y := torch.arange(d, dtype=torch.float32) * (r + 1), tag="mode")
     expected = torch.arange(d, dtype=torch.float32) * (P + 1) / 2
     rng = np.random.default_rng(3)
     vectors = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in range(P)]
@@ -220,7 +220,7 @@ def test_split_live_continues_on_survivors(coll):
     assert live.size == coll.size - 1
     assert list(live.world_ranks) == [r for r in range(coll.size) if r != dead]
     x = torch.full((3,), float(coll.rank))
-    live.allreduce_mean(x)
+    live.allreduce_mean_(x)
     survivors = [r for r in range(coll.size) if r != dead]
     assert torch.allclose(x, torch.full((3,), sum(survivors) / len(survivors)))  # survivors only: the dead rank has left
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from hpcsgd import algorithms
-from hpcsgd.comm import Collectives, FlatParams, LinkRates
+from hpcsgd.comm import Collectives, LinkRates
 from hpcsgd.config import build_config
 from hpcsgd.optim import ScalingSGD
-from hpcsgd.registry import REGISTRY
+from hpcsgd.algorithms.registry import REGISTRY
 from hpcsgd.train.loop import Trainer
+from hpcsgd.world import World
 
 from helpers import all_ranks, make_shards
 from reference import blockwise_average
@@ -34,9 +34,16 @@ def _one_step(algorithm: str, skipping: set[int], drop_rate: float = 0.0):
     rank, size = comm.rank, comm.size
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))  # parameters and floating buffers
-    flat = FlatParams(model, flat_grad=algorithm in ("sync", "lossy-allreduce"))
+    optimizer = ScalingSGD(model.parameters(), lr=LR)
+    rates = LinkRates.build(size, drop_rate)
+    spec = REGISTRY[algorithm]
+    lossy = {"rates": rates, "seed": 5} if spec.lossy else {}
+    tau = {"tau": 1} if spec.uses_tau else {}
+    world = World(comm, rank, size, 0, 1, torch.device("cpu"), tuple(range(size)))
+    strategy = spec.cls(model, optimizer, world, collectives=Collectives(comm), **tau, **lossy)
+    flat = strategy.flat  # the strategy's flat buffer: parameters and floating buffers
     base = torch.arange(flat.numel, dtype=torch.float32) / 4
-    flat.flat.copy_(base + rank)  # x_i = x_0 + i, buffers included
+    flat.flat.copy_(base + rank)  # x_i = x_0 + i, buffers included (after the strategy's broadcast)
     grads = [torch.full((flat.n_params,), float(r + 1)) for r in range(size)]  # g_i = i + 1
     flat.zero_grad()
     if rank not in skipping:  # a skipping rank ran no backward: no gradient (zeros)
@@ -45,16 +52,8 @@ def _one_step(algorithm: str, skipping: set[int], drop_rate: float = 0.0):
                 p.grad = grads[rank][lo:hi].view_as(p).clone()
             else:
                 p.grad.copy_(grads[rank][lo:hi].view_as(p))
-    coll = Collectives(comm)
-    optimizer = ScalingSGD(model.parameters(), lr=LR)
-    rates = LinkRates.build(size, drop_rate)
-    spec = REGISTRY[algorithm]
-    lossy = {"rates": rates, "seed": 5} if spec.lossy else {}
-    strategy = getattr(algorithms, spec.strategy)(coll, flat, optimizer, tau=1, **lossy)
-    strategy.contributors = np.array([r not in skipping for r in range(size)])
-    strategy.reduce_gradients(0)
-    strategy.optimizer_step(0)
-    strategy.after_step(0)
+    strategy.set_contributors(np.array([r not in skipping for r in range(size)]))
+    strategy.step()  # reduce_gradients, optimizer_step and after_step of step 0
     strategy.close()
     before = [base + r for r in range(size)]
     return flat, before, grads

@@ -117,10 +117,10 @@ def test_an_averaging_round_takes_at_least_its_emulated_time_and_changes_no_valu
     plain, emulated = Collectives(comm), Collectives(comm, network=net)
     x = torch.arange(n, dtype=torch.float32) * (comm.rank + 1)
     y = x.clone()
-    plain.allreduce_mean(x)
+    plain.allreduce_mean_(x)
     comm.Barrier()
     t0 = time.perf_counter()
-    emulated.allreduce_mean(y)
+    emulated.allreduce_mean_(y)
     elapsed = time.perf_counter() - t0
     latency, transfer = net.ring_seconds(range(comm.size), n * 4)
     stats = emulated.network_stats()
@@ -136,13 +136,13 @@ def test_a_round_overlapped_with_longer_work_holds_for_nothing(comm):
     net = LinkNetwork.build(comm.size, latency_ms=20.0)
     coll = Collectives(comm, network=net)
     x = torch.ones(1000)
-    request = coll.iallreduce_mean(x)
+    request = coll.allreduce_mean_async_(x)
     latency, _ = net.ring_seconds(range(comm.size), 4000)
     time.sleep(latency + 0.05)  # "the next step's compute", longer than the round
     request.wait()
     assert all_ranks(coll.clock.held_seconds == 0.0 and torch.all(x == 1.0))
     blocking = Collectives(comm, network=net)
-    blocking.allreduce_mean(torch.ones(1000))
+    blocking.allreduce_mean_(torch.ones(1000))
     assert all_ranks(blocking.clock.held_seconds > 0)  # nothing to hide behind
 
 
@@ -219,7 +219,7 @@ def test_a_late_sender_delays_the_others_ring_allreduce(comm):
     clock = coll.clock
     x = torch.full((1000,), float(comm.rank))
     T0, start = _late_start(comm, clock, 0, lateness)
-    coll.allreduce_mean(x)
+    coll.allreduce_mean_(x)
     end = clock.now()
     starts = comm.allgather(start)
     ring = 2 * (L - 1) * lat
@@ -268,11 +268,11 @@ def test_held_time_of_an_overlapped_round_is_what_the_training_thread_waited(com
     x = torch.ones(1000)
     ring = sum(net.ring_seconds(range(comm.size), 4000))
     rounds = RoundInFlight(coll, x)
-    rounds.start(x, lambda work, c: c.allreduce_sum(work))
+    rounds.start(x, lambda work, c: c.allreduce_sum_(work))
     time.sleep(ring + 0.2)  # the next step's compute, longer than the round
     rounds.finish(x)
     hidden = coll.clock.held_seconds
-    rounds.start(x, lambda work, c: c.allreduce_sum(work))
+    rounds.start(x, lambda work, c: c.allreduce_sum_(work))
     rounds.finish(x)  # nothing to hide behind
     waited = coll.clock.held_seconds
     rounds.close()

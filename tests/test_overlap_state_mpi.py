@@ -18,7 +18,7 @@ from hpcsgd.data import read_index
 from hpcsgd.train.evaluation import Evaluator
 from hpcsgd.train.schedule import Schedule
 from hpcsgd.train.stop import StopSignal
-from hpcsgd.strategies import Strategy
+from hpcsgd.algorithms import Strategy
 from hpcsgd.train.loop import Trainer
 from hpcsgd.train.resume import Preempted
 
@@ -91,7 +91,7 @@ def test_a_preempted_overlapped_run_resumes_into_the_uninterrupted_one(shared_tm
     with pytest.raises(Preempted):
         cut.run()
     monkeypatch.setattr(StopSignal, "requested", asked)
-    assert all_ranks(cut.api.algorithm._in_flight.pending)  # the round was saved, not applied
+    assert all_ranks(cut.api._in_flight.pending)  # the round was saved, not applied
     resumed, resumed_summary = _run(_config(shared_tmp, f"{name}-cut", resume=True, **FLAGS[name]))
     assert all_ranks(resumed.start_step == 10)
     assert all_ranks(torch.equal(full.api.flat.flat, resumed.api.flat.flat))

@@ -13,7 +13,7 @@ import torch
 
 import hpcsgd
 
-from conftest import all_ranks
+from helpers import all_ranks
 
 
 def _rps_steps(world, steps: int = 3) -> torch.Tensor:

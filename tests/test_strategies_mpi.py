@@ -188,7 +188,7 @@ def test_overlapped_sync_equals_blocking_sync(shared_tmp, bucket_mb):
     x_overlap, trainer = run(shared_tmp, "o", algorithm="sync", overlap=True, bucket_mb=bucket_mb, momentum=0.9)
     x_block, _ = run(shared_tmp, "b", algorithm="sync", overlap=False, momentum=0.9)
     assert all_ranks(close(x_overlap, x_block))
-    buckets = len(trainer.api.algorithm.buckets)
+    buckets = len(trainer.api.buckets)
     assert all_ranks(buckets > 1 if bucket_mb < 0.001 else buckets >= 1)
     assert all_ranks(trainer.api.coll.counters.rounds == STEPS)  # one round per step, however many buckets
 

@@ -114,3 +114,14 @@ def test_test_files_import_shared_helpers_from_helpers_not_conftest():
     tests = Path(__file__).resolve().parent
     offenders = [p.name for p in sorted(tests.glob("*.py")) if re.search(r"^\s*(from|import) conftest\b", p.read_text(), re.M)]
     assert not offenders, f"import these from helpers instead of conftest: {offenders}"
+
+
+def test_no_class_name_is_defined_twice_in_the_package():
+    """One class per name (issue 27: each strategy was once two classes of the same name)."""
+    where: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(path.relative_to(PACKAGE).as_posix())
+    twice = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert not twice, twice

@@ -1,15 +1,34 @@
-"""The per-step algorithms behind one small interface (:class:`Strategy`).
+"""The strategies: one module and one class each, the class a user builds (``hpcsgd.RPS``, ...).
 
-Users and ``hpcsgd train`` build them through :mod:`hpcsgd.strategies`; which ones exist is
-stated once, in :mod:`hpcsgd.registry`.
+:mod:`.base` holds what every strategy shares, :mod:`.periodic` what local SGD and RPS share
+(the period, the overlapped round, optimizer state); :mod:`.registry` says which exist.
+Names load on first use (PEP 562), so the registry imports without torch: the command line
+validates a config before torch's slow import.
 """
 
 from __future__ import annotations
 
-from .base import Strategy
-from .local import LocalSGD
-from .lossy_allreduce import LossyAllreduce
-from .rps import RPS
-from .sync import SyncSGD
+import importlib
 
-__all__ = ["LocalSGD", "LossyAllreduce", "RPS", "Strategy", "SyncSGD"]
+_EXPORTS = {
+    "Strategy": ".base",
+    "PeriodicStrategy": ".periodic",
+    "SyncSGD": ".sync",
+    "LocalSGD": ".local",
+    "RPS": ".rps",
+    "LossyAllreduce": ".lossy_allreduce",
+    "link_rates": ".links",
+    "link_network": ".links",
+    "Algorithm": ".registry",
+    "build": ".registry",
+    "register": ".registry",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

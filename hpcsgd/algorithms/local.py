@@ -4,106 +4,70 @@ RI-SGD is this strategy run on a q-redundant data assignment; redundancy lives e
 the data layer, so the communication pattern is local SGD's.
 """
 
+from __future__ import annotations
+
 import torch
 
-from ..errors import ConfigError
-from ..optim import can_scale
-from .base import Strategy, prescaled_optimizer_step
-from .optimizer_state import OptimizerState
-from .overlap import RoundInFlight
+from .periodic import PeriodicStrategy
 
 
-class LocalSGD(Strategy):
-    """``x_i <- mean over live ranks`` after every step t with ``(t + 1) % tau == 0``.
+class LocalSGD(PeriodicStrategy):
+    """Local SGD (RI-SGD on a redundant sampler): ``x_i <- mean over live ranks`` every ``tau`` steps.
 
-    Optimizer state stays local unless ``average_optimizer_state`` (like PeriodicModelAverager):
-    then every per-parameter state tensor travels behind the model in the round's one Allreduce.
-    With ``overlap_rounds`` the round runs behind the next step and is applied one step
-    late (ALGORITHMS.md, "Overlapped rounds"; hpcsgd/algorithms/overlap.py).
+    Where the optimizer is a plain ``torch.optim.SGD``, a round's ``1/L`` rides in the
+    optimizer step and the average is one bare Allreduce. Optimizer state stays local unless
+    ``average_optimizer_state`` (like PeriodicModelAverager): then every per-parameter state
+    tensor travels behind the model in the round's one Allreduce. With ``overlap_rounds`` the
+    round runs behind the next step and is applied one step late (ALGORITHMS.md, "Overlapped
+    rounds"; hpcsgd/algorithms/overlap.py).
+
+    Args:
+        tau: steps between averaging rounds, >= 1.
+        average_optimizer_state: average every per-parameter optimizer state tensor with the model
+            (SGD momentum, Adam moments, ...; refused, by name, where it cannot be).
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        collectives: the comm layer (default: built from ``world``).
+        network: an emulated network from :func:`hpcsgd.link_network`.
+
+    Example::
+
+        world = hpcsgd.init()
+        strategy = hpcsgd.LocalSGD(model, opt, world, tau=8)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            strategy.step()  # a local step; every 8th also averages the models
     """
 
     name = "local"
 
-    def __init__(self, *args, average_optimizer_state: bool = False, overlap_rounds: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        if overlap_rounds and average_optimizer_state:
-            raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
-                              "(the spec delays the model's average only)")
-        self.average_optimizer_state = average_optimizer_state
-        state = OptimizerState(self.optimizer, self.flat) if average_optimizer_state else None
-        self._state = None if state is None or state.empty else state
+    def __init__(self, model, optimizer, world, **options):
+        super().__init__(model, optimizer, world, **options)
         self._pack = None  # [x | state segments], allocated at the first round that needs it
-        self._prescaled = False  # this round's 1/L already applied by the optimizer step
-        self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
-        self._in_flight = None
-        if overlap_rounds:
-            self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
 
-    def optimizer_step(self, step: int) -> None:
-        """On a round step, the optimizer also multiplies the model by 1/L (prescaled_optimizer_step)."""
-        if self._in_flight is not None:
-            self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
-            super().optimizer_step(step)
-        elif self.is_round(step) and self.coll.size > 1 and self._scales and self._state is None:
-            prescaled_optimizer_step(self)
-            self._prescaled = True
-        else:
-            super().optimizer_step(step)
+    def prescalable(self) -> bool:
+        return self._state is None  # with optimizer state the round is one Allreduce of [x | state]
 
-    def after_step(self, step: int) -> None:
-        if self._in_flight is not None:
-            self._in_flight.finish(self.flat.flat)  # the previous step's round, if any
-            if self.is_round(step):
-                self._in_flight.start(self.flat.flat, lambda work, coll: coll.allreduce_mean(work))
-            return
-        if not self.is_round(step):
-            return
-        if self._state is not None:
-            self._average_with_state()
-            return
+    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False) -> None:
         # Parameters and floating buffers travel together in the one flat buffer.
-        if self._prescaled:
-            self.coll.allreduce_sum(self.flat.flat)
-            self._prescaled = False
-        else:  # an optimizer that cannot scale (the same on every rank)
-            self.coll.allreduce_mean(self.flat.flat)
+        if self._state is not None:
+            self._average_with_state(coll)
+        elif prescaled:
+            coll.allreduce_sum_(x)
+        else:  # an optimizer that cannot scale (the same on every rank), or an overlapped round
+            coll.allreduce_mean_(x)
 
-    def _average_with_state(self) -> None:
+    def _average_with_state(self, coll) -> None:
         """The model and every optimizer state segment, averaged by one Allreduce of ``[x | segments]``."""
         state, d = self._state, self.flat.numel
-        state.check_scalars(self.coll)  # before anything changes: every rank raises together
         if self._pack is None:
             self._pack = torch.empty((1 + len(state.names)) * d, dtype=self.flat.dtype, device=self.flat.device)
         pack = self._pack
         pack[:d].copy_(self.flat.flat)
         pack[d:].copy_(state.gather().reshape(-1))
-        self.coll.allreduce_mean(pack)
+        coll.allreduce_mean_(pack)
         self.flat.flat.copy_(pack[:d])
         state.scatter(pack[d:].view(-1, d))
 
-    def flush(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.finish(self.flat.flat)
 
-    def wait_snapshot(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.wait_snapshot()
-
-    def round_state(self) -> dict | None:
-        return None if self._in_flight is None else self._in_flight.state_dict()
-
-    def load_round_state(self, state: dict | None) -> None:
-        if self._in_flight is None:
-            super().load_round_state(state)
-        else:
-            self._in_flight.load_state_dict(state)
-
-    def set_collectives(self, coll) -> None:
-        super().set_collectives(coll)
-        if self._in_flight is not None:  # flushed before the live ranks changed
-            self._in_flight.close()
-            self._in_flight = RoundInFlight(coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
-
-    def close(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.close()
+__all__ = ["LocalSGD"]

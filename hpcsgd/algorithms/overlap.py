@@ -150,9 +150,7 @@ class RoundInFlight:
         self._snapshot_taken.set()
 
     def _merge_counters(self) -> None:
-        done, main = self.coll.counters, self._main_counters
-        for key, value in done.as_dict().items():
-            setattr(main, key, getattr(main, key) + value)
+        self._main_counters += self.coll.counters  # in place: the strategy's layers share that object
         self.coll.counters = CommCounters()
 
     def close(self) -> None:

@@ -1,115 +1,84 @@
 """RPS, the Reliable Parameter Server: block-wise model averaging over a lossy network."""
 
-from ..comm import BlockExchange, Collectives, LinkRates
-from ..errors import ConfigError
-from ..optim import can_scale
-from .base import Strategy, prescaled_optimizer_step
-from .optimizer_state import OptimizerState
-from .overlap import RoundInFlight
+from __future__ import annotations
+
+import torch
+
+from ..comm import BlockExchange, LinkRates
+from .links import LossyLinks
+from .periodic import PeriodicStrategy
 
 
-class RPS(Strategy):
-    """Every ``tau`` steps, after the local step, two-phase block averaging of the models.
+class RPS(LossyLinks, PeriodicStrategy):
+    """RPS: every ``tau`` steps, after the local step, two-phase block averaging of the models.
 
-    A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS).
-    With ``average_optimizer_state`` every per-parameter optimizer state tensor, laid out in
-    the model's coordinates, goes through the model's own exchange (the same blocks and drop
-    masks), counted as bytes but not as rounds of their own. With ``overlap_rounds`` the exchange
-    runs behind the next step and the blocks whose average arrived are updated one step late
-    (ALGORITHMS.md, "Overlapped rounds").
+    A rank whose average for block j was lost keeps its own block (ALGORITHMS.md, RPS). With
+    ``average_optimizer_state`` every per-parameter optimizer state tensor, laid out in the
+    model's coordinates, goes through the model's own exchange (the same blocks and drop
+    masks), counted as bytes but not as rounds of their own. With ``overlap_rounds`` the
+    exchange runs behind the next step and the blocks whose average arrived are updated one
+    step late (ALGORITHMS.md, "Overlapped rounds"). At drop 0 a round is an Allreduce, and
+    its 1/L rides in the optimizer step, as local SGD's.
+
+    Args:
+        tau: steps between rounds, >= 1.
+        drop_rate: probability in [0, 1) that a block message is lost (every link).
+        rates: per-link rates from :func:`hpcsgd.link_rates` instead of ``drop_rate``.
+        seed: seeds the drop masks (the same on every rank).
+        average_optimizer_state: exchange every per-parameter optimizer state tensor through the
+            model's blocks and masks (SGD momentum, Adam moments, ...).
+        overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        collectives: the comm layer (default: built from ``world``).
+        network: an emulated network from :func:`hpcsgd.link_network`.
+
+    Example::
+
+        world = hpcsgd.init()
+        strategy = hpcsgd.RPS(model, opt, world, tau=1, drop_rate=0.1, seed=0)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            strategy.step()  # local step, then block averaging; lost blocks keep their own values
     """
 
     name = "rps"
 
-    def __init__(self, *args, rates: LinkRates, seed: int, average_optimizer_state: bool = False,
-                 overlap_rounds: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        if overlap_rounds and average_optimizer_state:
-            raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
-                              "(the spec delays the model's average only)")
-        self.rates = rates
-        self.seed = seed
-        self.average_optimizer_state = average_optimizer_state
-        state = OptimizerState(self.optimizer, self.flat) if average_optimizer_state else None
-        self._state = None if state is None or state.empty else state
-        self.overlap_rounds = overlap_rounds
-        self._in_flight = None
-        self._prescaled = False  # this round's 1/L already applied by the optimizer step
-        self._scales = can_scale(self.optimizer)
-        self._build_exchanges()
+    def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None,
+                 seed: int = 0, **kwargs):
+        self.take_links(world, drop_rate, rates, seed)
+        super().__init__(model, optimizer, world, **kwargs)
+        self._build_exchange()
 
-    def _build_exchanges(self) -> None:
-        if self.overlap_rounds:
-            # The exchange lives on the round's own communicator, used only by its thread.
-            if self._in_flight is not None:
-                self._in_flight.close()
-            self._in_flight = RoundInFlight(self.coll, self.flat.flat, snapshot_in_worker=not self.flat.n_buffers)
-            # Message path: its waits can poll (the shared-memory path's fences block and spin).
+    def _build_exchange(self) -> None:
+        if self._in_flight is not None:
+            # The exchange lives on the round's own layer, used only by its thread; the message
+            # path, whose waits can poll (the shared-memory path's fences block and spin).
             self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed,
                                           path="alltoallv")
         else:
             self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
 
-    def set_collectives(self, coll: Collectives) -> None:
+    def set_collectives(self, coll) -> None:
         super().set_collectives(coll)
-        self._build_exchanges()  # the cut adapts
+        self._build_exchange()  # the cut adapts
+
+    def prescalable(self) -> bool:
+        return self.exchange.path == "allreduce"
+
+    def averaged_spans(self, step: int) -> list[tuple[int, int]]:
+        return self.exchange.received_spans(step)
+
+    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False) -> None:
+        if self._state is not None:
+            self._average_state(step)  # first: a refused state leaves the model as it was on every rank
+        self.exchange.average(x, step, prescaled=prescaled)
 
     def _average_state(self, step: int) -> None:
         """Each state segment through the model's exchange at ``step``: its blocks, its masks."""
-        self._state.check_scalars(self.coll)
         segments = self._state.gather()
         for row in segments:
             self.exchange.average(row, step, count_round=False)
         self._state.scatter(segments)
 
-    def optimizer_step(self, step: int) -> None:
-        """At drop 0 a round is an Allreduce, and its 1/L rides in the optimizer step, as local SGD's."""
-        if self._in_flight is not None:
-            self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
-            super().optimizer_step(step)
-        elif self.exchange.path == "allreduce" and self.is_round(step) and self.coll.size > 1 and self._scales:
-            prescaled_optimizer_step(self)
-            self._prescaled = True
-        else:
-            super().optimizer_step(step)
 
-    def after_step(self, step: int) -> None:
-        if self._in_flight is not None:
-            self._start_overlapped(step)
-            return
-        if not self.is_round(step):
-            return
-        if self._state is not None:
-            self._average_state(step)  # first: a refused state leaves the model as it was on every rank
-        self.exchange.average(self.flat.flat, step, prescaled=self._prescaled)
-        self._prescaled = False
-
-    def _start_overlapped(self, step: int) -> None:
-        """Apply the previous step's round; start this step's, if it is a round step."""
-        self._in_flight.finish(self.flat.flat)
-        if not self.is_round(step):
-            return
-        exchange = self.exchange  # a skipping rank contributes its current model, as without overlap
-        self._in_flight.start(self.flat.flat, lambda work, coll: exchange.average(work, step),
-                              exchange.received_spans(step))
-
-    def flush(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.finish(self.flat.flat)
-
-    def wait_snapshot(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.wait_snapshot()
-
-    def round_state(self) -> dict | None:
-        return None if self._in_flight is None else self._in_flight.state_dict()
-
-    def load_round_state(self, state: dict | None) -> None:
-        if self._in_flight is None:
-            super().load_round_state(state)
-        else:
-            self._in_flight.load_state_dict(state)
-
-    def close(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.close()
+__all__ = ["RPS"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..comm.collectives import AverageRequest
+from ..errors import ConfigError
 from .base import Strategy
 
 DEFAULT_BUCKET_MB = 25.0
@@ -34,21 +35,41 @@ FIRST_BUCKET_MB = 1.048576
 
 
 class SyncSGD(Strategy):
-    """``g = (1/P) sum_i g_i`` before every optimizer step; replicas stay identical."""
+    """Synchronous SGD: ``g = (1/P) sum_i g_i`` before every optimizer step; replicas stay identical.
+
+    Args:
+        overlap: start bucket Allreduces from gradient hooks while backward runs (like DDP).
+        bucket_mb: bucket size in megabytes.
+        collectives: the comm layer (default: built from ``world``).
+        network: an emulated network from :func:`hpcsgd.link_network`.
+
+    Example::
+
+        world = hpcsgd.init()
+        strategy = hpcsgd.SyncSGD(model, opt, world)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()  # bucket averages start during backward
+            strategy.step()  # wait for them, then the optimizer step
+    """
 
     name = "sync"
+    flat_grad = True
 
-    def __init__(self, *args, overlap: bool = True, bucket_mb: float = DEFAULT_BUCKET_MB, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.overlap = overlap
+    def __init__(self, model, optimizer, world, *, overlap: bool = True, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 **kwargs):
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ConfigError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        super().__init__(model, optimizer, world, **kwargs)
+        self.overlap = bool(overlap)
         self._buckets: list[tuple[int, int]] = []  # [lo, hi) ranges of the flat gradient
         self._pending: list[int] = []  # gradients still to come, per bucket
         self._requests: dict[int, AverageRequest] = {}
         self._hooks = []
         self._fired: set[int] = set()  # parameters whose gradient hook fired this step (outside no_sync)
         self._averaged = False  # this step's average is complete: no backward may write the gradient now
-        if overlap:
-            self._build_buckets(bucket_mb)
+        if self.overlap:
+            self._build_buckets(float(bucket_mb))
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -120,7 +141,7 @@ class SyncSGD(Strategy):
         if hi > self.flat.n_params:
             self.flat.pack_buffers(self.contributes())
         # The buckets of a step are one round of the algorithm: bucket 0 (started every step) counts it.
-        self._requests[bucket] = self.coll.iallreduce_mean(
+        self._requests[bucket] = self.coll.allreduce_mean_async_(
             self.flat.packed[lo:hi], tag=f"bucket{bucket}", count=self.contributor_count(), count_round=bucket == 0
         )
 
@@ -134,7 +155,7 @@ class SyncSGD(Strategy):
         if not self.overlap:
             self.flat.adopt_grads()
             self.flat.pack_buffers(self.contributes())
-            self.coll.allreduce_mean(self.flat.packed, tag="grad", count=self.contributor_count())
+            self.coll.allreduce_mean_(self.flat.packed, tag="grad", count=self.contributor_count())
             self._take_buffers()
             return
         for bucket in range(len(self._buckets)):
@@ -170,6 +191,8 @@ class SyncSGD(Strategy):
             self.flat.unpack_buffers()
 
     def close(self) -> None:
+        """Remove the gradient hooks from the model, then free the comm layer's windows (collective)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        super().close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..registry import REGISTRY
+from ..algorithms.registry import REGISTRY
 from ..trajectory import NOT_TRAJECTORY
 
 FINISHED, UNFINISHED = "finished", "running/crashed"

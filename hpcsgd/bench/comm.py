@@ -29,16 +29,18 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     from ..algorithms import RPS, LocalSGD
     from ..comm import BlockExchange, Collectives, LinkRates
     from ..optim import ScalingSGD
+    from ..world import World
 
     model, flat = flat_mlp(params)
     coll = Collectives(comm)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
     optimizer = ScalingSGD(model.parameters(), lr=1e-3, momentum=0.9)
-    local = LocalSGD(coll, flat, optimizer, tau=1)
+    world = World(comm, comm.rank, comm.size, 0, 1, torch.device("cpu"), tuple(range(comm.size)))
+    local = LocalSGD(model, optimizer, world, tau=1, collectives=coll)
     # RPS at drop 0 as training runs it: a lossless round is one Allreduce whose 1/L rides in
     # the optimizer step, as local SGD's (the optimizer step is timed by opt_round's row).
-    rps0 = RPS(coll, flat, optimizer, tau=1, rates=LinkRates.build(comm.size, 0.0), seed=1)
+    rps0 = RPS(model, optimizer, world, tau=1, rates=LinkRates.build(comm.size, 0.0), seed=1, collectives=coll)
     model_buffer = flat.flat.detach().numpy()
     ex1 = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1)  # auto: shared memory on one node
     ex1_msg = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1, path="alltoallv")
@@ -86,7 +88,7 @@ def _exchange_report(m: dict, mb: str, path: str) -> list[dict]:
 def watchdog_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     """What the collective watchdog costs when nothing is wrong, and what the alternative would.
 
-    ``watchdog_overhead``: local SGD's averaging round (``allreduce_sum`` of the flat model, a
+    ``watchdog_overhead``: local SGD's averaging round (``allreduce_sum_`` of the flat model, a
     blocking Allreduce under the guard, the monitor thread running) with the watchdog on / off. ``watchdog_polling_alternative``:
     the same Allreduce started nonblocking and polled with ``Test`` against a deadline (a
     watchdog without a thread) / the blocking Allreduce.
@@ -105,7 +107,7 @@ def watchdog_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
 
     def round_with(seconds: float):
         WATCHDOG.timeout = seconds
-        coll.allreduce_sum(flat.flat)  # what LocalSGD.after_step runs on a round step
+        coll.allreduce_sum_(flat.flat)  # what LocalSGD.after_step runs on a round step
 
     def polled():
         request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)

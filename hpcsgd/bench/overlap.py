@@ -22,7 +22,7 @@ def overlap_rows(comm, reps: int, warmup: int, quick: bool, block: int = 4) -> l
     What it can show depends on the cores: the round's real transfer is CPU and memory work
     too, which hides behind the computation only where the computation leaves room for it.
     """
-    from ..strategies import link_network
+    from ..algorithms import link_network
     from ..world import init
 
     world = init(comm, device="cpu")
@@ -81,15 +81,17 @@ def _timed_steps(world, builder, x, y, label, overlap, network, block, kw, befor
     import torch
     import torch.nn.functional as F
 
-    from ..strategies import RPS, LocalSGD
+    from ..algorithms import RPS, LocalSGD
 
     torch.manual_seed(0)
     model = builder()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     cls = LocalSGD if label == "local" else RPS
-    strategy = cls(model, opt, world, tau=1, overlap_rounds=overlap, network=network, **kw)
-    if before_emulation:
-        strategy.coll.__class__ = _collectives_before_emulation()  # the same object, the round as before
+    if before_emulation:  # the round as it was before network emulation existed
+        coll = _collectives_before_emulation()(world.comm, list(range(world.size)), network=network)
+        strategy = cls(model, opt, world, tau=1, overlap_rounds=overlap, collectives=coll, **kw)
+    else:
+        strategy = cls(model, opt, world, tau=1, overlap_rounds=overlap, network=network, **kw)
 
     def run():
         for _ in range(block):
@@ -109,7 +111,7 @@ def _collectives_before_emulation():
     from ..comm.watchdog import WATCHDOG
 
     class CollectivesBeforeEmulation(Collectives):
-        def allreduce_sum(self, tensor, tag: str = "avg", count_round: bool = True):
+        def allreduce_sum_(self, tensor, tag: str = "avg", count_round: bool = True):
             buf, host = self.mpi_view(tensor, tag)
             with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
                 self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

@@ -64,7 +64,7 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..strategies import SyncSGD
+    from ..algorithms import SyncSGD
     from ..world import init
 
     _gloo_group(comm)
@@ -102,7 +102,7 @@ def local_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-    from ..strategies import LocalSGD
+    from ..algorithms import LocalSGD
     from ..world import init
 
     _gloo_group(comm)
@@ -148,7 +148,7 @@ def api_rows(comm, reps: int, warmup: int, quick: bool, tau: int = 8) -> list[di
     from ..data import load_source, write_shards
     from ..train.models import build_model
     from ..redundant import RedundantSampler
-    from ..strategies import LocalSGD
+    from ..algorithms import LocalSGD
     from ..train.loop import Trainer
     from ..world import init
 

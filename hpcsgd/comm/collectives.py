@@ -1,7 +1,11 @@
 """The communicator wrapper every strategy talks to: averaging, broadcast, counters.
 
 Strategies never call MPI themselves; they call this layer, so byte counts and injected
-faults see every message. Tensors go to MPI as zero-copy NumPy views on the CPU; CUDA tensors
+faults see every message. One naming rule for every op (Horovod's): ``op`` returns a new
+result (``sum_float64``, ``allgather_flags``), ``op_`` works in place on the tensor given
+(``allreduce_mean_``, ``allreduce_sum_``, ``bcast_``), ``op_async_`` starts it in place and
+returns a request whose ``wait()`` completes it (``allreduce_mean_async_``), and ``op_async``
+returns a request whose ``wait()`` gives the new result (``allreduce_max_async``). Tensors go to MPI as zero-copy NumPy views on the CPU; CUDA tensors
 go directly when MPI is CUDA-aware, else through a pinned host buffer reused between calls.
 """
 
@@ -23,6 +27,11 @@ from .watchdog import WATCHDOG
 class CommCounters:
     """Cumulative per-rank traffic. Bytes are payload bytes this rank puts on the wire.
 
+    The one counters type: a strategy's running totals, what one block exchange did, what a
+    round in flight adds when it is applied, and the traffic failed ranks hand to the
+    survivors are all ``CommCounters``, combined with ``+`` (``+=`` adds in place, so layers
+    sharing one object keep sharing it).
+
     An Allreduce of n bytes is counted as ``2 (L-1)/L * n`` (the bandwidth-optimal
     reduce-scatter + allgather volume), so it compares fairly with a two-phase block exchange.
     """
@@ -33,11 +42,21 @@ class CommCounters:
     messages_sent: int = 0
     messages_dropped: int = 0
 
+    TRAFFIC = ("bytes_sent", "bytes_saved", "messages_sent", "messages_dropped")
+
     @property
     def arrival(self) -> float | None:
         """Fraction of this rank's off-diagonal block messages that arrived (None: none sent)."""
         total = self.messages_sent + self.messages_dropped
         return self.messages_sent / total if total else None
+
+    def __add__(self, other: "CommCounters") -> "CommCounters":
+        return CommCounters(**{key: getattr(self, key) + getattr(other, key) for key in self.as_dict()})
+
+    def __iadd__(self, other: "CommCounters") -> "CommCounters":
+        for key in self.as_dict():
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        return self
 
     def as_dict(self) -> dict:
         return {
@@ -48,7 +67,17 @@ class CommCounters:
             "messages_dropped": self.messages_dropped,
         }
 
+    def traffic(self) -> np.ndarray:
+        """The four traffic figures (not ``rounds``) as float64, in :attr:`TRAFFIC` order, for one Allreduce."""
+        return np.array([getattr(self, key) for key in self.TRAFFIC], dtype=np.float64)
+
+    @classmethod
+    def from_traffic(cls, values) -> "CommCounters":
+        """Counters holding the traffic ``values`` (in :attr:`TRAFFIC` order; ``rounds`` 0)."""
+        return cls(**{key: int(value) for key, value in zip(cls.TRAFFIC, values)})
+
     def load(self, state: dict) -> None:
+        """Take the figures of :meth:`as_dict`'s ``state``, in place (layers sharing this object see them)."""
         for key, value in state.items():
             setattr(self, key, int(value))
 
@@ -142,6 +171,25 @@ class AverageRequest:
         self._done = True
 
 
+class ArrayRequest:
+    """A pending Allreduce into a new NumPy array; ``wait()`` returns it (the stop flag's exchange)."""
+
+    def __init__(self, request: MPI.Request, send: np.ndarray, out: np.ndarray, comm: MPI.Comm, op: str):
+        self._request, self._send, self._out = request, send, out  # MPI reads send until it completes
+        self._comm, self._op = comm, op
+
+    def wait(self) -> np.ndarray:
+        WATCHDOG.wait(self._request, self._op, self._comm)
+        return self._out
+
+    def abandon(self) -> None:
+        """End it without a result: its communicator was revoked after a rank died (ULFM)."""
+        try:
+            self._request.Wait()  # returns at once with MPI_ERR_REVOKED (or completed)
+        except MPI.Exception:
+            pass
+
+
 class Collectives:
     """Collectives over the live ranks, with traffic counters.
 
@@ -200,7 +248,7 @@ class Collectives:
         wait_request(request, op, self.comm, self.wait_mode, can_sleep)
 
     # -- averaging ---------------------------------------------------------------------
-    def iallreduce_mean(
+    def allreduce_mean_async_(
         self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
     ) -> AverageRequest:
         """Start averaging ``tensor`` in place over the live ranks; finish with ``wait()``.
@@ -218,7 +266,7 @@ class Collectives:
             timing, self.wait_mode,
         )
 
-    def allreduce_sum(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
+    def allreduce_sum_(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
         """Sum ``tensor`` in place over the live ranks (one blocking Allreduce).
 
         Blocking, not a request and ``Wait``: with nothing to overlap, MPICH's blocking
@@ -238,18 +286,18 @@ class Collectives:
             tensor.copy_(host.view_as(tensor))
         return tensor
 
-    def allreduce_mean(
+    def allreduce_mean_(
         self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
     ) -> torch.Tensor:
         """Average ``tensor`` in place over the live ranks: ``(1/L) * sum``, as ALGORITHMS.md writes it.
 
         The multiply (cheaper than a divide) is one more pass over ``tensor``; local SGD
-        folds it into the optimizer step instead and calls :meth:`allreduce_sum`. ``count``:
+        folds it into the optimizer step instead and calls :meth:`allreduce_sum_`. ``count``:
         how many ranks contributed (the others sent zeros); with none the sum, zero, is kept.
         ``count_round``: whether this Allreduce is a communication round of the algorithm
         (momentum averaged beside a model round is not one of its own).
         """
-        self.allreduce_sum(tensor, tag, count_round)
+        self.allreduce_sum_(tensor, tag, count_round)
         divisor = self.size if count is None else count
         if divisor > 1:
             tensor.mul_(1.0 / divisor)
@@ -288,6 +336,17 @@ class Collectives:
         with WATCHDOG.guard("Allgather [who skipped a non-finite step]", self.comm):
             self.comm.Allgather(np.array([flag], dtype=np.uint8), out)
         return out.astype(bool)
+
+    def allreduce_max_async(self, values: np.ndarray, tag: str = "stop flag") -> ArrayRequest:
+        """Start the element-wise maximum of ``values`` over the live ranks into a new array.
+
+        Nonblocking, so a flag raised on one rank (a signal) reaches every rank one step later
+        without a lockstep; ``values`` is copied, so the caller may change it meanwhile.
+        """
+        send = np.array(values, copy=True)
+        out = np.zeros_like(send)
+        request = self.comm.Iallreduce(send, out, op=MPI.MAX)
+        return ArrayRequest(request, send, out, self.comm, f"Iallreduce [{tag}]")
 
     def sum_float64(self, values: np.ndarray) -> np.ndarray:
         """Allreduce-sum of a float64 array (diagnostics: consensus distance, eval counts)."""

@@ -9,14 +9,12 @@ whose average was lost keeps the rank's own values without any copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from .blocks import block_offsets
-from .collectives import Collectives
+from .collectives import Collectives, CommCounters
 from ..faults.lossy import LinkRates, arrival_mask
 from . import ulfm
 from .shm import SharedWindow
@@ -25,16 +23,6 @@ from .watchdog import WATCHDOG
 # How the two phases travel, when messages can be dropped (lossless exchanges are one Allreduce):
 # auto: shared-memory where every live rank shares one node, else alltoallv.
 PATHS = ("auto", "alltoallv", "shared-memory")
-
-
-@dataclass
-class ExchangeReport:
-    """What one exchange did on this rank (the counters keep the running totals)."""
-
-    bytes_sent: int
-    bytes_saved: int
-    messages_sent: int
-    messages_dropped: int
 
 
 class BlockExchange:
@@ -104,8 +92,10 @@ class BlockExchange:
     def average(
         self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True,
         prescaled: bool = False,
-    ) -> ExchangeReport:
+    ) -> CommCounters:
         """Replace ``tensor`` in place by its block-wise average over the messages that arrived.
+
+        Returns what this exchange did on this rank (the layer's counters keep the totals).
 
         Args:
             contributors: bool per live rank, None for all: a block's average counts only
@@ -122,10 +112,11 @@ class BlockExchange:
         if prescaled and (self.path != "allreduce" or contributors is not None):
             raise ValueError("a prescaled exchange must be lossless, with every rank contributing")
         if self.coll.size == 1:
-            self.coll.counters.rounds += int(count_round)
-            return ExchangeReport(0, 0, 0, 0)
+            report = CommCounters(rounds=int(count_round))
+            self.coll.counters += report
+            return report
         if contributors is not None and not contributors.any():
-            return ExchangeReport(0, 0, 0, 0)  # nothing to average: every rank keeps its values
+            return CommCounters()  # nothing to average: every rank keeps its values
         buf, host = self.coll.mpi_view(tensor, "exchange")
         arrived1, arrived2 = self._round_masks(step, contributors)
         count = 1
@@ -289,22 +280,18 @@ class BlockExchange:
             incoming.append((float(starts[i]), queue + float(seconds[i, me]) + float(net.latency[world[i], world[me]])))
         clock.hold(clock.phase_deadline(float(starts[me]), float(seconds[me].sum()), incoming))
 
-    def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> ExchangeReport:
+    def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> CommCounters:
         """Count this rank's sends: off-diagonal messages only (its own block stays home)."""
         others = np.ones(self.coll.size, dtype=bool)
         others[me] = False
         sent1, sent2 = arrived1[me] & others, arrived2[me] & others
         lost1, lost2 = ~arrived1[me] & others, ~arrived2[me] & others
-        report = ExchangeReport(
+        report = CommCounters(
+            rounds=int(count_round),
             bytes_sent=int((sizes[sent1].sum() + my_size * sent2.sum()) * itemsize),
             bytes_saved=int((sizes[lost1].sum() + my_size * lost2.sum()) * itemsize),
             messages_sent=int(sent1.sum() + sent2.sum()),
             messages_dropped=int(lost1.sum() + lost2.sum()),
         )
-        c = self.coll.counters
-        c.rounds += int(count_round)
-        c.bytes_sent += report.bytes_sent
-        c.bytes_saved += report.bytes_saved
-        c.messages_sent += report.messages_sent
-        c.messages_dropped += report.messages_dropped
+        self.coll.counters += report
         return report

@@ -33,11 +33,11 @@ from .models import build_model
 from ..optim import ScalingSGD
 from .recovery import check_launch
 from .resume import find_latest
-from ..registry import algorithm
+from ..algorithms.registry import algorithm
 from .rundir import claim, prepare, resolve_resume
 from .schedule import Schedule, pointless_settings
-from ..strategies import Strategy
-from ..strategies import build as build_strategy
+from ..algorithms.base import Strategy
+from ..algorithms.registry import build as build_strategy
 from .topology import detect_ranks_per_node, resolve_placement, warn_if_not_blocks
 from .user_model import build_user_model, is_factory_spec
 from ..world import world_for_run
@@ -56,7 +56,7 @@ class RankData:
 
 
 @dataclass
-class Run:
+class Job:
     """What one rank of ``hpcsgd train`` trains with (built by :func:`assemble`)."""
 
     cfg: TrainConfig
@@ -81,8 +81,8 @@ class Run:
         return self.resume["step"] if self.resume else 0
 
 
-def assemble(cfg: TrainConfig, comm) -> Run:
-    """Every rank's :class:`Run` for ``cfg`` (collective over ``comm``)."""
+def assemble(cfg: TrainConfig, comm) -> Job:
+    """Every rank's :class:`Job` for ``cfg`` (collective over ``comm``)."""
     run = _agree_on_run(cfg, comm)
     cfg = run.cfg  # with the run's R resolved: config.toml records it
     run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
@@ -108,7 +108,7 @@ def assemble(cfg: TrainConfig, comm) -> Run:
     return run
 
 
-def _agree_on_run(cfg: TrainConfig, comm) -> Run:
+def _agree_on_run(cfg: TrainConfig, comm) -> Job:
     """The shards, the config's fit, the schedule, the failures, the resume point and the roles."""
     WATCHDOG.arm(comm, cfg.collective_timeout)  # an untimed rendezvous; collectives from here on are timed
     claim(cfg, comm)  # this job's lock; refuses a run directory that holds a run
@@ -133,7 +133,7 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Run:
             print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
                                                        index.chunk_sizes, placement), "shards")
-    return Run(cfg, comm, index, schedule, membership, resume, finished)
+    return Job(cfg, comm, index, schedule, membership, resume, finished)
 
 
 def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
@@ -239,5 +239,5 @@ def load_train_eval_sample(cfg: TrainConfig, index, data: RankData, device) -> N
     data.y_train_eval = torch.from_numpy(np.concatenate(ys)).to(device)
 
 
-__all__ = ["RankData", "Run", "assemble", "duplicate_chunks", "link_rates", "load_rank_data", "model_for", "read_matrix",
+__all__ = ["Job", "RankData", "assemble", "duplicate_chunks", "link_rates", "load_rank_data", "model_for", "read_matrix",
            "strategy_options"]

@@ -57,7 +57,7 @@ def gradient_diversity(strategy, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
     Inter: ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over the strategy's live ranks, one Allreduce
     (collective; before the gradients are averaged). Intra: :func:`intra_gradient_diversity`.
     """
-    total, squares = strategy.coll.sum_with_squared_norms(strategy.flat.gradient())
+    total, squares = strategy.sum_with_squared_norms(strategy.flat.gradient())
     denominator = float(np.dot(total, total))
     inter = squares / denominator if denominator > 0 else float("nan")
     return inter, intra_gradient_diversity(strategy.model, x, y)

@@ -79,7 +79,7 @@ class Evaluator:
                 sums = self.sums(x[share::n], y[share::n])
         finally:
             flat.copy_(own)
-        return self.as_metrics(self.strategy.coll.sum_float64(sums))
+        return self.as_metrics(self.strategy.live_sum(sums))
 
     def chunk_tensors(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         if c in self.chunks:

@@ -44,7 +44,7 @@ def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Run`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Job`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 
@@ -86,7 +86,7 @@ class Trainer:
         m, shards = self.membership, resume.shard_identity(self.job.index)
         record = {"ranks": m.P, **m.state_dict(), **resume.identity(self.cfg, shards),
                   "wall_s": float(time.perf_counter() - self.t_start)}
-        ckpt.save(self.job.run_dir, self.api.coll.comm, m.rank, self.parts(), step, record, on_error=self.stop.drain)
+        ckpt.save(self.job.run_dir, self.api.comm, m.rank, self.parts(), step, record, on_error=self.stop.drain)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -123,7 +123,7 @@ class Trainer:
             self.log(step, evaluate=sched.evaluates_at(step))
         if sched.checkpoints_after(done):
             self.save(done)
-        if self.stop.requested(self.api.coll):
+        if self.stop.requested(self.api):
             self.stop.drain()
             self.save(done)
             self.progress.close()
@@ -170,7 +170,7 @@ class Trainer:
         if cfg.nan_policy == "skip":
             # Every rank learns who skipped (one tiny Allgather), so the averages count only
             # the ranks that contributed (ALGORITHMS.md, "Non-finite steps").
-            api.set_contributors(api.coll.allgather_flags(finite))
+            api.set_finite(finite)
         if cfg.grad_diversity and self.schedule.logs_at(step):  # diagnostics: not timed as compute
             inter, intra = gradient_diversity(api, x, y)
             self.totals.add_diversity(inter, intra)
@@ -197,7 +197,7 @@ class Trainer:
             **self.totals.timers.as_dict(),
             **api.counters.as_dict(),
             "arrival": api.counters.arrival,
-            **api.coll.network_stats(),
+            **api.network_stats(),
             "live_ranks": len(m.live),
             "coverage": m.coverage(),
             "consensus_distance": distance,
@@ -208,7 +208,7 @@ class Trainer:
             record.update(self.diversity)
         if evaluate:
             record.update(self._evaluations(mean))
-        agree(api.coll.comm, lambda: self.metrics.write(record), "metrics")  # a full disk ends every rank
+        agree(api.comm, lambda: self.metrics.write(record), "metrics")  # a full disk ends every rank
         self.progress.update(done, record)
 
     def _evaluations(self, mean) -> dict:
@@ -233,10 +233,10 @@ class Trainer:
         totals = self.totals.summed(self.api, ev.own_on_train(), ev.own(data.x_test, data.y_test))
         wall = time.perf_counter() - self.t_start
         result = None
-        if self.api.coll.rank == 0:
+        if self.api.live_rank == 0:
             result = summary(self.job, totals, avg_train, avg_test, distance, wall)
             result["failure_records"] = self.recovery.failure_records()
-        return write_summary(self.api.coll.comm, self.job.run_dir, result)
+        return write_summary(self.api.comm, self.job.run_dir, result)
 
 
 __all__ = ["Schedule", "Trainer", "gather_on_device", "pointless_settings", "train"]

@@ -116,12 +116,12 @@ class Recovery:
         if not (self.on and ulfm.is_process_failure(exc)):
             raise exc
         detected = time.time()
-        coll = self.strategy.coll
-        comm, dead = coll.comm, []
+        strategy = self.strategy
+        live, comm, dead = strategy.live_ranks, strategy.comm, []
         while True:  # a survivor that dies during the repair is repaired too
             try:
                 survivors, lost = ulfm.repair(comm)
-                dead += [int(coll.world_ranks[_old_index(coll.comm, comm, i)]) for i in lost]
+                dead += [int(live[_old_index(strategy.comm, comm, i)]) for i in lost]
                 redo = survivors.allreduce(step, op=MPI.MIN)
                 break
             except MPI.Exception as again:
@@ -151,7 +151,7 @@ class Recovery:
     def _undo_output(self, redo: int) -> None:
         """What the redone steps wrote goes: metrics lines and checkpoints after ``redo``."""
         self.metrics.restart(redo)
-        if self.strategy.coll.rank != 0:
+        if self.strategy.live_rank != 0:
             return
         # The lowest live rank reports from now on, as it writes the summary and checkpoints.
         self.progress.take_over(redo)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .membership import Membership
 from ..redundant import RedundantSampler
-from ..strategies import Strategy
+from ..algorithms.base import Strategy
 from ..world import world_for_run
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from ..registry import REGISTRY
+from ..algorithms.registry import REGISTRY
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..comm import Collectives
+    from ..algorithms import Strategy
 
 _STOP_FLAG = np.zeros(1, dtype=np.int32)  # set by the handlers, read by StopSignal
 
@@ -48,38 +48,24 @@ class StopSignal:
 
     def __init__(self):
         self.flag = _STOP_FLAG
-        self._result = np.zeros(1, dtype=np.int32)
         self._request = None
         install_stop_handlers()
 
-    def requested(self, coll: "Collectives") -> bool:
-        from mpi4py import MPI
-
-        from ..comm.watchdog import WATCHDOG
-
+    def requested(self, strategy: "Strategy") -> bool:
+        """Whether some live rank's flag was set a step ago (collective over ``strategy``'s live ranks)."""
         stop = False
         if self._request is not None:
-            WATCHDOG.wait(self._request, "Iallreduce [stop flag]", self._comm)
-            stop = bool(self._result[0])
-        self._send = self.flag.copy()  # MPI reads it until the request completes
-        self._comm = coll.comm
-        self._request = coll.comm.Iallreduce(self._send, self._result, op=MPI.MAX)
+            stop = bool(self._request.wait()[0])
+        self._request = strategy.allreduce_max_async(self.flag)  # copies the flag: MPI reads the copy
         return stop
 
     def abandon(self) -> None:
         """End the exchange in flight: its communicator was revoked after a rank died (ULFM)."""
-        from mpi4py import MPI
-
         if self._request is not None:
-            try:
-                self._request.Wait()  # returns at once with MPI_ERR_REVOKED (or completed)
-            except MPI.Exception:
-                pass
+            self._request.abandon()
         self._request = None
 
     def drain(self) -> None:
         if self._request is not None:
-            from ..comm.watchdog import WATCHDOG
-
-            WATCHDOG.wait(self._request, "Iallreduce [stop flag]", self._comm)
+            self._request.wait()
             self._request = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, TrainingError
-from ..registry import REGISTRY
+from ..algorithms.registry import REGISTRY
 
 
 @dataclass
@@ -75,13 +75,13 @@ class RunTotals:
         per_rank = np.array(
             [
                 own_train["loss"], own_test["accuracy"], own_train["accuracy"], own_test["loss"],
-                c.bytes_sent, c.bytes_saved, c.messages_sent, c.messages_dropped,
+                *c.traffic(),
                 t.compute_s, t.comm_s, t.data_s, self.skipped_steps, *self.diversity_sums,
             ]
         )
-        totals = strategy.coll.sum_float64(per_rank)
+        totals = strategy.live_sum(per_rank)
         # Ranks that failed left their traffic with the survivors (each survivor holds the same sum).
-        totals[4:8] += strategy.failed_counters
+        totals[4:8] += strategy.failed_counters.traffic()
         return totals
 
 
@@ -102,12 +102,12 @@ def _membership_summary(m) -> dict:
 def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
     """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
 
-    ``run`` is the assembled :class:`~hpcsgd.train.assembly.Run`.
+    ``run`` is the assembled :class:`~hpcsgd.train.assembly.Job`.
     """
     from .resume import shard_identity
 
     cfg, sched, m = run.cfg, run.schedule, run.membership
-    L = run.strategy.coll.size
+    L = len(run.strategy.live_ranks)
     messages = totals[6] + totals[7]
     return {
         "algorithm": cfg.algorithm,
@@ -124,8 +124,8 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "arrival_realised": float(totals[6] / messages) if messages else 1.0,
         # How the rounds travelled: the block exchange's path (shared-memory, alltoallv,
         # allreduce when lossless), or allreduce for sync and local.
-        "exchange": getattr(getattr(run.strategy.algorithm, "exchange", None), "path", "allreduce"),
-        **{key: round(value, 3) for key, value in run.strategy.coll.network_stats().items()},
+        "exchange": run.strategy.exchange_path,
+        **{key: round(value, 3) for key, value in run.strategy.network_stats().items()},
         "skipped_steps": int(totals[11]),
         "live_ranks": L,
         **_membership_summary(m),
