@@ -313,21 +313,22 @@ def batch_sizes_for(batch_size: int | Sequence[int], P: int) -> list[int]:
 
 
 def _resolve_redundancy(P: int, q, redundancy, spread, seed: int) -> tuple[int, tuple[float, ...]]:
-    """``(q, mu_i per rank)`` from the arguments; ``q`` and a redundancy that disagree are refused, naming both."""
+    """``(q, mu_i per rank)`` from the arguments; ``q`` is the chunks held whole, ``1 + floor(mu)``:
+    a ``q`` that disagrees with the redundancy is refused, naming both."""
     if q is not None:
         q = _check_int("q", q, 1, P, f" (P={P})")
     if redundancy is None:
-        mu = float((q or 1) - 1)
-        return q or 1, per_rank_redundancy(P, mu, spread, None, seed)
+        return q or 1, per_rank_redundancy(P, float((q or 1) - 1), spread, None, seed)
     if isinstance(redundancy, (list, tuple)):
         per_rank = per_rank_redundancy(P, 0.0, 0.0, redundancy, seed)
-        if q is not None and any(m != q - 1 for m in per_rank):
-            raise ConfigError(f"q={q} and redundancy={list(redundancy)} disagree (q = 1 + redundancy): give one")
-        return q or 1 + math.floor(min(per_rank)), per_rank
-    per_rank = per_rank_redundancy(P, redundancy, spread, None, seed)
-    if q is not None and q != 1 + redundancy:
-        raise ConfigError(f"q={q} and redundancy={redundancy} disagree (q = 1 + redundancy): give one")
-    return 1 + math.floor(redundancy), per_rank
+    else:
+        per_rank = per_rank_redundancy(P, redundancy, spread, None, seed)
+        if q is not None and q != 1 + math.floor(redundancy):
+            raise ConfigError(f"q={q} and redundancy={redundancy} disagree (q = 1 + redundancy): give one")
+    whole = 1 + math.floor(min(per_rank))
+    if q is not None and q != whole:
+        raise ConfigError(f"q={q} and redundancy={list(per_rank)} disagree (q = 1 + redundancy): give one")
+    return whole, per_rank
 
 
 __all__ = ["RedundantSampler", "batch_sizes_for"]
