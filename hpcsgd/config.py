@@ -557,6 +557,9 @@ def _validate_redundancy_for_world(cfg: TrainConfig, world_size: int) -> None:
     top = world_size - 1
     if cfg.redundancy is not None and cfg.redundancy > top:
         raise ConfigError(f"redundancy must be in [0, P-1] = [0, {top}] (P={world_size}), got {cfg.redundancy}")
+    if cfg.redundancy_spread > top:  # a wider draw is clipped to the ends of [0, P-1] almost everywhere
+        raise ConfigError(f"redundancy_spread must be in [0, P-1] = [0, {top}] (P={world_size}), got "
+                          f"{cfg.redundancy_spread}")
     for name, values in (("redundancy_per_rank", cfg.redundancy_per_rank),
                          ("batch_size", cfg.batch_size if isinstance(cfg.batch_size, list) else [])):
         if values and len(values) != world_size:
