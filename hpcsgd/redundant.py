@@ -65,7 +65,7 @@ class RedundantSampler(torch.utils.data.Sampler):
         dataset: any map-style data set (``len`` and ``__getitem__``).
         world: from :func:`hpcsgd.init`; P is ``world.size``.
         q: chunks per rank, 1..P (q = 1: plain data parallelism; q > 1: redundancy).
-        batch_size: ``b``, samples drawn per held chunk per step (local batch ``q * b``).
+        batch_size: ``b``, samples drawn per held chunk per step (local batch ``q * b``), or one per rank.
         partition: ``"iid"``, ``"label"`` or ``"dirichlet:ALPHA"``.
         labels: class labels of the samples; default ``dataset.targets`` (needed by the
             label and dirichlet partitions only).
@@ -75,6 +75,14 @@ class RedundantSampler(torch.utils.data.Sampler):
         placement: ``"cyclic"`` (rank r also holds chunks r+1..r+q-1) or ``"spread"`` (chunks
             r, r+R, ..., so a chunk's copies sit on q different nodes; needs q <= P/R).
         ranks_per_node: R for ``"spread"``; 0 (default): the ranks sharing rank 0's node.
+        redundancy: mu >= 0 instead of ``q`` (``q = 1 + mu``): a fractional mu also holds a fixed
+            part of the next chunk (hpcsgd/data/fractional.py); or one mu_i per rank (a list).
+            A ``q`` given too must be ``1 + floor(mu)``.
+        redundancy_spread: sigma of the authors' per-rank draw ``N(mu, sigma)`` (seeded by ``seed``).
+
+    ``batch_size`` may be one value per rank (heterogeneous mini-batches; :meth:`set_batch_sizes`
+    changes them from the next epoch on). With fractional or per-rank redundancy or batches
+    the loss is the plain batch mean (``loss_weights`` None).
     """
 
     def __init__(self, dataset, world, q: int | None = None, batch_size: int | Sequence[int] = 32,
@@ -156,7 +164,7 @@ class RedundantSampler(torch.utils.data.Sampler):
         h = self.redundancy.holding(self.rank)
         stream = StratifiedSampler({c: self.chunk_sizes[c] for c in h.whole},
                                    {c: self._draw(c) for c in h.whole}, self.seed, self.rank)
-        if h.partial is not None and h.partial not in self.adopted:
+        if h.partial is not None and self.adopted.get(h.partial) != self.rank:  # adopted whole: drawn whole
             stream.hold_part(h.partial, self.chunk_sizes[h.partial], self.redundancy.subset(self.rank), h.fraction,
                              self._draw(h.partial))
         for c in (c for c, r in self.adopted.items() if r == self.rank):
@@ -238,7 +246,7 @@ class RedundantSampler(torch.utils.data.Sampler):
             raise ConfigError("a sampler over chunks (RedundantSampler.over_chunks) is built for its run: "
                               "build it with the run's world instead of resizing it")
         labels, partition = self._cut
-        if self.redundancy is not None or len(self.batch_sizes) != world.size and len(set(self.batch_sizes)) > 1:
+        if self.redundancy is not None:
             raise ConfigError("resuming on fewer processes through the Python API needs an integer q and one batch "
                               "size (hpcsgd train resumes fractional and per-rank redundancy on fewer ranks)")
         self.chunks = partition_indices(labels, world.size, partition, self.seed)

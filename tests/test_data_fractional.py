@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,21 +26,12 @@ from hpcsgd.data.placement import Placement
 from hpcsgd.data.sampler import StratifiedSampler
 from hpcsgd.errors import ConfigError
 
-
-def fake_world(rank: int, size: int) -> hpcsgd.World:
-    class Comm:
-        def __init__(self):
-            self.rank, self.size = rank, size
-
-    return hpcsgd.World(Comm(), rank, size, 0, 1, torch.device("cpu"), tuple(range(size)))
+from test_api import dataset as api_dataset
+from test_api import fake_world
 
 
 def dataset(n=160, classes=4):
-    x = torch.arange(n, dtype=torch.float32).reshape(n, 1)
-    y = torch.arange(n) % classes
-    ds = torch.utils.data.TensorDataset(x, y)
-    ds.targets = y
-    return ds
+    return api_dataset(n, classes)
 
 
 # --- the per-rank draw -------------------------------------------------------------------

@@ -5,6 +5,7 @@ sizes end the job with exit 2 and one message naming the keys (README, "Bad inpu
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -13,8 +14,6 @@ from hpcsgd.data import load_source, write_shards
 from launch import mpi
 
 TIMINGS = ("wall_s", "compute_s_mean", "comm_s_mean", "data_s_mean")
-# What only says how the run was asked for: the equal runs differ here by construction.
-ASKED = ("redundancy",)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +76,21 @@ def test_bad_redundancy_exits_2_on_every_rank(shards, tmp_path, extra, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr, result.stderr
     assert result.stderr.count("error") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_resume_on_3_ranks_adopts_the_chunk_held_only_in_part(shards, tmp_path):
+    """mu = 0.5 on 4 ranks, resumed on 3 from its step-6 checkpoint: rank 3 departs, rank 2
+    holds only half of chunk 3, so a survivor adopts chunk 3 whole and coverage stays 100%."""
+    run = tmp_path / "run"
+    first = _train(shards, run, "--redundancy", 0.5, "--checkpoint-every", 6)
+    assert first.returncode == 0, first.stderr
+    per_rank = _summary(run)["redundancy_per_rank"]
+    shutil.rmtree(run / "checkpoints" / "step-00000012")
+    (run / "summary.json").unlink()
+    result = mpi(3, "train", "--data", shards, "--run-dir", run, "--steps", 12, "--batch-size", 6, "--tau", 3,
+                 "--lr", 0.2, "--mlp-hidden", 16, "--log-every", 3, "--progress", "none", "--redundancy", 0.5,
+                 "--checkpoint-every", 6, "--resume", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "chunk 3 -> rank 0" in result.stderr and "coverage 100%" in result.stderr, result.stderr
+    s = _summary(run)
+    assert s["adopted_chunks"] == {"3": 0} and s["coverage"] == 1.0 and s["redundancy_per_rank"] == per_rank
