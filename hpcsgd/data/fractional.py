@@ -162,10 +162,6 @@ class Redundancy:
                 found.setdefault(h.partial, set()).update(self.subset(r).tolist())
         return sum(len(s) for s in found.values())
 
-    def mean_batch(self, b: int, rank: int) -> Fraction:
-        """The batch ``rank`` draws per step on average with ``b`` per whole chunk (equal chunks)."""
-        h = self.holding(rank)
-        return b * (len(h.whole) + h.fraction)
 
 
 def check_placement_fits(per_rank: Sequence[float], placement: Placement) -> None:
