@@ -42,7 +42,7 @@ def test_drawn_per_rank_redundancy_agrees_on_every_rank_and_resumes_bit_for_bit(
 
     comm = MPI.COMM_WORLD
     mu = min(0.5, comm.size - 1)
-    settings = {"redundancy": mu, "redundancy_spread": 0.3}
+    settings = {"redundancy": mu, "redundancy_spread": min(0.3, comm.size - 1)}  # sigma <= P - 1
     full = Trainer(_config(shared_tmp, "run", **settings), comm)
     full.run()
     drawn = full.batches.sampler.redundancy_per_rank
