@@ -44,7 +44,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = HINTS[name]
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+            args = [a for a in typing.get_args(kind) if a is not type(None)]  # Optional[X] -> X
+            kind = next((a for a in args if typing.get_origin(a) is list), args[0])  # X | list[X]: one or more
         kwargs: dict = {"default": argparse.SUPPRESS, "help": field_help(name), "dest": name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -122,7 +123,7 @@ def _banner(config: str | None, cfg) -> None:
     rank, size = _world()
     if rank != 0 or cfg.progress == "none":
         return
-    what = f"{cfg.algorithm} q={cfg.q}" + (f" tau={cfg.tau}" if REGISTRY[cfg.algorithm].uses_tau else "")
+    what = f"{cfg.algorithm} " + (f"redundancy={cfg.redundancy_per_rank or cfg.redundancy or cfg.q - 1}" if cfg.fractional else f"q={cfg.q}") + (f" tau={cfg.tau}" if REGISTRY[cfg.algorithm].uses_tau else "")
     _say(f"hpcsgd train: {what}, config {config or '(flags only)'}, shards {cfg.data}, {size} ranks, "
          f"run dir {cfg.run_dir}{' (resume)' if cfg.resume else ''}; starting")
 

@@ -48,6 +48,9 @@ class TrainConfig:
     run_dir: str = ""  # where config, metrics, summary and checkpoints go
     algorithm: str = "local"  # sync | local | rps | lossy-allreduce
     q: int = 1  # redundancy: chunks each rank holds (1..P)
+    redundancy: float | None = None  # mu >= 0, RI-SGD's redundancy (q = 1 + mu): a fractional mu holds a fixed part of the next chunk
+    redundancy_spread: float = 0.0  # sigma: per-rank redundancies drawn N(mu, sigma) (seeded), shifted to mean mu, clipped to [0, P-1]
+    redundancy_per_rank: list[float] = field(default_factory=list)  # one mu_i per rank, each in [0, P-1] (instead of redundancy)
     placement: str = "cyclic"  # cyclic | spread: a rank's extra chunks are its neighbours' (cyclic) or on other nodes (spread, needs q <= P/R)
     ranks_per_node: int = 0  # R, ranks per node for spread placement, node link rules and node failures (0: from Split_type(SHARED) at the start)
     tau: int = 1  # averaging period in steps (local, rps)
@@ -64,7 +67,7 @@ class TrainConfig:
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # MLP hidden widths
     epochs: float = 10.0  # epochs of training (one epoch = one pass over a chunk)
     steps: int = 0  # total steps; overrides epochs when > 0
-    batch_size: int = 32  # samples drawn per held chunk per step (local batch = q * b)
+    batch_size: int | list[int] = 32  # samples drawn per held chunk per step (local batch = q * b); or one per rank
     chunk_weighting: str = "size"  # size | uniform: unequal chunks weigh by size (empirical risk) or 1/P each
     lr: float = 0.1  # base learning rate
     momentum: float = 0.0  # SGD momentum
@@ -111,6 +114,17 @@ class TrainConfig:
     def node_faults(self) -> dict[int, int]:
         """node -> step at which all its ranks fail (the ``node:N@STEP`` entries)."""
         return {int(m[2]): int(m[3]) for m in map(FAIL_RULE.match, self.fail) if m[1]}
+
+    def batch_sizes(self, ranks: int) -> list[int]:
+        """``b_i`` of every rank: ``batch_size`` repeated, or its per-rank list."""
+        return list(self.batch_size) if isinstance(self.batch_size, list) else [self.batch_size] * ranks
+
+    @property
+    def fractional(self) -> bool:
+        """Fractional or per-rank redundancy, or per-rank batches: partial chunks and the batch-mean loss."""
+        mu = self.redundancy
+        return ((mu is not None and not float(mu).is_integer()) or self.redundancy_spread > 0
+                or bool(self.redundancy_per_rank) or isinstance(self.batch_size, list))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -161,7 +175,7 @@ def load_toml(path: str | Path) -> dict:
 
 # Names users bring from other tools: suggested, never silently accepted.
 _SUGGEST = {"learning_rate": "lr", "batch": "batch_size", "bs": "batch_size", "lr_scheduler": "lr_schedule",
-            "drop": "drop_rate", "p": "drop_rate", "period": "tau", "redundancy": "q", "faults": "fail",
+            "drop": "drop_rate", "p": "drop_rate", "period": "tau", "faults": "fail",
             "arrival_rate": "arrival", "num_epochs": "epochs", "wd": "weight_decay"}
 
 
@@ -182,9 +196,33 @@ def build_config(file_values: dict | None = None, overrides: dict | None = None,
             if isinstance(value, dict):
                 raise ConfigError(f"config key {key!r} in {origin} must be a value, not a table")
             merged[key] = _coerce(key, value, origin)
-    cfg = TrainConfig(**merged)
+    cfg = TrainConfig(**_resolve_q(merged))
     validate(cfg)
     return cfg
+
+
+def _resolve_q(merged: dict) -> dict:
+    """``q`` from ``redundancy`` (``1 + floor(mu)``, the chunks held whole); both given and disagreeing is refused.
+
+    An integer ``mu`` is then exactly ``q = 1 + mu``: the same run, fingerprint and trajectory.
+    """
+    mu, per_rank = merged.get("redundancy"), merged.get("redundancy_per_rank") or []
+    if mu is not None and mu < 0 or any(m < 0 for m in per_rank):  # named by validate()
+        return merged
+    if per_rank:
+        whole = 1 + math.floor(min(per_rank))
+        if mu is not None and not math.isclose(mu, sum(per_rank) / len(per_rank), rel_tol=1e-9, abs_tol=1e-12):
+            raise ConfigError(f"redundancy = {mu} and redundancy_per_rank = {per_rank} disagree (redundancy is their "
+                              f"mean, {sum(per_rank) / len(per_rank)}): give one")
+    elif mu is not None:
+        whole = 1 + math.floor(mu)
+    else:
+        return merged
+    if "q" in merged and merged["q"] != whole:
+        given = f"redundancy = {mu}" if not per_rank else f"redundancy_per_rank = {per_rank}"
+        raise ConfigError(f"q = {merged['q']} and {given} disagree: q = 1 + redundancy, {whole} here (the chunks "
+                          f"held whole): give one")
+    return {**merged, "q": whole}
 
 
 def _arrival_to_drop_rate(values: dict, origin: str) -> dict:
@@ -202,10 +240,13 @@ def _arrival_to_drop_rate(values: dict, origin: str) -> dict:
 def _coerce(key: str, value, origin: str):
     """Check ``value`` against the field's type; ints are accepted where floats are."""
     hint = HINTS[key]
-    optional = False
+    optional = one_or_list = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
+        optional = len(args) < len(typing.get_args(hint))
+        lists = [a for a in args if typing.get_origin(a) is list]
+        one_or_list = bool(lists)  # ``int | list[int]``: one value, or a list (one per rank)
+        hint = lists[0] if lists and isinstance(value, (list, tuple)) else args[0]
     if value is None and optional:
         return None
     origin_type = typing.get_origin(hint)
@@ -215,7 +256,10 @@ def _coerce(key: str, value, origin: str):
             value = [value]  # a single flag value stands for a one-element list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} ({origin}) must be a list of {item.__name__}, got {value!r}")
-        return [_scalar(key, v, item, origin) for v in value]
+        if one_or_list and not value:
+            raise ConfigError(f"config key {key!r} ({origin}) must be one {item.__name__} or a list of them, got []")
+        values = [_scalar(key, v, item, origin) for v in value]
+        return values[0] if one_or_list and len(values) == 1 else values
     return _scalar(key, value, hint, origin)
 
 
@@ -279,8 +323,11 @@ def _validate_choices(cfg: TrainConfig) -> None:
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:
-    for name in ("q", "tau", "batch_size"):
+    for name in ("q", "tau"):
         _at_least(name, getattr(cfg, name), 1)
+    for b in cfg.batch_sizes(1):
+        _at_least("batch_size", b, 1)
+    _validate_redundancy(cfg)
     for name in ("steps", "log_every", "checkpoint_every", "threads", "eval_train_samples", "seed",
                  "momentum", "weight_decay", "warmup_epochs", "eval_every", "ranks_per_node"):
         _at_least(name, getattr(cfg, name), 0)
@@ -306,6 +353,22 @@ def _validate_ranges(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1) (an arrival rate above 0), got {value}")
+
+
+def _validate_redundancy(cfg: TrainConfig) -> None:
+    """``redundancy`` and its spread or per-rank values: numbers >= 0 (their top, P-1, needs the world)."""
+    if cfg.redundancy is not None and cfg.redundancy < 0:
+        raise ConfigError(f"redundancy must be a number >= 0 (mu; q = 1 + mu), got {cfg.redundancy}")
+    if cfg.redundancy_spread < 0:
+        raise ConfigError(f"redundancy_spread must be >= 0 (sigma of the per-rank draw), got {cfg.redundancy_spread}")
+    if any(m < 0 for m in cfg.redundancy_per_rank):
+        raise ConfigError(f"redundancy_per_rank values must be >= 0, got {cfg.redundancy_per_rank}")
+    if cfg.redundancy_per_rank and cfg.redundancy_spread > 0:
+        raise ConfigError("give redundancy_per_rank (the values) or redundancy_spread (a draw), not both")
+    check_float32("redundancy_spread", cfg.redundancy_spread)  # numpy's normal() overflows past it
+    if cfg.reweight and cfg.fractional:
+        raise ConfigError("reweight does not combine with fractional or per-rank redundancy or per-rank batch_size "
+                          "(their loss is the mean over each rank's batch)")
 
 
 def _validate_limits(cfg: TrainConfig) -> None:
@@ -400,18 +463,19 @@ def _validate_links(cfg: TrainConfig) -> None:
 def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int, ...] | None = None,
                        ranks_per_node: int = 1) -> None:
     """Checks that need the number of ranks P (and, given them, the shards' chunk sizes and R)."""
+    _validate_redundancy_for_world(cfg, world_size)
     if not 1 <= cfg.q <= world_size:
         raise ConfigError(f"q must be in 1..P={world_size}, got {cfg.q}")
     if chunk_sizes:
         smallest = min(range(len(chunk_sizes)), key=lambda c: chunk_sizes[c])
-        if cfg.batch_size > chunk_sizes[smallest]:
+        if max(cfg.batch_sizes(1)) > chunk_sizes[smallest]:
             raise ConfigError(
                 f"batch_size {cfg.batch_size} (samples per chunk per step) is larger than chunk {smallest}'s "
                 f"{chunk_sizes[smallest]} samples: one step would pass over it more than once and epochs would "
                 f"lose their meaning; use at most {chunk_sizes[smallest]}"
             )
     if chunk_sizes and cfg.steps == 0:
-        per_epoch = max(1, math.ceil(sum(chunk_sizes) / len(chunk_sizes) / cfg.batch_size))
+        per_epoch = max(1, -(-sum(chunk_sizes) // sum(cfg.batch_sizes(len(chunk_sizes)))))
         if cfg.epochs * per_epoch > INT_MAX:
             raise ConfigError(f"epochs {cfg.epochs} at {per_epoch} steps per epoch is more than 2**63-1 steps")
     for rank, step in cfg.faults.items():
@@ -427,3 +491,20 @@ def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int
     for rank, first, _, _ in stragglers(cfg.straggle):
         if rank >= world_size:
             raise ConfigError(f"straggle entry for rank {rank}: ranks are 0..{world_size - 1}")
+
+
+def _validate_redundancy_for_world(cfg: TrainConfig, world_size: int) -> None:
+    """Redundancies in [0, P-1] and per-rank lists of P values."""
+    top = world_size - 1
+    if cfg.redundancy is not None and cfg.redundancy > top:
+        raise ConfigError(f"redundancy must be in [0, P-1] = [0, {top}] (P={world_size}), got {cfg.redundancy}")
+    if cfg.redundancy_spread > top:  # a wider draw is clipped to the ends of [0, P-1] almost everywhere
+        raise ConfigError(f"redundancy_spread must be in [0, P-1] = [0, {top}] (P={world_size}), got "
+                          f"{cfg.redundancy_spread}")
+    for name, values in (("redundancy_per_rank", cfg.redundancy_per_rank),
+                         ("batch_size", cfg.batch_size if isinstance(cfg.batch_size, list) else [])):
+        if values and len(values) != world_size:
+            raise ConfigError(f"{name} must give one value per rank: {len(values)} values for P={world_size} ranks")
+    if any(m > top for m in cfg.redundancy_per_rank):
+        raise ConfigError(f"redundancy_per_rank values must be in [0, P-1] = [0, {top}] (P={world_size}), "
+                          f"got {cfg.redundancy_per_rank}")

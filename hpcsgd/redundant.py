@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .data.assignment import chunks_for_rank, coverage, draws_per_step, sample_plan
+from .data.fractional import Redundancy, per_rank_redundancy
 from .data.placement import Placement
 from .data.partition import parse_partition, partition_indices
 from .data.sampler import StratifiedSampler
@@ -64,7 +65,7 @@ class RedundantSampler(torch.utils.data.Sampler):
         dataset: any map-style data set (``len`` and ``__getitem__``).
         world: from :func:`hpcsgd.init`; P is ``world.size``.
         q: chunks per rank, 1..P (q = 1: plain data parallelism; q > 1: redundancy).
-        batch_size: ``b``, samples drawn per held chunk per step (local batch ``q * b``).
+        batch_size: ``b``, samples drawn per held chunk per step (local batch ``q * b``), or one per rank.
         partition: ``"iid"``, ``"label"`` or ``"dirichlet:ALPHA"``.
         labels: class labels of the samples; default ``dataset.targets`` (needed by the
             label and dirichlet partitions only).
@@ -74,6 +75,14 @@ class RedundantSampler(torch.utils.data.Sampler):
         placement: ``"cyclic"`` (rank r also holds chunks r+1..r+q-1) or ``"spread"`` (chunks
             r, r+R, ..., so a chunk's copies sit on q different nodes; needs q <= P/R).
         ranks_per_node: R for ``"spread"``; 0 (default): the ranks sharing rank 0's node.
+        redundancy: mu >= 0 instead of ``q`` (``q = 1 + mu``): a fractional mu also holds a fixed
+            part of the next chunk (hpcsgd/data/fractional.py); or one mu_i per rank (a list).
+            A ``q`` given too must be ``1 + floor(mu)``.
+        redundancy_spread: sigma of the authors' per-rank draw ``N(mu, sigma)`` (seeded by ``seed``).
+
+    ``batch_size`` may be one value per rank (heterogeneous mini-batches; :meth:`set_batch_sizes`
+    changes them from the next epoch on). With fractional or per-rank redundancy or batches
+    the loss is the plain batch mean (``loss_weights`` None).
 
     Example::
 
@@ -85,9 +94,10 @@ class RedundantSampler(torch.utils.data.Sampler):
                 ...
     """
 
-    def __init__(self, dataset, world, q: int = 1, batch_size: int = 32, partition: str = "iid",
-                 labels=None, seed: int = 0, chunk_weighting: str = "size", placement: str = "cyclic",
-                 ranks_per_node: int = 0):
+    def __init__(self, dataset, world, q: int | None = None, batch_size: int | Sequence[int] = 32,
+                 partition: str = "iid", labels=None, seed: int = 0, chunk_weighting: str = "size",
+                 placement: str = "cyclic", ranks_per_node: int = 0,
+                 redundancy: float | Sequence[float] | None = None, redundancy_spread: float = 0.0):
         P = world.size
         n = len(dataset)
         if n < P:
@@ -103,12 +113,15 @@ class RedundantSampler(torch.utils.data.Sampler):
         self._cut = (labels_, partition)  # to cut the data again for another P (resize)
         self.chunks = partition_indices(labels_, P, partition, seed)
         self.placement = _placement(placement, ranks_per_node, world)
-        self._start([len(c) for c in self.chunks], world, q, batch_size, seed, chunk_weighting, total=n)
+        self._spec = (q, redundancy, redundancy_spread)
+        self._start([len(c) for c in self.chunks], world, batch_size, seed, chunk_weighting, total=n)
 
     @classmethod
-    def over_chunks(cls, chunk_sizes: Sequence[int], world, q: int = 1, batch_size: int = 32, seed: int = 0,
-                    chunk_weighting: str = "size", adopted: dict[int, int] | None = None,
-                    placement: str | Placement = "cyclic", ranks_per_node: int = 0) -> "RedundantSampler":
+    def over_chunks(cls, chunk_sizes: Sequence[int], world, q: int | None = None, batch_size: int | Sequence[int] = 32,
+                    seed: int = 0, chunk_weighting: str = "size", adopted: dict[int, int] | None = None,
+                    placement: str | Placement = "cyclic", ranks_per_node: int = 0,
+                    redundancy: float | Sequence[float] | None = None, redundancy_spread: float = 0.0,
+                    ) -> "RedundantSampler":
         """A sampler over data already cut into P chunks (``hpcsgd shard``'s), as ``hpcsgd train`` uses it.
 
         Draw with :meth:`next_chunk_batch` (``(chunk, indices within it)``); ``chunks`` is None.
@@ -119,31 +132,66 @@ class RedundantSampler(torch.utils.data.Sampler):
         self.chunks = None
         self.placement = _placement(placement, ranks_per_node, world)
         self._cut = None
-        self._start(list(chunk_sizes), world, q, batch_size, seed, chunk_weighting, adopted)
+        self._spec = (q, redundancy, redundancy_spread)
+        self._start(list(chunk_sizes), world, batch_size, seed, chunk_weighting, adopted)
         return self
 
-    def _start(self, sizes: list[int], world, q, batch_size, seed, chunk_weighting, adopted=None, total=None) -> None:
-        """The stream over this rank's held chunks; steps per epoch: ``ceil(N / P / batch_size)``."""
+    def _start(self, sizes: list[int], world, batch_size, seed, chunk_weighting, adopted=None, total=None) -> None:
+        """The stream over this rank's held chunks; steps per epoch: ``ceil(N / sum_i b_i)``."""
         P = self.P = world.size
-        self.q = _check_int("q", q, 1, P, f" (P={P})")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
         self.rank = world.rank
+        self.batch_sizes = batch_sizes_for(batch_size, P)
+        self.batch_size = self.batch_sizes[self.rank]
+        self.q, per_rank = _resolve_redundancy(P, *self._spec, seed=self.seed)
+        self.redundancy_per_rank = per_rank
         self.chunk_sizes, self.chunk_weighting = sizes, chunk_weighting
         self.adopted = dict(adopted or {})
-        draws = draws_per_step(self.batch_size, sizes, chunk_weighting)
-        held = chunks_for_rank(P, self.q, self.rank, self.placement)
-        self._stream = StratifiedSampler({c: sizes[c] for c in held}, {c: draws[c] for c in held},
-                                         self.seed, self.rank)
-        for c in (c for c, r in self.adopted.items() if r == self.rank):
-            self._stream.adopt(c, sizes[c], draws[c])
         self.total = sum(sizes) if total is None else total
-        self.steps_per_epoch = max(1, math.ceil(self.total / P / self.batch_size))
+        # Steps per epoch: ceil(N / P / b) with equal batches (the same integer as ceil(N / (P b))).
+        self.steps_per_epoch = max(1, -(-self.total // sum(self.batch_sizes)))
         self.steps = 0  # batches handed out so far
+        self._pending: list[int] | None = None  # batch sizes waiting for the next epoch
+        integer = len(set(per_rank)) == 1 and per_rank[0].is_integer() and len(set(self.batch_sizes)) == 1
+        self.redundancy = None if integer else Redundancy(per_rank, tuple(sizes), self.seed, self.placement)
+        if self.redundancy is None:
+            self._stream = self._whole_stream(chunks_for_rank(P, self.q, self.rank, self.placement))
+        else:
+            self._stream = self._fractional_stream()
         self.loss_weights = self._weights(list(range(P)))
+
+    def _whole_stream(self, held: Sequence[int]) -> StratifiedSampler:
+        """This rank's stream over ``held`` whole chunks and its adopted ones."""
+        sizes, draws = self.chunk_sizes, draws_per_step(self.batch_size, self.chunk_sizes, self.chunk_weighting)
+        stream = StratifiedSampler({c: sizes[c] for c in held}, {c: draws[c] for c in held}, self.seed, self.rank)
+        for c in (c for c, r in self.adopted.items() if r == self.rank):
+            stream.adopt(c, sizes[c], draws[c])
+        return stream
+
+    def _fractional_stream(self) -> StratifiedSampler:
+        """The stream of fractional or per-rank redundancy: whole chunks, then the partial subset."""
+        h = self.redundancy.holding(self.rank)
+        stream = StratifiedSampler({c: self.chunk_sizes[c] for c in h.whole},
+                                   {c: self._draw(c) for c in h.whole}, self.seed, self.rank)
+        if h.partial is not None and self.adopted.get(h.partial) != self.rank:  # adopted whole: drawn whole
+            stream.hold_part(h.partial, self.chunk_sizes[h.partial], self.redundancy.subset(self.rank), h.fraction,
+                             self._draw(h.partial))
+        for c in (c for c, r in self.adopted.items() if r == self.rank):
+            stream.adopt(c, self.chunk_sizes[c], self._draw(c))
+        return stream
+
+    def _draw(self, chunk: int) -> int:
+        """Samples per step from whole ``chunk`` at this rank's batch size (``b`` for equal chunks)."""
+        return draws_per_step(self.batch_size, self.chunk_sizes, self.chunk_weighting)[chunk]
 
     def _weights(self, live: Sequence[int], reweight: bool = False) -> torch.Tensor | None:
         """Per-sample loss weights of a batch, or None when the plain batch mean is right."""
+        if self.redundancy is not None:  # fractional or per-rank: the batch mean (the authors' rule)
+            if reweight:
+                raise ConfigError("reweight does not combine with fractional or per-rank redundancy or per-rank "
+                                  "batch sizes (their loss is the mean over each rank's batch)")
+            self.sample_weights = {}
+            return None
         plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, self.adopted,
                            weighting=self.chunk_weighting, reweight=reweight, placement=self.placement)[self.rank]
         self._stream.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
@@ -152,6 +200,29 @@ class RedundantSampler(torch.utils.data.Sampler):
         if all(a == Fraction(1, batch) for _, a in plan.values()):
             return None
         return torch.cat([torch.full((plan[c][0],), float(plan[c][1])) for c in self._stream.chunks])
+
+    def set_batch_sizes(self, sizes: Sequence[int]) -> None:
+        """Every rank's batch size ``b_i`` (one per rank, the same list on every rank), from the next epoch on.
+
+        ``len(self)`` does not change: steps per epoch stay what the first sizes gave, the same
+        on every rank. From then on the loss is the mean over each rank's batch (fractional mode).
+        """
+        self._pending = batch_sizes_for(list(sizes), self.P)
+        if self.steps % self.steps_per_epoch == 0:
+            self._apply_pending()
+
+    def _apply_pending(self, force: bool = False) -> None:
+        """The batch sizes set by :meth:`set_batch_sizes` take effect (``force``: even unchanged ones)."""
+        sizes, self._pending = self._pending, None
+        if sizes is None or (sizes == self.batch_sizes and not force):
+            return
+        old, self.batch_sizes, self.batch_size = self.batch_size, sizes, sizes[self.rank]
+        if self.redundancy is None:  # from now on per-rank batches: the batch mean, draws b_i per chunk
+            self.redundancy = Redundancy(self.redundancy_per_rank, tuple(self.chunk_sizes), self.seed, self.placement)
+            self.loss_weights = self._weights(list(range(self.P)))
+        self._stream.set_batch_per_chunk({c: self._draw(c) for c in self._stream.chunks})
+        if self.batch_size != old:
+            self._stream.set_part_batch(self.batch_size)
 
     @property
     def held_chunks(self) -> tuple[int, ...]:
@@ -184,14 +255,17 @@ class RedundantSampler(torch.utils.data.Sampler):
             raise ConfigError("a sampler over chunks (RedundantSampler.over_chunks) is built for its run: "
                               "build it with the run's world instead of resizing it")
         labels, partition = self._cut
+        if self.redundancy is not None:
+            raise ConfigError("resuming on fewer processes through the Python API needs an integer q and one batch "
+                              "size (hpcsgd train resumes fractional and per-rank redundancy on fewer ranks)")
         self.chunks = partition_indices(labels, world.size, partition, self.seed)
-        self._start([len(c) for c in self.chunks], world, self.q, self.batch_size, self.seed, self.chunk_weighting,
+        self._start([len(c) for c in self.chunks], world, self.batch_size, self.seed, self.chunk_weighting,
                     adopted, total=self.total)
         self.set_live(list(world.roles or range(world.size)))  # draws as the CLI's: only the roles train
 
     def coverage(self, live_ranks: Sequence[int]) -> float:
         """The share of the training samples that ``live_ranks`` (run ranks) hold, adopted chunks included."""
-        return coverage(self.P, self.q, live_ranks, self.adopted, self.chunk_sizes, self.placement)
+        return coverage(self.P, self.q, live_ranks, self.adopted, self.chunk_sizes, self.placement, self.redundancy)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -202,11 +276,12 @@ class RedundantSampler(torch.utils.data.Sampler):
 
     def next_indices(self) -> list[int]:
         """The dataset indices of the next step's batch, held chunk after held chunk."""
-        self.steps += 1
-        return np.concatenate([self.chunks[c][idx] for c, idx in self._stream.next_batch()]).tolist()
+        return np.concatenate([self.chunks[c][idx] for c, idx in self.next_chunk_batch()]).tolist()
 
     def next_chunk_batch(self) -> list[tuple[int, np.ndarray]]:
         """The next batch as ``(chunk, indices within the chunk)`` (data already split into chunks)."""
+        if self._pending is not None and self.steps % self.steps_per_epoch == 0:
+            self._apply_pending()
         self.steps += 1
         return self._stream.next_batch()
 
@@ -220,25 +295,57 @@ class RedundantSampler(torch.utils.data.Sampler):
         target = epoch * self.steps_per_epoch
         if target == self.steps:
             return
-        state = self._stream.state_dict()
-        draws = self._stream.batch_per_chunk
-        for entry in state["chunks"]:
-            drawn = draws[entry["chunk"]] * target
-            entry["pass_index"], entry["position"] = divmod(drawn, entry["size"])
-        self._stream.load_state_dict(state)
+        self._stream.seek_steps(target)
         self.steps = target
 
     def state_dict(self) -> dict:
-        """Steps taken and the position in every held chunk's order."""
-        return {"steps": self.steps, "stream": self._stream.state_dict()}
+        """Steps taken, the position in every held chunk's order, and batch sizes set since the start."""
+        state = {"steps": self.steps, "stream": self._stream.state_dict()}
+        if self.redundancy is not None:  # only then: an integer run's state stays what it always was
+            state["batch_sizes"] = list(self.batch_sizes)
+            state["pending"] = self._pending
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         try:
             steps, stream = int(state["steps"]), state["stream"]
-        except (KeyError, TypeError, ValueError) as exc:
+            sizes, pending = state.get("batch_sizes"), state.get("pending")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"sampler state is malformed: {exc!r}") from None
+        if sizes is not None:
+            self._pending = batch_sizes_for(sizes, self.P)
+            self._apply_pending(force=True)
+            self._pending = None if pending is None else batch_sizes_for(pending, self.P)
         self._stream.load_state_dict(stream, fresh=list(self.adopted))  # adopted since: start anew
         self.steps = steps
 
 
-__all__ = ["RedundantSampler"]
+def batch_sizes_for(batch_size: int | Sequence[int], P: int) -> list[int]:
+    """``b_i`` of every rank: one value for all, or a list of P (each an integer >= 1)."""
+    if isinstance(batch_size, (list, tuple)):
+        if len(batch_size) != P:
+            raise ConfigError(f"batch_size must be one value or one per rank: {len(batch_size)} values for P={P} ranks")
+        return [_check_int(f"batch_size[{i}]", b, 1) for i, b in enumerate(batch_size)]
+    return [_check_int("batch_size", batch_size, 1)] * P
+
+
+def _resolve_redundancy(P: int, q, redundancy, spread, seed: int) -> tuple[int, tuple[float, ...]]:
+    """``(q, mu_i per rank)`` from the arguments; ``q`` is the chunks held whole, ``1 + floor(mu)``:
+    a ``q`` that disagrees with the redundancy is refused, naming both."""
+    if q is not None:
+        q = _check_int("q", q, 1, P, f" (P={P})")
+    if redundancy is None:
+        return q or 1, per_rank_redundancy(P, float((q or 1) - 1), spread, None, seed)
+    if isinstance(redundancy, (list, tuple)):
+        per_rank = per_rank_redundancy(P, 0.0, 0.0, redundancy, seed)
+    else:
+        per_rank = per_rank_redundancy(P, redundancy, spread, None, seed)
+        if q is not None and q != 1 + math.floor(redundancy):
+            raise ConfigError(f"q={q} and redundancy={redundancy} disagree (q = 1 + redundancy): give one")
+    whole = 1 + math.floor(min(per_rank))
+    if q is not None and q != whole:
+        raise ConfigError(f"q={q} and redundancy={list(per_rank)} disagree (q = 1 + redundancy): give one")
+    return whole, per_rank
+
+
+__all__ = ["RedundantSampler", "batch_sizes_for"]

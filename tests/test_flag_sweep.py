@@ -89,6 +89,9 @@ ACCEPTED: dict[str, set[str]] = {
     # Warned: no message takes the link from a rank to itself.
     **{f"train --{f}": {"2->2=0.5"} for f in ("link-drop", "link-latency", "link-bandwidth")},
     "train --link-drop-file": {"matrix.csv", "empty"},  # warned: drop rates do nothing under local; "": no file
+    # mu = 0 is local SGD; a tiny mu holds one sample of the next chunk. Spread 0: every rank mu.
+    "train --redundancy": {"zero", "tiny"},
+    "train --redundancy-spread": {"zero", "tiny"},
     "train --link-gbps": {"zero", "huge"},  # 0: unlimited; 1e23 Gb/s: as good as unlimited
     "train --lr": {"huge"},  # 1e23 fits float32: the loss diverges and the run stops with its own message
     "train --weight-decay": {"zero", "huge"},  # as --lr; a tiny one rounds to 0 in float32: refused

@@ -1,7 +1,7 @@
 """The papers' experiments at small scale: one command each, then `hpcsgd report`.
 
 Usage (from the checkout, after tools/setup):
-    .venv/bin/python tools/experiments.py {rps,risgd,faults,diversity,network,all} [--out experiments/]
+    .venv/bin/python tools/experiments.py {rps,risgd,faults,diversity,network,redundancy,all} [--out experiments/]
 
 Each experiment is a grid file in jobs/sweeps/ (the same file the Slurm array job runs) on the
 embedded digits data set, label-skewed over 4 ranks: its runs go through mpiexec one after the
@@ -34,6 +34,7 @@ FIGURES = {
     "faults": ("accuracy_vs_epoch", "loss_vs_epoch"),
     "diversity": ("grad_diversity_vs_q", "consensus_vs_epoch"),
     "network": ("accuracy_vs_wall_s", "loss_vs_wall_s"),
+    "redundancy": ("accuracy_vs_epoch", "loss_vs_epoch"),
 }
 EXPERIMENTS = {
     # name: (grid file, extra columns of the printed table)
@@ -42,9 +43,10 @@ EXPERIMENTS = {
     "faults": ("fault-tolerance.txt", ("live_ranks", "coverage", "lost_class_accuracy")),
     "diversity": ("gradient-diversity.txt", ("grad_diversity_intra", "grad_diversity_inter", "consensus_distance")),
     "network": ("emulated-network.txt", ("rounds", "wall_s", "wall_s_to_85", "network_emulated_s", "network_held_s")),
+    "redundancy": ("risgd-mu-tau.txt", ("redundancy", "rounds", "rounds_to_85")),
 }
 # `hpcsgd report` options per experiment (default: none).
-REPORT_ARGS = {"network": ["--target", "0.85", "--x", "wall_s"]}
+REPORT_ARGS = {"network": ["--target", "0.85", "--x", "wall_s"], "redundancy": ["--target", "0.85"]}
 TARGET_ACCURACY = 0.85
 
 
@@ -113,21 +115,22 @@ def derived(summary: dict, run_dir: Path, shards: Path) -> dict:
     """Figures the summary does not hold: accuracy on the classes of a lost chunk."""
     out = dict(summary)
     out["wall_s_to_85"] = _wall_to_accuracy(run_dir, TARGET_ACCURACY)
+    out["rounds_to_85"] = _wall_to_accuracy(run_dir, TARGET_ACCURACY, "rounds")
     failed = [int(r) for r in summary.get("failures", {})]
     if failed and summary.get("per_class_accuracy"):
         out["lost_class_accuracy"] = _accuracy_on_classes_only_in(failed, summary, shards)
     return out
 
 
-def _wall_to_accuracy(run_dir: Path, target: float) -> float | None:
-    """Rank 0's training wall time at the first evaluation whose averaged model reached ``target``."""
+def _wall_to_accuracy(run_dir: Path, target: float, key: str = "wall_s") -> float | None:
+    """Rank 0's training wall time (or ``key``) at the first evaluation whose averaged model reached ``target``."""
     metrics = run_dir / "metrics" / "rank-0.jsonl"
     if not metrics.exists():
         return None
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
         if (record.get("avg_test_accuracy") or 0) >= target:
-            return record["wall_s"]
+            return record[key]
     return None
 
 

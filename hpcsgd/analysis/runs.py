@@ -30,9 +30,10 @@ FINISHED, UNFINISHED = "finished", "running/crashed"
 # data, other shards or at another world size are never one group of seeds.
 IDENTITY_KEYS = ("data_digest", "partition", "world_size")
 # What names a run when nothing differs among the runs compared (a single run, say).
-DEFAULT_LABEL_KEYS = ("algorithm", "q", "tau", "drop_rate")
+DEFAULT_LABEL_KEYS = ("algorithm", "q", "redundancy", "tau", "drop_rate")
 # summary.json keys that stand in for the config when config.toml is missing.
-_SUMMARY_CONFIG_KEYS = ("algorithm", "q", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs", "placement")
+_SUMMARY_CONFIG_KEYS = ("algorithm", "q", "redundancy", "tau", "drop_rate", "model", "seed", "batch_size", "lr", "epochs",
+                        "placement")
 RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
 # Evaluation record key -> the summary.json key of the same quantity at the end of the run
 # (same model, same split: the logged test evaluation uses the whole test split too).
@@ -217,7 +218,7 @@ def load_run(path: str | os.PathLike) -> Run:
     config = _read_config(path / "config.toml", summary, warnings)
     records = _read_metrics(path / "metrics", warnings)
     _check_ranks(records, summary, warnings)
-    config = {**config, **identity(path, summary, records)}
+    config = {**config, **identity(path, summary, records), **redundancy_key(config)}
     if summary is None:
         warnings.append("no summary.json: the run is still going or it crashed")
     return Run(path=path, config=config, summary=summary, records=records, warnings=warnings)
@@ -237,6 +238,22 @@ def identity(path: Path, summary: dict | None, records: dict[int, list[dict]]) -
         world = max([int(v) for v in first if v is not None] + [max(records) + 1])
     out["world_size"] = world
     return {k: v for k, v in out.items() if v is not None}
+
+
+def redundancy_key(config: dict) -> dict:
+    """The run's mean redundancy ``mu`` as a config key, whatever form it was given in (``q``,
+    ``redundancy``, ``redundancy_per_rank``): a q = 2 run and a redundancy = 1 run are one group.
+    A run written before these keys existed had neither spread nor per-rank values: it gets their
+    defaults, so that it groups with the runs that state them."""
+    per_rank = config.get("redundancy_per_rank")
+    out = {"redundancy_per_rank": [] if per_rank is None else per_rank,
+           "redundancy_spread": config.get("redundancy_spread", 0.0)}
+    if isinstance(per_rank, list) and per_rank and all(finite_number(m) is not None for m in per_rank):
+        return {**out, "redundancy": sum(per_rank) / len(per_rank)}
+    if finite_number(config.get("redundancy")) is not None:
+        return {**out, "redundancy": float(config["redundancy"])}
+    q = config.get("q")
+    return {**out, "redundancy": float(q - 1)} if isinstance(q, int) and not isinstance(q, bool) else {}
 
 
 def _newest_record(path: Path) -> dict:
@@ -388,11 +405,19 @@ def differing_keys(runs: list[Run]) -> list[str]:
     order: dict[str, None] = {}
     for run in runs:
         order.update(dict.fromkeys(run.config))
-    return [
+    keys = [
         k
         for k in order
         if k not in NOT_TRAJECTORY and len({_hashable(run.config[k]) for run in runs if k in run.config}) > 1
     ]
+    if "redundancy" in keys and _integer_redundancy(runs):  # q says it all: q = 1 + redundancy
+        keys.remove("redundancy")
+    return keys
+
+
+def _integer_redundancy(runs: list[Run]) -> bool:
+    """Whether every run's redundancy is its ``q - 1`` (no fractional or per-rank redundancy)."""
+    return all(r.config.get("redundancy") == r.config.get("q", 0) - 1 for r in runs)
 
 
 def format_value(value) -> str:
@@ -432,7 +457,10 @@ def config_label(config: dict, keys: list[str]) -> str:
 
 
 def _label_keys(runs: list[Run], keys: list[str]) -> list[str]:
-    return keys or [k for k in DEFAULT_LABEL_KEYS if any(k in r.config for r in runs)]
+    keys = keys or [k for k in DEFAULT_LABEL_KEYS if any(k in r.config for r in runs)]
+    if "q" in keys and "redundancy" in keys:  # one says the other: name runs by one of them
+        keys = [k for k in keys if k != ("redundancy" if _integer_redundancy(runs) else "q")]
+    return keys
 
 
 def label_runs(runs: list[Run]) -> list[str]:

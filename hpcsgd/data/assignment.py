@@ -13,6 +13,7 @@ from fractions import Fraction
 from numbers import Integral
 
 from hpcsgd.config import CHUNK_WEIGHTINGS
+from hpcsgd.data.fractional import Redundancy
 from hpcsgd.data.placement import CYCLIC, Placement
 from hpcsgd.errors import ConfigError
 
@@ -37,43 +38,60 @@ def chunks_for_rank(P: int, q: int, rank: int, placement: Placement | None = Non
     return (placement or CYCLIC).chunks(P, q, rank)
 
 
+def _whole(P: int, q: int, rank: int, placement: Placement | None, redundancy: Redundancy | None) -> tuple[int, ...]:
+    """The chunks ``rank`` holds whole: ``q`` placed ones, or its share under per-rank ``redundancy``."""
+    if redundancy is None:
+        return chunks_for_rank(P, q, rank, placement)
+    _check_rank(P, rank)
+    return redundancy.whole(rank)
+
+
 def chunk_holders(
     P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None,
-    placement: Placement | None = None,
+    placement: Placement | None = None, redundancy: Redundancy | None = None,
 ) -> dict[int, int]:
-    """For each chunk ``0..P-1``, how many of ``live_ranks`` hold it (0 if none).
+    """For each chunk ``0..P-1``, how many of ``live_ranks`` hold it whole (0 if none).
 
     ``adopted`` (chunk -> rank, from :func:`adopt_orphans`) adds chunks taken over from
-    ranks that left when a run resumed on fewer ranks.
+    ranks that left when a run resumed on fewer ranks. ``redundancy``: fractional or per-rank
+    redundancy (then ``q`` is not used); a partial chunk does not count here.
     """
     _check_pq(P, q)
     holders = dict.fromkeys(range(int(P)), 0)
     # A set: a rank listed twice is still one holder.
     for rank in set(live_ranks):
-        for c in held_chunks(P, q, rank, adopted, placement):
+        for c in held_chunks(P, q, rank, adopted, placement, redundancy):
             holders[c] += 1
     return holders
 
 
 def coverage(P: int, q: int, live_ranks: Iterable[int], adopted: Mapping[int, int] | None = None,
-             chunk_sizes: Sequence[int] | None = None, placement: Placement | None = None) -> float:
-    """Fraction of the training samples whose chunk at least one live rank holds (ALGORITHMS.md, "Data").
+             chunk_sizes: Sequence[int] | None = None, placement: Placement | None = None,
+             redundancy: Redundancy | None = None) -> float:
+    """Fraction of the training samples at least one live rank holds (ALGORITHMS.md, "Data").
 
     ``chunk_sizes``: the samples of each of the ``P`` chunks (the shard index's); None for
     chunks of equal size, where this is the fraction of chunks held. ``placement``: which
-    chunks each rank holds (default cyclic). The one place coverage is computed: metrics,
-    summary.json and the failure messages all report this value.
+    chunks each rank holds (default cyclic). ``redundancy``: fractional or per-rank
+    redundancy; a chunk no live rank holds whole then counts the union of the live ranks'
+    partial subsets of it (its own sizes are ``redundancy.chunk_sizes``). The one place
+    coverage is computed: metrics, summary.json and the failure messages all report this value.
     """
-    holders = chunk_holders(P, q, live_ranks, adopted, placement)
+    live = list(live_ranks)
+    holders = chunk_holders(P, q, live, adopted, placement, redundancy)
+    if redundancy is not None:
+        chunk_sizes = redundancy.chunk_sizes
     sizes = [1] * int(P) if chunk_sizes is None else [int(n) for n in chunk_sizes]
     if len(sizes) != P:
         raise ConfigError(f"coverage needs the size of each of the P={P} chunks, got {len(sizes)}")
-    return sum(sizes[c] for c, n in holders.items() if n > 0) / sum(sizes)
+    held = [c for c, n in holders.items() if n > 0]
+    partly = redundancy.partly_covered(live, held) if redundancy is not None else 0
+    return (sum(sizes[c] for c in held) + partly) / sum(sizes)
 
 
 def adopt_orphans(
     P: int, q: int, live_ranks: Iterable[int], departed: Iterable[int], previous: Mapping[int, int] | None = None,
-    placement: Placement | None = None,
+    placement: Placement | None = None, redundancy: Redundancy | None = None,
 ) -> dict[int, int]:
     """Chunks that only ``departed`` ranks held -> the live rank that reads them from now on.
 
@@ -81,15 +99,16 @@ def adopt_orphans(
     disk, so no data need be lost. Earlier adoptions (``previous``) stay with a live adopter
     (its sampler holds their position); the other orphans go, in chunk order, to the live
     rank with the fewest adopted chunks (lowest rank on ties), so every rank derives the
-    same plan without communicating.
+    same plan without communicating. Under ``redundancy`` a chunk counts as held only when a
+    live rank holds it whole: one the survivors hold only a part of is adopted whole.
     """
     _check_pq(P, q)
     live = sorted(set(live_ranks))
     if not live:
         raise ConfigError("no live rank to take over the chunks of departed ranks")
     adopted = {c: r for c, r in (previous or {}).items() if r in live}
-    held = {c for r in live for c in chunks_for_rank(P, q, r, placement)} | set(adopted)
-    gone = {c for r in set(departed) for c in chunks_for_rank(P, q, r, placement)}
+    held = {c for r in live for c in _whole(P, q, r, placement, redundancy)} | set(adopted)
+    gone = {c for r in set(departed) for c in _whole(P, q, r, placement, redundancy)}
     gone |= {c for c, r in (previous or {}).items() if r in set(departed)}
     for c in sorted(gone - held):
         load = {r: 0 for r in live}
@@ -100,9 +119,10 @@ def adopt_orphans(
 
 
 def held_chunks(P: int, q: int, rank: int, adopted: Mapping[int, int] | None = None,
-                placement: Placement | None = None) -> tuple[int, ...]:
-    """The chunks ``rank`` reads: its placed ``q`` plus any it adopted."""
-    return chunks_for_rank(P, q, rank, placement) + tuple(c for c, r in (adopted or {}).items() if r == rank)
+                placement: Placement | None = None, redundancy: Redundancy | None = None) -> tuple[int, ...]:
+    """The chunks ``rank`` reads whole: its placed ``q`` (or its whole share under ``redundancy``)
+    plus any it adopted."""
+    return _whole(P, q, rank, placement, redundancy) + tuple(c for c, r in (adopted or {}).items() if r == rank)
 
 
 def draws_per_step(b: int, chunk_sizes: Sequence[int], weighting: str = "size") -> list[int]:

@@ -5,16 +5,22 @@ Each step a rank draws ``b`` samples from every chunk it holds, so its local bat
 ends; the next pass uses a fresh permutation. The order of pass ``k`` of chunk ``c`` on rank
 ``r`` is ``default_rng([seed, r, c, k]).permutation(n)``: it depends on nothing else, so a
 resumed run continues exactly where it stopped from two integers per chunk.
+
+A *partial* chunk (fractional redundancy, hpcsgd/data/fractional.py) is a fixed subset of a
+chunk, walked the same way (keyed by the same ``(seed, rank, chunk)``), from which step ``t``
+draws ``floor((t+1) b f) - floor(t b f)`` samples.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from numbers import Integral
 
 import numpy as np
 
+from hpcsgd.data.fractional import drawn_from_part, partial_draws
 from hpcsgd.errors import CheckpointError, ConfigError
 
 
@@ -69,6 +75,17 @@ def _check_int(name: str, v: object, lo: int) -> int:
     return int(v)
 
 
+class _Part:
+    """A partial chunk: ``subset`` (indices within the chunk) walked in ``order``, ``b f`` per step
+    on average, counted from step ``start`` (when ``b`` last changed)."""
+
+    def __init__(self, order: _ChunkOrder, subset: np.ndarray, fraction: Fraction, b: int) -> None:
+        self.order, self.subset, self.fraction, self.b, self.start = order, subset, Fraction(fraction), b, 0
+
+    def take(self, step: int) -> np.ndarray:
+        return self.subset[self.order.take(partial_draws(step - self.start, self.b, self.fraction))]
+
+
 class StratifiedSampler:
     """Draws ``b`` local indices from each held chunk per step.
 
@@ -93,6 +110,8 @@ class StratifiedSampler:
         self.rank = _check_int("rank", rank, 0)
         self._orders: dict[int, _ChunkOrder] = {}
         self._batch: dict[int, int] = {}
+        self._parts: dict[int, _Part] = {}
+        self.steps = 0  # batches drawn: the partial chunks' draws depend on it
         for c, n in chunk_sizes.items():
             c = _check_int("chunk number", c, 0)
             n = _check_int(f"size of chunk {c}", n, 1)
@@ -109,10 +128,34 @@ class StratifiedSampler:
         self._batch[c] = _check_int(f"batch per chunk (chunk {c})", b, 1)
         self._orders[c] = _ChunkOrder(self.seed, self.rank, c, n)
 
+    def hold_part(self, chunk: int, size: int, subset: np.ndarray, fraction: Fraction, b: int) -> None:
+        """Also draw from a fixed ``subset`` (indices within ``chunk`` of ``size`` samples):
+        ``floor((t+1) b f) - floor(t b f)`` samples at step ``t``, after the whole chunks."""
+        c = _check_int("chunk number", chunk, 0)
+        n = _check_int(f"size of chunk {c}", size, 1)
+        subset = np.asarray(subset, dtype=np.int64)
+        if c in self._orders or c in self._parts:
+            raise ConfigError(f"chunk {c} is already held by this rank")
+        if not 0 < Fraction(fraction) < 1 or len(subset) < 1 or subset.min() < 0 or subset.max() >= n:
+            raise ConfigError(f"partial chunk {c}: fraction {fraction} must be in (0, 1) and the subset "
+                              f"a non-empty set of indices in 0..{n - 1}")
+        self._parts[c] = _Part(_ChunkOrder(self.seed, self.rank, c, len(subset)), subset, fraction,
+                               _check_int(f"batch per chunk (chunk {c})", b, 1))
+
+    def set_part_batch(self, b: int) -> None:
+        """Draw ``b f`` per step from the partial chunks from the next batch on (counted afresh from it)."""
+        for part in self._parts.values():
+            part.b, part.start = _check_int("batch per chunk (partial chunk)", b, 1), self.steps
+
     @property
     def chunks(self) -> tuple[int, ...]:
-        """Held chunks, in batch order."""
+        """Held chunks, in batch order (whole ones; see :attr:`parts` for the partial ones)."""
         return tuple(self._orders)
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """Partial chunks, drawn after the whole ones."""
+        return tuple(self._parts)
 
     @property
     def batch_per_chunk(self) -> dict[int, int]:
@@ -132,6 +175,7 @@ class StratifiedSampler:
         c = _check_int("chunk number", chunk, 0)
         if c in self._orders:
             raise ConfigError(f"chunk {c} is already held by this rank")
+        self._parts.pop(c, None)  # held whole from now on: its partial subset is a part of it
         self._hold(c, _check_int(f"size of chunk {c}", size, 1), batch)
 
     def set_batch_per_chunk(self, batch_per_chunk: Mapping[int, int]) -> None:
@@ -145,12 +189,29 @@ class StratifiedSampler:
             self._batch[c] = _check_int(f"batch per chunk (chunk {c})", b, 1)
 
     def next_batch(self) -> list[tuple[int, np.ndarray]]:
-        """For each held chunk, ``(chunk, local int64 indices)`` of its ``b`` samples."""
-        return [(c, o.take(self._batch[c])) for c, o in self._orders.items()]
+        """For each held chunk, ``(chunk, local int64 indices)`` of its ``b`` samples; then each
+        partial chunk's draws of this step (none when they are 0)."""
+        batch = [(c, o.take(self._batch[c])) for c, o in self._orders.items()]
+        for c, part in self._parts.items():
+            idx = part.take(self.steps)
+            if len(idx):
+                batch.append((c, idx))
+        self.steps += 1
+        return batch
+
+    def seek_steps(self, steps: int) -> None:
+        """Move every order to where ``steps`` batches of the current draws, from the start, leave it."""
+        steps = _check_int("steps", steps, 0)
+        for o in self._orders.values():
+            o.seek(*divmod(self._batch[o.key[2]] * steps, o.n))
+        for part in self._parts.values():
+            part.start = 0
+            part.order.seek(*divmod(drawn_from_part(steps, part.b, part.fraction), len(part.subset)))
+        self.steps = steps
 
     def state_dict(self) -> dict:
         """The position in every chunk's order, as plain (JSON-serialisable) ints."""
-        return {
+        state = {
             "seed": self.seed,
             "rank": self.rank,
             "chunks": [
@@ -158,6 +219,12 @@ class StratifiedSampler:
                 for c, o in self._orders.items()
             ],
         }
+        if self._parts:  # only then: a state without partial chunks stays what it always was
+            state["steps"] = self.steps
+            state["parts"] = [{"chunk": c, "size": len(p.subset), "pass_index": p.order.pass_index,
+                               "position": p.order.position, "batch": p.b, "start": p.start}
+                              for c, p in self._parts.items()]
+        return state
 
     def load_state_dict(self, state: Mapping, fresh: Sequence[int] = ()) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of a sampler built the same way).
@@ -188,6 +255,26 @@ class StratifiedSampler:
                 )
         for c, (_, pass_index, position) in got.items():
             self._orders[c].seek(pass_index, position)
+        self._load_parts(state)
+
+    def _load_parts(self, state: Mapping) -> None:
+        """The partial chunks' positions, draws and step count (a state saved with them)."""
+        try:
+            parts = {int(e["chunk"]): (int(e["size"]), int(e["pass_index"]), int(e["position"]), int(e["batch"]),
+                                       int(e["start"])) for e in state.get("parts", [])}
+            steps = int(state.get("steps", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"sampler state is malformed: {e!r}") from e
+        parts = {c: v for c, v in parts.items() if c not in self._orders}  # adopted whole since: a fresh pass
+        if set(parts) != set(self._parts):
+            raise CheckpointError(f"sampler state holds partial chunks {sorted(parts)}, this rank {sorted(self._parts)}")
+        for c, (n, pass_index, position, b, start) in parts.items():
+            part = self._parts[c]
+            if n != len(part.subset) or pass_index < 0 or not 0 <= position <= n or b < 1 or not 0 <= start <= steps:
+                raise CheckpointError(f"sampler state for partial chunk {c} does not fit a subset of {len(part.subset)}")
+            part.order.seek(pass_index, position)
+            part.b, part.start = b, start
+        self.steps = steps
 
 
 def gather_batch(

@@ -27,6 +27,7 @@ from ..comm.device import apply_threads, select_device
 from ..comm.watchdog import WATCHDOG
 from ..config import TrainConfig, validate_for_world
 from ..data import load_chunk, load_chunk_rows, load_test, read_index
+from ..data.fractional import Redundancy, check_placement_fits, per_rank_redundancy
 from ..errors import ConfigError
 from .membership import Membership
 from .models import build_model
@@ -131,8 +132,9 @@ def _agree_on_run(cfg: TrainConfig, comm) -> Job:
     if comm.rank == 0:
         for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
             print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
+    redundancy = agree(comm, lambda: redundancy_of(cfg, P, index.chunk_sizes, placement), "config")
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
-                                                       index.chunk_sizes, placement), "shards")
+                                                       index.chunk_sizes, placement, redundancy), "shards")
     return Job(cfg, comm, index, schedule, membership, resume, finished)
 
 
@@ -146,6 +148,17 @@ def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[di
     if comm.rank == 0:
         print(f"hpcsgd: {line}", file=sys.stderr, flush=True)
     return resume, finished
+
+
+def redundancy_of(cfg: TrainConfig, P: int, chunk_sizes, placement) -> Redundancy | None:
+    """The per-rank redundancies of a fractional or per-rank run (None: the integer q of every rank)."""
+    if not cfg.fractional:
+        return None
+    mu = cfg.redundancy if cfg.redundancy is not None else float(cfg.q - 1)
+    per_rank = per_rank_redundancy(P, mu, cfg.redundancy_spread, cfg.redundancy_per_rank, cfg.seed)
+    check_placement_fits(per_rank, placement)  # spread: the partial chunk on another node too
+    found = Redundancy(per_rank, tuple(chunk_sizes), cfg.seed, placement)
+    return None if found.integer and len(set(cfg.batch_sizes(P))) == 1 else found
 
 
 def duplicate_chunks(index) -> list[str]:

@@ -27,7 +27,9 @@ class Batches:
         self.cfg, self.chunks, self.dtype, self.device = cfg, chunks, dtype, device
         self.sampler = RedundantSampler.over_chunks(chunk_sizes, world, q=cfg.q, batch_size=cfg.batch_size,
                                                     seed=cfg.seed, chunk_weighting=cfg.chunk_weighting,
-                                                    adopted=membership.adopted, placement=membership.placement)
+                                                    adopted=membership.adopted, placement=membership.placement,
+                                                    redundancy=cfg.redundancy_per_rank or cfg.redundancy,
+                                                    redundancy_spread=cfg.redundancy_spread)
         self.replan(membership)
 
     def replan(self, membership) -> None:
@@ -49,7 +51,10 @@ class Batches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next step's batch, gathered on the device."""
-        return gather_on_device(self.sampler.next_chunk_batch(), self.chunks)
+        batch = self.sampler.next_chunk_batch()
+        if self.sampler.loss_weights is None:  # per-rank batch sizes took effect: the batch mean
+            self.weight_vector = None
+        return gather_on_device(batch, self.chunks)
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The loss to differentiate and, for the metrics, the plain batch mean.

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from ..data import adopt_orphans, chunk_holders, coverage, held_chunks
+from ..data.fractional import Redundancy
 from ..data.placement import CYCLIC, Placement, node_of, node_ranks
 from ..errors import ShardError
 
@@ -29,12 +30,15 @@ class Membership:
         adopted: ``{chunk: run rank}`` taken over from departed ranks.
         live: the run ranks still training; ``alive``: whether this process still trains.
         placement: which chunks a rank holds (cyclic, or spread over nodes of R ranks).
+        redundancy: per-rank (fractional) redundancy, or None for the integer ``q`` of every rank.
     """
 
     def __init__(self, P: int, q: int, roles: list[int], rank: int, faults: dict[int, int],
                  departed: list[int], adopted: dict[int, int], start_step: int = 0,
-                 chunk_sizes: list[int] | None = None, placement: Placement = CYCLIC):
+                 chunk_sizes: list[int] | None = None, placement: Placement = CYCLIC,
+                 redundancy: Redundancy | None = None):
         self.P, self.q, self.roles, self.rank = P, q, list(roles), rank
+        self.redundancy = redundancy
         self.chunk_sizes = None if chunk_sizes is None else list(chunk_sizes)
         self.placement = placement
         self.faults, self.departed, self.adopted = dict(faults), list(departed), dict(adopted)
@@ -48,7 +52,7 @@ class Membership:
     @classmethod
     def assign(cls, P: int, q: int, comm_size: int, comm_rank: int, faults: dict[int, int],
                resume: dict | None, data: str = "", chunk_sizes: list[int] | None = None,
-               placement: Placement = CYCLIC) -> "Membership":
+               placement: Placement = CYCLIC, redundancy: Redundancy | None = None) -> "Membership":
         """Which of the run's P ranks each process plays, and who takes over whose chunks.
 
         Normally process r plays rank r of P. A run resumed from its checkpoint on W < P
@@ -78,8 +82,8 @@ class Membership:
         training = set(roles) & set(live)
         departed = sorted(set(range(P)) - training - failed)
         previous = resume["adopted"] if resume else {}
-        adopted = adopt_orphans(P, q, training - failed, departed, previous, placement) if departed else {}
-        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start, chunk_sizes, placement)
+        adopted = adopt_orphans(P, q, training - failed, departed, previous, placement, redundancy) if departed else {}
+        return cls(P, q, roles, roles[comm_rank], faults, departed, adopted, start, chunk_sizes, placement, redundancy)
 
     @property
     def nodes(self) -> list[int]:
@@ -92,8 +96,10 @@ class Membership:
 
     @property
     def held_chunks(self) -> list[int]:
-        """The chunks this rank draws from: its own q and those it adopted."""
-        return held_chunks(self.P, self.q, self.rank, self.adopted, self.placement)
+        """The chunks this rank draws from: its own q and those it adopted (and its partial chunk)."""
+        whole = held_chunks(self.P, self.q, self.rank, self.adopted, self.placement, self.redundancy)
+        partial = self.redundancy.holding(self.rank).partial if self.redundancy is not None else None
+        return list(whole) + ([partial] if partial is not None and partial not in whole else [])
 
     def alive_at(self, run_rank: int, step: int) -> bool:
         """Whether ``run_rank`` still trains at ``step`` (not departed, not failed by then)."""
@@ -103,10 +109,10 @@ class Membership:
     def coverage(self, live=None) -> float:
         """The share of training samples some live rank (of ``live``, default :attr:`live`) still holds."""
         return coverage(self.P, self.q, self.live if live is None else live, self.adopted, self.chunk_sizes,
-                        self.placement)
+                        self.placement, self.redundancy)
 
     def chunk_holders(self) -> dict[int, list[int]]:
-        return chunk_holders(self.P, self.q, self.live, self.adopted, self.placement)
+        return chunk_holders(self.P, self.q, self.live, self.adopted, self.placement, self.redundancy)
 
     def share(self) -> tuple[int, int]:
         """This rank's place among the live ranks and their count (splits evaluation work)."""

@@ -43,6 +43,9 @@ def fingerprint(cfg: "TrainConfig", shards: dict | None = None) -> str:
     values = trajectory(vars(cfg))
     if values.get("placement") == "cyclic":
         del values["placement"]  # the default: checkpoints written before the key existed still fit
+    for key, default in (("redundancy", None), ("redundancy_spread", 0.0), ("redundancy_per_rank", [])):
+        if key in values and values[key] == default:
+            del values[key]  # likewise (issue 21's keys): an integer-q run keeps its fingerprint
     if shards is not None:
         values["shards"] = shards["digest"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

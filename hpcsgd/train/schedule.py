@@ -23,8 +23,9 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: TrainConfig, train_size: int, parts: int) -> "Schedule":
         # One epoch is one pass over a rank's own chunk, the same for every q (ALGORITHMS.md);
-        # it is computed from the mean chunk size so that every rank runs the same steps.
-        spe = max(1, math.ceil(train_size / parts / cfg.batch_size))
+        # it is computed from the mean chunk size so that every rank runs the same steps. With
+        # per-rank batches, from their mean: ceil(N / sum_i b_i) (= ceil(N / P / b) for one b).
+        spe = max(1, -(-train_size // sum(cfg.batch_sizes(parts))))
         total = cfg.steps if cfg.steps > 0 else max(1, round(cfg.epochs * spe))
         log_every = cfg.log_every or max(1, spe // 10)
         eval_every = round(cfg.eval_every * spe) if cfg.eval_every > 0 else 0

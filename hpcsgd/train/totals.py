@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.fractional import summary_of
 from ..errors import CheckpointError, TrainingError
 from ..algorithms.registry import REGISTRY
 
@@ -150,9 +151,20 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "shards": shard_identity(run.index),  # the data's content digest: `hpcsgd report` groups by it
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
+        **_data_summary(run),
         "lr": cfg.lr,
         "steps_per_epoch": sched.steps_per_epoch,
     }
+
+
+def _data_summary(run) -> dict:
+    """Redundancy (mean and per rank), batch per rank and the objective the loss ran (ALGORITHMS.md,
+    "Fractional and per-rank redundancy"); ``batch_per_rank`` as configured (balancing may update it)."""
+    cfg, m = run.cfg, run.membership
+    per_rank = m.redundancy.per_rank if m.redundancy is not None else (float(cfg.q - 1),) * m.P
+    weighted = m.redundancy is None and (cfg.reweight or len(set(m.chunk_sizes or [0])) > 1)
+    return {**summary_of(per_rank, cfg.batch_sizes(m.P)),
+            "objective": f"chunk_weighting {cfg.chunk_weighting}" if weighted else "batch mean"}
 
 
 def write_summary(comm, run_dir: Path, result: dict | None) -> dict | None:
