@@ -5,8 +5,8 @@ shaped to 1 Gbit/s. Every strategy's run across the two nodes must give the same
 figures, bit for bit, as the same run on one node (the plain mpiexec launch), while the
 block exchange reports its cross-node path and the links' byte counters show the rounds
 crossed. A bad host, a node that never answers at the start and one that stops answering
-mid-run must end the job with exit 2 or 4 and a message naming them. Serial tests; they skip (saying why) where namespaces cannot be made:
-without root, `ip netns`, unshare or nsenter.
+mid-run must end the job with exit 2 or 4 and a message naming them. Serial tests; they skip
+(saying why) where namespaces cannot be made: without root, `ip netns`, unshare or nsenter.
 """
 
 from __future__ import annotations
