@@ -4,9 +4,9 @@ Each node has its own network, IPC, UTS and /dev/shm; the nodes talk only over v
 shaped to 1 Gbit/s. Every strategy's run across the two nodes must give the same summary.json
 figures, bit for bit, as the same run on one node (the plain mpiexec launch), while the
 block exchange reports its cross-node path and the links' byte counters show the rounds
-crossed. A bad host and a node that stops answering must end the job with exit 2 or 4 and a
-message naming them. Serial tests; they skip (saying why) where namespaces cannot be made:
-without root, `ip netns`, unshare or nsenter.
+crossed. A bad host, a node that never answers at the start and one that stops answering
+mid-run must end the job with exit 2 or 4 and a message naming them. Serial tests; they skip
+(saying why) where namespaces cannot be made: without root, `ip netns`, unshare or nsenter.
 """
 
 from __future__ import annotations
@@ -132,6 +132,29 @@ def test_bad_host_is_named(nodes, shards, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "node9" in r.stderr and "not a node" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_node_that_never_answers_at_start_is_named(nodes, shards, tmp_path):
+    """node1 frozen before the launch (its processes stopped, its link down): the launch ends
+    with exit 2 naming it, in well under a collective timeout, and nothing starts."""
+    frozen = cluster("freeze", "node1")
+    assert frozen.returncode == 0, frozen.stderr
+    try:
+        start = time.perf_counter()
+        r = cluster("run", "--", *PYTHON, "train", CONFIG, "--data", str(shards), "--run-dir", str(tmp_path / "run"),
+                    timeout=120)
+        seconds = time.perf_counter() - start
+    finally:
+        thawed = cluster("thaw", "node1")
+    assert thawed.returncode == 0, thawed.stderr
+    assert r.returncode == 2, r.stderr
+    assert "node1" in r.stderr and "does not answer" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+    assert seconds < 30, seconds  # the probe's 5 s, and the start of tools/cluster itself
+    # Thawed, it answers again: the same probe lets a launch through.
+    again = cluster("run", "--", "hostname", timeout=120)
+    assert again.returncode == 0 and sorted(again.stdout.split()) == ["node0", "node0", "node1", "node1"], again.stderr
+    print(f"\nnode1 frozen before the launch: exit 2 after {seconds:.1f}s: {r.stderr.strip().splitlines()[-1]}")
 
 
 def test_node_that_stops_answering_ends_the_job(nodes, shards, tmp_path):

@@ -234,6 +234,21 @@ def test_sbatch_plugin_and_site_flags_can_be_set(script, tmp_path):
     parse_train(argv)
 
 
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_mpiexec_launcher_is_the_wheels_hydra(script, tmp_path):
+    """HPCSGD_LAUNCHER=mpiexec: the mpiexec beside the Python that runs hpcsgd, over Slurm, one
+    rank per task; anything else but srun is refused before anything starts."""
+    (argv,) = dry_run(script, *_sbatch_args(script, tmp_path), HPCSGD_LAUNCHER="mpiexec", HPCSGD_PYTHON=sys.executable,
+                      SLURM_ARRAY_TASK_ID="0", **FAKE_SLURM)
+    assert argv[0] == str(Path(sys.prefix) / "bin" / "mpiexec")
+    assert argv[1:5] == ["-launcher", "slurm", "-n", FAKE_SLURM["SLURM_NTASKS"]] and argv[5] == sys.executable
+    assert not any(a.startswith("--mpi=") for a in argv)
+    parse_train(argv)
+    bad = _bash(script, *_sbatch_args(script, tmp_path), HPCSGD_DRY_RUN="1", HPCSGD_LAUNCHER="mpirun",
+                SLURM_ARRAY_TASK_ID="0", **FAKE_SLURM)
+    assert bad.returncode == 2 and "HPCSGD_LAUNCHER must be srun or mpiexec, got 'mpirun'" in bad.stderr
+
+
 def test_train_sbatch_dry_run_takes_env_and_flags(tmp_path):
     (argv,) = dry_run(
         TRAIN_SBATCH, "--q", "2", "--drop-rate", "0.1", "--fail", "3@100",
