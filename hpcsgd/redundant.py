@@ -131,11 +131,14 @@ class RedundantSampler(torch.utils.data.Sampler):
         self.total = sum(sizes) if total is None else total
         self.steps_per_epoch = max(1, math.ceil(self.total / P / self.batch_size))
         self.steps = 0  # batches handed out so far
+        self.rank_batch_size = self.batch_size  # this rank's b_i (set_batch_sizes); the epoch keeps b's length
+        self._live, self._reweight = list(range(P)), False
         self.loss_weights = self._weights(list(range(P)))
 
     def _weights(self, live: Sequence[int], reweight: bool = False) -> torch.Tensor | None:
         """Per-sample loss weights of a batch, or None when the plain batch mean is right."""
-        plan = sample_plan(self.q, self.batch_size, self.chunk_sizes, live, self.adopted,
+        self._live, self._reweight = list(live), reweight
+        plan = sample_plan(self.q, self.rank_batch_size, self.chunk_sizes, live, self.adopted,
                            weighting=self.chunk_weighting, reweight=reweight, placement=self.placement)[self.rank]
         self._stream.set_batch_per_chunk({c: n for c, (n, _) in plan.items()})
         self.sample_weights = {c: a for c, (_, a) in plan.items()}
@@ -158,6 +161,18 @@ class RedundantSampler(torch.utils.data.Sampler):
     def local_batch_size(self) -> int:
         """Samples per step on this rank: the sum of :attr:`batch_per_chunk`."""
         return self._stream.batch_size
+
+    def set_batch_sizes(self, sizes: Sequence[int]) -> None:
+        """Per-rank batch sizes ``b_i`` (one per run rank) from the next batch on.
+
+        This rank draws ``sizes[rank]`` where it drew ``batch_size`` (per held chunk, in
+        proportion under size weighting) and its loss stays the mean over its batch; the
+        epoch keeps ``batch_size``'s length. Speed balancing (``balance = "speed"``) sets them.
+        """
+        if len(sizes) != self.P:
+            raise ConfigError(f"batch sizes must be one per rank ({self.P}), got {len(sizes)}: {list(sizes)}")
+        self.rank_batch_size = _check_int(f"batch size of rank {self.rank}", sizes[self.rank], 1)
+        self.loss_weights = self._weights(self._live, reweight=self._reweight)
 
     def set_live(self, live_ranks: Sequence[int], reweight: bool = False) -> None:
         """After ranks failed: with ``reweight``, draws and loss weights that restore every covered chunk's weight."""

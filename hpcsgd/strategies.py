@@ -31,6 +31,13 @@ from .errors import CheckpointError, ConfigError
 from .registry import REGISTRY, Algorithm, algorithm
 
 
+def _check_samples(samples) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+        raise ConfigError(f"step(samples=...) must be the samples this rank's step drew, an integer >= 0, got "
+                          f"{samples!r} (average_weights='samples' weighs each rank's model by them)")
+    return int(samples)
+
+
 def _check_tau(tau) -> int:
     if isinstance(tau, bool) or not isinstance(tau, (int, np.integer)) or tau < 1:
         raise ConfigError(f"tau must be an integer >= 1, got {tau!r}")
@@ -82,14 +89,19 @@ class Strategy:
         """Traffic so far: rounds, bytes sent and saved, messages sent and dropped, ``arrival``."""
         return self.coll.counters
 
-    def step(self, marks: list | None = None) -> None:
+    def step(self, marks: list | None = None, samples: int | None = None) -> None:
         """Exchange, optimizer step, averaging round when due; after the user's ``backward()``.
 
         ``marks``: if a list, the ``time.perf_counter()`` after each of the three phases is
         appended to it (``hpcsgd train`` splits its compute and communication time by them).
+        ``samples``: how many samples this rank's step drew (its batch size); needed under
+        ``average_weights="samples"``, where a round weighs each rank by its samples since the
+        last round (``hpcsgd train`` passes it every step).
         """
         t, algorithm = self.steps, self.algorithm
         WATCHDOG.step = t + 1  # named, as metrics count steps, if a collective times out
+        if samples is not None or algorithm.average_weights == "samples":
+            algorithm.add_samples(_check_samples(samples))
         if self._synchronized:
             self._synchronized = False
         else:
@@ -255,6 +267,7 @@ class Strategy:
         in_flight = self.algorithm.round_state()  # first: it adds the round's traffic to the counters
         return {
             "round_in_flight": in_flight,
+            "samples_since_round": self.algorithm.samples_since_round,  # w_i of the next round (average_weights)
             "steps": self.steps,
             "counters": self.coll.counters.as_dict(),
             "live_ranks": list(self.live_ranks),
@@ -265,6 +278,7 @@ class Strategy:
         self.steps = int(state["steps"])
         self.coll.counters.load(state["counters"])
         self.failed_counters = np.asarray(state.get("failed_counters", [0.0] * 4), dtype=np.float64)
+        self.algorithm.samples_since_round = int(state.get("samples_since_round", 0))
         try:
             self.algorithm.load_round_state(state.get("round_in_flight"))
         except ValueError as exc:
@@ -306,18 +320,22 @@ class LocalSGD(Strategy):
         average_optimizer_state: average every per-parameter optimizer state tensor with the model
             (SGD momentum, Adam moments, ...; refused, by name, where it cannot be).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        average_weights: ``"equal"`` (1/L) or ``"samples"``: a round weighs each rank by the
+            samples it drew since the last one (pass ``step(samples=n)``; unequal batches).
         network: an emulated network from :func:`link_network`.
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, average_optimizer_state: bool = False,
-                 overlap_rounds: bool = False, network: LinkNetwork | None = None):
+                 overlap_rounds: bool = False, average_weights: str = "equal", network: LinkNetwork | None = None):
         tau = _check_tau(tau)
         super().__init__(model, optimizer, world, network=network, tau=tau,
-                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds),
+                         average_weights=average_weights)
 
-    def _build(self, tau, average_optimizer_state, overlap_rounds):
+    def _build(self, tau, average_optimizer_state, overlap_rounds, average_weights):
         return _local.LocalSGD(self.coll, self.flat, self.optimizer, tau=tau,
-                               average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
+                               average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds,
+                               average_weights=average_weights)
 
 
 def link_rates(world, drop_rate: float = 0.0, drop_rate_phase1: float | None = None,
@@ -397,21 +415,26 @@ class RPS(Strategy):
         average_optimizer_state: exchange every per-parameter optimizer state tensor through the
             model's blocks and masks (SGD momentum, Adam moments, ...).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        average_weights: ``"equal"`` or ``"samples"``: each block's average over the ranks whose
+            block arrived weighs them by the samples they drew since the last round
+            (pass ``step(samples=n)``).
         network: an emulated network from :func:`link_network`.
     """
 
     def __init__(self, model, optimizer, world, *, tau: int = 1, drop_rate: float = 0.0, rates: LinkRates | None = None,
                  seed: int = 0, average_optimizer_state: bool = False, overlap_rounds: bool = False,
-                 network: LinkNetwork | None = None):
+                 average_weights: str = "equal", network: LinkNetwork | None = None):
         tau, seed = _check_tau(tau), _check_seed(seed)
         self._drop_rate = drop_rate if rates is None else None
         rates = _rates(world, drop_rate, rates)
         super().__init__(model, optimizer, world, network=network, tau=tau, rates=rates, seed=seed,
-                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds))
+                         average_optimizer_state=bool(average_optimizer_state), overlap_rounds=bool(overlap_rounds),
+                         average_weights=average_weights)
 
-    def _build(self, tau, rates, seed, average_optimizer_state, overlap_rounds):
+    def _build(self, tau, rates, seed, average_optimizer_state, overlap_rounds, average_weights):
         return _rps.RPS(self.coll, self.flat, self.optimizer, tau=tau, rates=rates, seed=seed,
-                        average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds)
+                        average_optimizer_state=average_optimizer_state, overlap_rounds=overlap_rounds,
+                        average_weights=average_weights)
 
 
 class LossyAllreduce(Strategy):

@@ -6,7 +6,10 @@ import numpy as np
 import torch
 
 from ..comm import Collectives, FlatParams
+from ..errors import ConfigError
 from ..optim import scaled_sgd_step
+
+AVERAGE_WEIGHTS = ("equal", "samples")  # ALGORITHMS.md, "Fractional and per-rank redundancy"
 
 
 class Strategy:
@@ -30,6 +33,39 @@ class Strategy:
         self.contributors: np.ndarray | None = None  # bool per live rank; None: every rank
         # Inside the public no_sync(): backward passes only accumulate (gradient-sharing strategies).
         self.accumulating = False
+        self.average_weights = "equal"  # model-averaging strategies: "samples" weighs each rank by its draws
+        self.samples_since_round = 0  # this rank's w_i so far (counted under "samples" only)
+
+    def set_average_weights(self, mode: str) -> None:
+        """``"equal"`` (1/L) or ``"samples"`` (w_i / sum w: the samples each rank drew since the last round)."""
+        if mode not in AVERAGE_WEIGHTS:
+            raise ConfigError(f"average_weights must be one of {', '.join(AVERAGE_WEIGHTS)}, got {mode!r}")
+        self.average_weights = mode
+
+    def add_samples(self, n: int) -> None:
+        """This step drew ``n`` samples on this rank (they weigh its model at the next round)."""
+        if self.average_weights == "samples":
+            self.samples_since_round += int(n)
+
+    def take_round_weights(self) -> np.ndarray | None:
+        """The round's ``w_i`` per live rank (collective under "samples"), and a fresh count.
+
+        None where every rank weighs the same (``"equal"``, or equal draws): the round then
+        takes the equal-weight path itself, so equal batches give "equal"'s bits.
+        """
+        if self.average_weights == "equal":
+            return None
+        mine = np.zeros(self.coll.size)
+        mine[self.coll.rank] = self.samples_since_round  # a sum of one-hot vectors: every rank's count, exact
+        self.samples_since_round = 0
+        weights = self.coll.sum_float64(mine)
+        return None if np.all(weights == weights[0]) else weights
+
+    def own_share(self, weights: np.ndarray | None) -> float:
+        """This rank's coefficient in the round's average: ``w_i / sum w`` (``1/L`` when equal)."""
+        if weights is None or not weights.sum() > 0:
+            return 1.0 / self.coll.size
+        return float(weights[self.coll.rank] / weights.sum())
 
     def contributes(self) -> bool:
         """Whether this rank's own update counts this step (its loss was finite)."""
@@ -84,8 +120,9 @@ class Strategy:
         """Release hooks or buffers the strategy holds on the model."""
 
 
-def prescaled_optimizer_step(strategy: Strategy) -> None:
-    """The optimizer step that also multiplies the model by ``1/L`` in the same pass.
+def prescaled_optimizer_step(strategy: Strategy, scale: float | None = None) -> None:
+    """The optimizer step that also multiplies the model by ``1/L`` (or ``scale``: this rank's
+    weight ``w_i / sum w``) in the same pass.
 
     The round's average is then a bare Allreduce of the sum: no extra pass over the model
     after it (that pass was most of the gap between an averaging round and a raw Allreduce).
@@ -93,7 +130,7 @@ def prescaled_optimizer_step(strategy: Strategy) -> None:
     contributes its current model to a sum every rank has scaled alike. For a power-of-two
     ``L`` the result is bit for bit the plain step followed by ``(1/L) * sum``.
     """
-    scale = 1.0 / strategy.coll.size
+    scale = 1.0 / strategy.coll.size if scale is None else scale
     if strategy.contributes():
         scaled_sgd_step(strategy.optimizer, scale)
         strategy.flat.buffers.mul_(scale)  # floating buffers (BatchNorm statistics) are averaged too

@@ -19,13 +19,17 @@ class LocalSGD(Strategy):
     Optimizer state stays local unless ``average_optimizer_state`` (like PeriodicModelAverager):
     then every per-parameter state tensor travels behind the model in the round's one Allreduce.
     With ``overlap_rounds`` the round runs behind the next step and is applied one step
-    late (ALGORITHMS.md, "Overlapped rounds"; hpcsgd/algorithms/overlap.py).
+    late (ALGORITHMS.md, "Overlapped rounds"; hpcsgd/algorithms/overlap.py). With
+    ``average_weights = "samples"`` the mean weighs rank i by the samples it drew since the
+    last round: ``x <- sum_i w_i x_i / sum w``.
     """
 
     name = "local"
 
-    def __init__(self, *args, average_optimizer_state: bool = False, overlap_rounds: bool = False, **kwargs):
+    def __init__(self, *args, average_optimizer_state: bool = False, overlap_rounds: bool = False,
+                 average_weights: str = "equal", **kwargs):
         super().__init__(*args, **kwargs)
+        self.set_average_weights(average_weights)
         if overlap_rounds and average_optimizer_state:
             raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                               "(the spec delays the model's average only)")
@@ -34,6 +38,7 @@ class LocalSGD(Strategy):
         self._state = None if state is None or state.empty else state
         self._pack = None  # [x | state segments], allocated at the first round that needs it
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
+        self._weights = None  # the prescaled round's w_i (None: equal), taken before its optimizer step
         self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
         self._in_flight = None
         if overlap_rounds:
@@ -45,7 +50,8 @@ class LocalSGD(Strategy):
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
         elif self.is_round(step) and self.coll.size > 1 and self._scales and self._state is None:
-            prescaled_optimizer_step(self)
+            self._weights = self.take_round_weights()
+            prescaled_optimizer_step(self, self.own_share(self._weights))
             self._prescaled = True
         else:
             super().optimizer_step(step)
@@ -54,21 +60,32 @@ class LocalSGD(Strategy):
         if self._in_flight is not None:
             self._in_flight.finish(self.flat.flat)  # the previous step's round, if any
             if self.is_round(step):
-                self._in_flight.start(self.flat.flat, lambda work, coll: coll.allreduce_mean(work))
+                weights = self.take_round_weights()  # this round's, counted up to its snapshot
+                self._in_flight.start(self.flat.flat, lambda work, coll: self._mean_(work, weights, coll))
             return
         if not self.is_round(step):
             return
+        weights = self._weights if self._prescaled else self.take_round_weights()
         if self._state is not None:
-            self._average_with_state()
+            self._average_with_state(weights)
             return
         # Parameters and floating buffers travel together in the one flat buffer.
         if self._prescaled:
             self.coll.allreduce_sum(self.flat.flat)
             self._prescaled = False
         else:  # an optimizer that cannot scale (the same on every rank)
-            self.coll.allreduce_mean(self.flat.flat)
+            self._mean_(self.flat.flat, weights)
 
-    def _average_with_state(self) -> None:
+    def _mean_(self, tensor: torch.Tensor, weights, coll=None) -> None:
+        """``tensor`` <- its mean over the live ranks, weighted by ``weights`` (None: equal)."""
+        coll = self.coll if coll is None else coll
+        if weights is None:
+            coll.allreduce_mean(tensor)
+        else:
+            tensor.mul_(self.own_share(weights))
+            coll.allreduce_sum(tensor)
+
+    def _average_with_state(self, weights) -> None:
         """The model and every optimizer state segment, averaged by one Allreduce of ``[x | segments]``."""
         state, d = self._state, self.flat.numel
         state.check_scalars(self.coll)  # before anything changes: every rank raises together
@@ -77,7 +94,7 @@ class LocalSGD(Strategy):
         pack = self._pack
         pack[:d].copy_(self.flat.flat)
         pack[d:].copy_(state.gather().reshape(-1))
-        self.coll.allreduce_mean(pack)
+        self._mean_(pack, weights)
         self.flat.flat.copy_(pack[:d])
         state.scatter(pack[d:].view(-1, d))
 

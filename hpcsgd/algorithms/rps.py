@@ -16,14 +16,17 @@ class RPS(Strategy):
     the model's coordinates, goes through the model's own exchange (the same blocks and drop
     masks), counted as bytes but not as rounds of their own. With ``overlap_rounds`` the exchange
     runs behind the next step and the blocks whose average arrived are updated one step late
-    (ALGORITHMS.md, "Overlapped rounds").
+    (ALGORITHMS.md, "Overlapped rounds"). With ``average_weights = "samples"`` each block's
+    average over the arrived set ``N_j`` weighs rank i by ``w_i / sum_{k in N_j} w_k``, ``w_i``
+    the samples it drew since the last round.
     """
 
     name = "rps"
 
     def __init__(self, *args, rates: LinkRates, seed: int, average_optimizer_state: bool = False,
-                 overlap_rounds: bool = False, **kwargs):
+                 overlap_rounds: bool = False, average_weights: str = "equal", **kwargs):
         super().__init__(*args, **kwargs)
+        self.set_average_weights(average_weights)
         if overlap_rounds and average_optimizer_state:
             raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                               "(the spec delays the model's average only)")
@@ -35,6 +38,7 @@ class RPS(Strategy):
         self.overlap_rounds = overlap_rounds
         self._in_flight = None
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
+        self._weights = None  # the prescaled round's w_i (None: equal), taken before its optimizer step
         self._scales = can_scale(self.optimizer)
         self._build_exchanges()
 
@@ -54,12 +58,12 @@ class RPS(Strategy):
         super().set_collectives(coll)
         self._build_exchanges()  # the cut adapts
 
-    def _average_state(self, step: int) -> None:
-        """Each state segment through the model's exchange at ``step``: its blocks, its masks."""
+    def _average_state(self, step: int, weights) -> None:
+        """Each state segment through the model's exchange at ``step``: its blocks, its masks, its weights."""
         self._state.check_scalars(self.coll)
         segments = self._state.gather()
         for row in segments:
-            self.exchange.average(row, step, count_round=False)
+            self.exchange.average(row, step, count_round=False, weights=weights)
         self._state.scatter(segments)
 
     def optimizer_step(self, step: int) -> None:
@@ -68,7 +72,8 @@ class RPS(Strategy):
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
         elif self.exchange.path == "allreduce" and self.is_round(step) and self.coll.size > 1 and self._scales:
-            prescaled_optimizer_step(self)
+            self._weights = self.take_round_weights()
+            prescaled_optimizer_step(self, self.own_share(self._weights))
             self._prescaled = True
         else:
             super().optimizer_step(step)
@@ -79,9 +84,12 @@ class RPS(Strategy):
             return
         if not self.is_round(step):
             return
+        weights = self._weights if self._prescaled else self.take_round_weights()
         if self._state is not None:
-            self._average_state(step)  # first: a refused state leaves the model as it was on every rank
-        self.exchange.average(self.flat.flat, step, prescaled=self._prescaled)
+            self._average_state(step, weights)  # first: a refused state leaves the model as it was on every rank
+        if self._prescaled:  # each rank's share already rode in its optimizer step
+            weights = None
+        self.exchange.average(self.flat.flat, step, prescaled=self._prescaled, weights=weights)
         self._prescaled = False
 
     def _start_overlapped(self, step: int) -> None:
@@ -90,7 +98,8 @@ class RPS(Strategy):
         if not self.is_round(step):
             return
         exchange = self.exchange  # a skipping rank contributes its current model, as without overlap
-        self._in_flight.start(self.flat.flat, lambda work, coll: exchange.average(work, step),
+        weights = self.take_round_weights()  # this round's, counted up to its snapshot
+        self._in_flight.start(self.flat.flat, lambda work, coll: exchange.average(work, step, weights=weights),
                               exchange.received_spans(step))
 
     def flush(self) -> None:
