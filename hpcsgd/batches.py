@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .data.balance import Pace
 from .redundant import RedundantSampler
+from .schedule import Schedule
 
 
 class Batches:
@@ -32,7 +33,8 @@ class Batches:
                                                     seed=cfg.seed, chunk_weighting=cfg.chunk_weighting,
                                                     adopted=membership.adopted, placement=membership.placement)
         self.replan(membership)
-        self.pace = Pace(cfg, self, membership.rank, membership.P, self.sampler.steps_per_epoch, min(chunk_sizes))
+        schedule = Schedule.from_config(cfg, sum(chunk_sizes), membership.P)  # the trainer's
+        self.pace = Pace(cfg, self, membership.rank, membership.P, schedule, min(chunk_sizes))
 
     def replan(self, membership) -> None:
         """Draws per held chunk and per-sample loss weights for the live ranks (see sample_plan).

@@ -101,7 +101,7 @@ class Strategy:
         t, algorithm = self.steps, self.algorithm
         WATCHDOG.step = t + 1  # named, as metrics count steps, if a collective times out
         if samples is not None or algorithm.average_weights == "samples":
-            algorithm.add_samples(_check_samples(samples))
+            algorithm.count_samples(t, _check_samples(samples))  # a round's weights: agreed here
         if self._synchronized:
             self._synchronized = False
         else:

@@ -73,11 +73,11 @@ class FakeColl:
 
 
 def test_a_decision_times_all_but_the_first_step_of_the_epoch_and_logs_its_step():
-    balance = SpeedBalance([16] * 4, steps_per_epoch=5, maximum=64)
+    balance = SpeedBalance([16] * 4, steps_per_epoch=5, total_steps=15, maximum=64)
     for step in range(5):
         balance.record(step, 16, 100.0 if step == 0 else 0.01)  # step 0: start-up, not timed
     assert (balance.samples, balance.seconds) == (64, pytest.approx(0.04))
-    assert [balance.due(s) for s in range(6)] == [False, False, False, False, True, False]
+    assert [s for s in range(15) if balance.due(s)] == [4, 9]  # not after the last step: nothing would use it
     others = [(64, 0.04), (64, 0.08), (64, 0.04), (64, 0.04)]  # rank 1 at half speed
     sizes = balance.decide(FakeColl(0, others), step=4)
     assert sizes == split_by_speed([1600, 800, 1600, 1600], 64) == [19, 9, 18, 18]
@@ -88,14 +88,14 @@ def test_a_decision_times_all_but_the_first_step_of_the_epoch_and_logs_its_step(
     assert balance.decide(FakeColl(0, [(18, 0.01), (10, 0.0111), (18, 0.01), (18, 0.01)]), step=9) is None
     assert len(balance.changes) == 1
     state = balance.state_dict()
-    again = SpeedBalance([16] * 4, 5, 64)
+    again = SpeedBalance([16] * 4, 5, 15, 64)
     again.load_state_dict(state)
     assert again.state_dict() == state
     assert MIN_CHANGE > 0
 
 
 def test_a_rank_that_timed_nothing_leaves_the_sizes_alone():
-    balance = SpeedBalance([8, 8], steps_per_epoch=1)
+    balance = SpeedBalance([8, 8], steps_per_epoch=1, total_steps=4)
     balance.record(0, 8, 1.0)  # the epoch's first (and only) step is not timed
     assert balance.decide(FakeColl(0, [(0, 0.0), (8, 1.0)]), step=0) is None
     assert balance.sizes == [8, 8]

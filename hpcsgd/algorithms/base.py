@@ -35,6 +35,7 @@ class Strategy:
         self.accumulating = False
         self.average_weights = "equal"  # model-averaging strategies: "samples" weighs each rank by its draws
         self.samples_since_round = 0  # this rank's w_i so far (counted under "samples" only)
+        self.round_weights: np.ndarray | None = None  # the coming round's w_i per live rank (None: equal)
 
     def set_average_weights(self, mode: str) -> None:
         """``"equal"`` (1/L) or ``"samples"`` (w_i / sum w: the samples each rank drew since the last round)."""
@@ -42,10 +43,18 @@ class Strategy:
             raise ConfigError(f"average_weights must be one of {', '.join(AVERAGE_WEIGHTS)}, got {mode!r}")
         self.average_weights = mode
 
-    def add_samples(self, n: int) -> None:
-        """This step drew ``n`` samples on this rank (they weigh its model at the next round)."""
-        if self.average_weights == "samples":
-            self.samples_since_round += int(n)
+    def count_samples(self, step: int, n: int) -> None:
+        """Step ``step`` drew ``n`` samples on this rank (they weigh its model at the next round).
+
+        Called before the step's exchange. On a round step under "samples" the ranks agree on
+        the round's weights here (collective), before the optimizer step: the wait for a slower
+        rank falls into the step's communication, not into its compute.
+        """
+        if self.average_weights != "samples":
+            return
+        self.samples_since_round += int(n)
+        if self.is_round(step):
+            self.round_weights = self.take_round_weights()
 
     def take_round_weights(self) -> np.ndarray | None:
         """The round's ``w_i`` per live rank (collective under "samples"), and a fresh count.

@@ -38,7 +38,6 @@ class LocalSGD(Strategy):
         self._state = None if state is None or state.empty else state
         self._pack = None  # [x | state segments], allocated at the first round that needs it
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
-        self._weights = None  # the prescaled round's w_i (None: equal), taken before its optimizer step
         self._scales = can_scale(self.optimizer)  # any plain torch SGD (ScalingSGD included)
         self._in_flight = None
         if overlap_rounds:
@@ -50,8 +49,7 @@ class LocalSGD(Strategy):
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
         elif self.is_round(step) and self.coll.size > 1 and self._scales and self._state is None:
-            self._weights = self.take_round_weights()
-            prescaled_optimizer_step(self, self.own_share(self._weights))
+            prescaled_optimizer_step(self, self.own_share(self.round_weights))
             self._prescaled = True
         else:
             super().optimizer_step(step)
@@ -60,12 +58,12 @@ class LocalSGD(Strategy):
         if self._in_flight is not None:
             self._in_flight.finish(self.flat.flat)  # the previous step's round, if any
             if self.is_round(step):
-                weights = self.take_round_weights()  # this round's, counted up to its snapshot
+                weights = self.round_weights
                 self._in_flight.start(self.flat.flat, lambda work, coll: self._mean_(work, weights, coll))
             return
         if not self.is_round(step):
             return
-        weights = self._weights if self._prescaled else self.take_round_weights()
+        weights = self.round_weights
         if self._state is not None:
             self._average_with_state(weights)
             return

@@ -38,7 +38,6 @@ class RPS(Strategy):
         self.overlap_rounds = overlap_rounds
         self._in_flight = None
         self._prescaled = False  # this round's 1/L already applied by the optimizer step
-        self._weights = None  # the prescaled round's w_i (None: equal), taken before its optimizer step
         self._scales = can_scale(self.optimizer)
         self._build_exchanges()
 
@@ -72,8 +71,7 @@ class RPS(Strategy):
             self._in_flight.wait_snapshot()  # the round in flight has copied x before the step writes it
             super().optimizer_step(step)
         elif self.exchange.path == "allreduce" and self.is_round(step) and self.coll.size > 1 and self._scales:
-            self._weights = self.take_round_weights()
-            prescaled_optimizer_step(self, self.own_share(self._weights))
+            prescaled_optimizer_step(self, self.own_share(self.round_weights))
             self._prescaled = True
         else:
             super().optimizer_step(step)
@@ -84,7 +82,7 @@ class RPS(Strategy):
             return
         if not self.is_round(step):
             return
-        weights = self._weights if self._prescaled else self.take_round_weights()
+        weights = self.round_weights
         if self._state is not None:
             self._average_state(step, weights)  # first: a refused state leaves the model as it was on every rank
         if self._prescaled:  # each rank's share already rode in its optimizer step
@@ -98,7 +96,7 @@ class RPS(Strategy):
         if not self.is_round(step):
             return
         exchange = self.exchange  # a skipping rank contributes its current model, as without overlap
-        weights = self.take_round_weights()  # this round's, counted up to its snapshot
+        weights = self.round_weights
         self._in_flight.start(self.flat.flat, lambda work, coll: exchange.average(work, step, weights=weights),
                               exchange.received_spans(step))
 

@@ -69,13 +69,14 @@ class SpeedBalance:
 
     Args:
         sizes: the starting size of every run rank (``batch_size`` each).
-        steps_per_epoch: a decision at the end of each epoch.
+        steps_per_epoch: a decision at the end of each epoch ...
+        total_steps: ... but the last (its sizes would draw nothing).
         maximum: the largest size a rank may get (the smallest chunk: one pass per step at most).
     """
 
-    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, maximum: int | None = None):
+    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, total_steps: int, maximum: int | None = None):
         self.sizes = [int(b) for b in sizes]
-        self.steps_per_epoch = int(steps_per_epoch)
+        self.steps_per_epoch, self.total_steps = int(steps_per_epoch), int(total_steps)
         self.maximum = maximum
         self.changes: list[dict] = []  # {"step": first step drawn with them, "batch_per_rank": [...]}
         self.samples = 0  # this rank's window: samples computed and the seconds they took
@@ -88,8 +89,8 @@ class SpeedBalance:
             self.seconds += float(seconds)
 
     def due(self, step: int) -> bool:
-        """Whether step ``step`` ends an epoch (the moment of a decision)."""
-        return (step + 1) % self.steps_per_epoch == 0
+        """Whether step ``step`` ends an epoch before the run's last step (the moment of a decision)."""
+        return (step + 1) % self.steps_per_epoch == 0 and step + 1 < self.total_steps
 
     def decide(self, coll, step: int) -> list[int] | None:
         """Collective over the live ranks after step ``step``: the new sizes, or None (no change).
@@ -137,10 +138,10 @@ class Pace:
     under ``balance = "speed"``). The sizes it agrees on go to ``batches`` from the next step.
     """
 
-    def __init__(self, cfg, batches, rank: int, P: int, steps_per_epoch: int, maximum: int):
+    def __init__(self, cfg, batches, rank: int, P: int, schedule, maximum: int):
         self.cfg, self.batches, self.P = cfg, batches, P
         self.factor = cfg.slowdowns.get(rank, 1.0)
-        self.balance = (SpeedBalance([cfg.batch_size] * P, steps_per_epoch, maximum)
+        self.balance = (SpeedBalance([cfg.batch_size] * P, schedule.steps_per_epoch, schedule.total_steps, maximum)
                         if cfg.balance == "speed" else None)
         self._unlogged = False  # a change not yet in a metrics line
 
