@@ -31,6 +31,8 @@ NAN_POLICIES = ("stop", "skip")
 CHUNK_WEIGHTINGS = ("size", "uniform")
 PLACEMENTS = ("cyclic", "spread")  # hpcsgd/data/placement.py
 FAIL_MODES = ("leave", "kill")
+AVERAGE_WEIGHTS = ("equal", "samples")  # hpcsgd/algorithms/base.py
+BALANCE = ("none", "speed")  # hpcsgd/data/balance.py
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
@@ -38,6 +40,8 @@ _MODEL_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 INT_MAX = 2**63 - 1  # every other integer key must fit a signed 64-bit integer (TOML's, torch's)
 MIN_GBPS = 1e-6  # 1 kb/s: a slower emulated link would make a model's message a duration no clock takes
+_SLOWDOWN = re.compile(r"^(\d+):([0-9.]+)$")  # RANK:FACTOR
+MAX_SLOWDOWN = 1000.0
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,15 @@ class TrainConfig:
     overlap: bool = True  # sync: bucketed Iallreduce started from gradient hooks during backward
     bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
     overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
+    average_weights: str = "equal"  # equal | samples: local/rps rounds weigh each rank by the samples it drew since the last round (unequal batches)
+    balance: str = "none"  # none | speed: per-rank batch sizes follow measured compute speed, total fixed, decided by all ranks at epoch ends (local/rps; implies average_weights samples)
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP', or 'node:N@STEP' (every rank of node N)
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
     fail_mode: str = "leave"  # leave | kill: a failing rank leaves politely, or SIGKILLs itself (needs mpirun --with-ft ulfm)
     reweight: bool = False  # after failures, sample and scale losses so every covered chunk keeps its weight
     straggle: list[str] = field(default_factory=list)  # 'RANK@STEP[-END]:SECONDS' sleeps
+    slowdown: list[str] = field(default_factory=list)  # 'RANK:FACTOR': that rank's compute takes FACTOR (>= 1) times as long (an emulated slower device)
     log_every: int = 0  # steps between metric lines (0: about 10 per epoch)
     eval_every: float = 1.0  # epochs between test evaluations (0: only at the end)
     grad_diversity: bool = False  # log inter-worker and intra-worker (per-sample) gradient diversity at log steps
@@ -125,6 +132,16 @@ class TrainConfig:
         mu = self.redundancy
         return ((mu is not None and not float(mu).is_integer()) or self.redundancy_spread > 0
                 or bool(self.redundancy_per_rank) or isinstance(self.batch_size, list))
+
+    @property
+    def slowdowns(self) -> dict[int, float]:
+        """rank -> factor of each slowdown rule."""
+        return {int(m[1]): float(m[2]) for m in map(_SLOWDOWN.match, self.slowdown)}
+
+    @property
+    def effective_average_weights(self) -> str:
+        """What the rounds weigh by: ``balance = "speed"`` implies ``"samples"``."""
+        return "samples" if self.balance == "speed" else self.average_weights
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -320,6 +337,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
     _choice("progress", cfg.progress, PROGRESS)
     _choice("device", cfg.device, DEVICES)
     _choice("placement", cfg.placement, PLACEMENTS)
+    _choice("average_weights", cfg.average_weights, AVERAGE_WEIGHTS)
+    _choice("balance", cfg.balance, BALANCE)
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:
@@ -409,6 +428,9 @@ def _validate_combinations(cfg: TrainConfig) -> None:
     if cfg.overlap_rounds and cfg.average_optimizer_state and REGISTRY[cfg.algorithm].uses_tau:
         raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                           "(the spec delays the model's average only): turn one of them off")
+    if cfg.balance == "speed" and not REGISTRY[cfg.algorithm].uses_tau:
+        raise ConfigError(f"balance = 'speed' needs algorithm local or rps (it weighs model averaging by the "
+                          f"samples each rank drew); {cfg.algorithm} averages gradients with equal weights")
 
 
 def _validate_faults(cfg: TrainConfig) -> None:
@@ -430,6 +452,14 @@ def _validate_faults(cfg: TrainConfig) -> None:
         if seconds is None:
             raise ConfigError(f"straggle entry {rule!r}: SECONDS {m[4]!r} is not a number")
         check_seconds(f"straggle entry {rule!r}: SECONDS", seconds)
+    for rule in cfg.slowdown:
+        m = _SLOWDOWN.match(rule)
+        factor = _number(m[2]) if m else None
+        if factor is None or not 1.0 <= factor <= MAX_SLOWDOWN:
+            raise ConfigError(f"slowdown entry {rule!r} must look like RANK:FACTOR with FACTOR a number in "
+                              f"1..{MAX_SLOWDOWN:g}, e.g. 1:2 (rank 1 computes at half speed)")
+    if len(cfg.slowdowns) != len(cfg.slowdown):
+        raise ConfigError(f"slowdown names a rank twice: {cfg.slowdown}")
 
 
 def _number(text: str) -> float | None:
@@ -491,6 +521,9 @@ def validate_for_world(cfg: TrainConfig, world_size: int, chunk_sizes: tuple[int
     for rank, first, _, _ in stragglers(cfg.straggle):
         if rank >= world_size:
             raise ConfigError(f"straggle entry for rank {rank}: ranks are 0..{world_size - 1}")
+    for rank in cfg.slowdowns:
+        if rank >= world_size:
+            raise ConfigError(f"slowdown entry for rank {rank}: ranks are 0..{world_size - 1}")
 
 
 def _validate_redundancy_for_world(cfg: TrainConfig, world_size: int) -> None:

@@ -42,15 +42,18 @@ def chunk_plan(sizes, q: int, b: int, weighting: str = "size") -> dict[int, tupl
 
 
 class Worker:
-    def __init__(self, model, cfg: TrainConfig, rank: int, P: int, index, chunks_data):
+    def __init__(self, model, cfg: TrainConfig, rank: int, P: int, index, chunks_data, b: int | None = None):
         self.model = model
         self.flat = FlatParams(model)
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.sampler, self.weights = rank_sampler(cfg, P, rank, index)
+        self.sampler, self.weights = rank_sampler(cfg, P, rank, index, b)
         self.data = chunks_data
+        self.drawn = 0  # samples drawn since the last round: w_i under average_weights = "samples"
 
     def batch(self):
-        return draw(self.sampler, self.data)
+        x, y = draw(self.sampler, self.data)
+        self.drawn += len(y)
+        return x, y
 
     def loss(self, x, y) -> torch.Tensor:
         """The sample-weighted loss; the plain batch mean when every sample weighs ``1 / B``."""
@@ -63,9 +66,12 @@ class Worker:
         return float(loss.detach())
 
 
-def rank_sampler(cfg: TrainConfig, P: int, rank: int, index):
-    """Rank ``rank``'s stratified sampler (its held chunks, per-chunk draws) and per-sample weights."""
-    plan = chunk_plan(index.chunk_sizes, cfg.q, cfg.batch_size, cfg.chunk_weighting)
+def rank_sampler(cfg: TrainConfig, P: int, rank: int, index, b: int | None = None):
+    """Rank ``rank``'s stratified sampler (its held chunks, per-chunk draws) and per-sample weights.
+
+    ``b``: this rank's own batch size per chunk (heterogeneous mini-batches), default ``cfg.batch_size``.
+    """
+    plan = chunk_plan(index.chunk_sizes, cfg.q, cfg.batch_size if b is None else b, cfg.chunk_weighting)
     held = chunks_for_rank(P, cfg.q, rank)
     sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in held}, {c: plan[c][0] for c in held},
                                 cfg.seed, rank)
@@ -90,13 +96,19 @@ def weighted_loss(out, y, weights) -> torch.Tensor:
     return torch.dot(F.cross_entropy(out, y, reduction="none"), a)
 
 
-def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
-    """Run ``cfg`` for ``steps`` steps on P simulated workers; returns each worker's flat x_i."""
+def simulate(cfg: TrainConfig, P: int, steps: int, batch_sizes: list[int] | None = None) -> list[torch.Tensor]:
+    """Run ``cfg`` for ``steps`` steps on P simulated workers; returns each worker's flat x_i.
+
+    ``batch_sizes``: worker i's own ``b_i`` (default: ``cfg.batch_size`` for all). Under
+    ``cfg.average_weights == "samples"`` every averaging weighs worker i by ``w_i``, the samples
+    it drew since the last round (ALGORITHMS.md, "Fractional and per-rank redundancy").
+    """
     index = read_index(cfg.data)
     data = {c: load_chunk(index, c) for c in range(P)}
     torch.manual_seed(cfg.seed)
     base = build_model(cfg.model, tuple(index.input_shape), index.num_classes, tuple(cfg.mlp_hidden))
-    workers = [Worker(copy.deepcopy(base), cfg, i, P, index, data) for i in range(P)]
+    sizes = batch_sizes or [None] * P
+    workers = [Worker(copy.deepcopy(base), cfg, i, P, index, data, sizes[i]) for i in range(P)]
     schedule = Schedule.from_config(cfg, index.train_size, P)
     rates = LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop)
     pending = None
@@ -118,15 +130,34 @@ def simulate(cfg: TrainConfig, P: int, steps: int) -> list[torch.Tensor]:
             pending = _overlapped_round(workers, pending if t else None, cfg, t, rates, P)
             continue
         if (t + 1) % cfg.tau == 0:
+            weights = round_weights(cfg, workers)
             if cfg.algorithm == "local":
-                mean = sum(w.flat.flat for w in workers) / P
+                mean = weighted_mean([w.flat.flat for w in workers], weights)
                 for w in workers:
                     w.flat.flat.copy_(mean)
             elif cfg.algorithm == "rps":
-                blockwise_average([w.flat.flat for w in workers], cfg.seed, t, rates)
+                blockwise_average([w.flat.flat for w in workers], cfg.seed, t, rates, weights)
     if getattr(cfg, "overlap_rounds", False) and steps:
         _apply_delayed(workers, pending)  # the last round, applied at the end of training
     return [w.flat.flat.detach().clone() for w in workers]
+
+
+def round_weights(cfg: TrainConfig, workers) -> list[int] | None:
+    """Each worker's ``w_i`` for this round under ``average_weights = "samples"`` (None: equal);
+    the counts start again from zero."""
+    if getattr(cfg, "average_weights", "equal") != "samples":
+        return None
+    weights = [w.drawn for w in workers]
+    for w in workers:
+        w.drawn = 0
+    return weights
+
+
+def weighted_mean(vectors: list[torch.Tensor], weights: list[int] | None) -> torch.Tensor:
+    """``(1/P) sum_i x_i``, or ``sum_i w_i x_i / sum_i w_i``."""
+    if weights is None:
+        return sum(vectors) / len(vectors)
+    return sum(w * x for w, x in zip(weights, vectors)) / sum(weights)
 
 
 def _overlapped_round(workers, pending, cfg, t, rates, P):
@@ -135,16 +166,17 @@ def _overlapped_round(workers, pending, cfg, t, rates, P):
     _apply_delayed(workers, pending)
     if (t + 1) % cfg.tau:
         return None
+    weights = round_weights(cfg, workers)
     snapshots = [w.flat.flat.detach().clone() for w in workers]
     averages = [s.clone() for s in snapshots]
     d = snapshots[0].numel()
     if cfg.algorithm == "local":
-        mean = sum(snapshots) / P
+        mean = weighted_mean(snapshots, weights)
         for a in averages:
             a.copy_(mean)
         received = [torch.ones(d, dtype=torch.bool) for _ in workers]
     else:  # rps: per block, where w_j reached worker i
-        blockwise_average(averages, cfg.seed, t, rates)
+        blockwise_average(averages, cfg.seed, t, rates, weights)
         a2 = arrival_mask(cfg.seed, t, 2, rates.phase2)
         offsets = block_offsets(d, P)
         received = [torch.zeros(d, dtype=torch.bool) for _ in workers]
@@ -165,8 +197,13 @@ def _apply_delayed(workers, pending):
         x[r] = a[r] + (x[r] - s[r])
 
 
-def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: LinkRates) -> None:
-    """RPS's exchange, literally: steps 1-5 of ALGORITHMS.md with loops over blocks and ranks."""
+def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: LinkRates,
+                      weights: list[int] | None = None) -> None:
+    """RPS's exchange, literally: steps 1-5 of ALGORITHMS.md with loops over blocks and ranks.
+
+    ``weights``: block j's average over its arrived set ``N_j`` weighs rank i by
+    ``w_i / sum_{k in N_j} w_k`` (None: ``1/|N_j|``).
+    """
     P = len(vectors)
     d = vectors[0].numel()
     offsets = block_offsets(d, P)
@@ -176,7 +213,7 @@ def blockwise_average(vectors: list[torch.Tensor], seed: int, step: int, rates: 
     for j in range(P):
         lo, hi = offsets[j], offsets[j + 1]
         arrived = [i for i in range(P) if i == j or a1[i, j]]
-        w_j = sum(v[i][lo:hi] for i in arrived) / len(arrived)
+        w_j = weighted_mean([v[i][lo:hi] for i in arrived], None if weights is None else [weights[i] for i in arrived])
         for i in range(P):
             if i == j or a2[j, i]:
                 vectors[i][lo:hi] = w_j

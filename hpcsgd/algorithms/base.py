@@ -74,6 +74,7 @@ class Strategy:
 
     name = "base"
     flat_grad = False  # exchanges gradients, so keeps them in one flat buffer
+    average_weights = "equal"  # model-averaging strategies may weigh ranks by their samples
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world, *,
                  collectives: Collectives | None = None, network: LinkNetwork | None = None):
@@ -143,18 +144,26 @@ class Strategy:
         """Whether this rank's own update counts this step (its loss was finite)."""
         return self.contributors is None or bool(self.contributors[self.coll.rank])
 
+    def count_samples(self, step: int, n: int) -> None:
+        """Step ``step`` drew ``n`` samples on this rank (model-averaging strategies weigh by them)."""
+
     def contributor_count(self) -> int:
         """How many live ranks contribute this step."""
         return self.coll.size if self.contributors is None else int(self.contributors.sum())
 
-    def step(self, marks: list | None = None) -> None:
+    def step(self, marks: list | None = None, samples: int | None = None) -> None:
         """Exchange, optimizer step, averaging round when due; after the user's ``backward()``.
 
         ``marks``: if a list, the ``time.perf_counter()`` after each of the three phases is
         appended to it (``hpcsgd train`` splits its compute and communication time by them).
+        ``samples``: how many samples this rank's step drew (its batch size); needed under
+        ``average_weights="samples"``, where a round weighs each rank by its samples since the
+        last round (``hpcsgd train`` passes it every step).
         """
         t = self.steps
         WATCHDOG.step = t + 1  # named, as metrics count steps, if a collective times out
+        if samples is not None or self.average_weights == "samples":
+            self.count_samples(t, _check_samples(samples))  # a round's weights: agreed here
         if self._synchronized:
             self._synchronized = False
         else:
@@ -398,8 +407,16 @@ def _counters(saved) -> CommCounters:
     return CommCounters.from_traffic(np.asarray(saved, dtype=np.float64))
 
 
-def prescaled_optimizer_step(strategy: Strategy) -> None:
-    """The optimizer step that also multiplies the model by ``1/L`` in the same pass.
+def _check_samples(samples) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+        raise ConfigError(f"step(samples=...) must be the samples this rank's step drew, an integer >= 0, got "
+                          f"{samples!r} (average_weights='samples' weighs each rank's model by them)")
+    return int(samples)
+
+
+def prescaled_optimizer_step(strategy: Strategy, scale: float | None = None) -> None:
+    """The optimizer step that also multiplies the model by ``1/L`` (or ``scale``: this rank's
+    weight ``w_i / sum w``) in the same pass.
 
     The round's average is then a bare Allreduce of the sum: no extra pass over the model
     after it (that pass was most of the gap between an averaging round and a raw Allreduce).
@@ -407,7 +424,7 @@ def prescaled_optimizer_step(strategy: Strategy) -> None:
     contributes its current model to a sum every rank has scaled alike. For a power-of-two
     ``L`` the result is bit for bit the plain step followed by ``(1/L) * sum``.
     """
-    scale = 1.0 / strategy.coll.size
+    scale = 1.0 / strategy.coll.size if scale is None else scale
     if strategy.contributes():
         scaled_sgd_step(strategy.optimizer, scale)
         strategy.flat.buffers.mul_(scale)  # floating buffers (BatchNorm statistics) are averaged too

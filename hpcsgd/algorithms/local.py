@@ -19,13 +19,16 @@ class LocalSGD(PeriodicStrategy):
     ``average_optimizer_state`` (like PeriodicModelAverager): then every per-parameter state
     tensor travels behind the model in the round's one Allreduce. With ``overlap_rounds`` the
     round runs behind the next step and is applied one step late (ALGORITHMS.md, "Overlapped
-    rounds"; hpcsgd/algorithms/overlap.py).
+    rounds"; hpcsgd/algorithms/overlap.py). With ``average_weights = "samples"`` the mean
+    weighs rank i by the samples it drew since the last round: ``x <- sum_i w_i x_i / sum w``.
 
     Args:
         tau: steps between averaging rounds, >= 1.
         average_optimizer_state: average every per-parameter optimizer state tensor with the model
             (SGD momentum, Adam moments, ...; refused, by name, where it cannot be).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        average_weights: ``"equal"`` (1/L) or ``"samples"``: a round weighs each rank by the
+            samples it drew since the last one (pass ``step(samples=n)``; unequal batches).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
 
@@ -48,16 +51,24 @@ class LocalSGD(PeriodicStrategy):
     def prescalable(self) -> bool:
         return self._state is None  # with optimizer state the round is one Allreduce of [x | state]
 
-    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False) -> None:
+    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False, weights=None) -> None:
         # Parameters and floating buffers travel together in the one flat buffer.
         if self._state is not None:
-            self._average_with_state(coll)
-        elif prescaled:
+            self._average_with_state(coll, weights)
+        elif prescaled:  # each rank's 1/L (or w_i / sum w) rode in its optimizer step
             coll.allreduce_sum_(x)
         else:  # an optimizer that cannot scale (the same on every rank), or an overlapped round
-            coll.allreduce_mean_(x)
+            self._mean_(x, weights, coll)
 
-    def _average_with_state(self, coll) -> None:
+    def _mean_(self, tensor: torch.Tensor, weights, coll) -> None:
+        """``tensor`` <- its mean over the live ranks, weighted by ``weights`` (None: equal)."""
+        if weights is None:
+            coll.allreduce_mean_(tensor)
+        else:  # x <- sum_i w_i x_i / sum w
+            tensor.mul_(self.own_share(weights))
+            coll.allreduce_sum_(tensor)
+
+    def _average_with_state(self, coll, weights=None) -> None:
         """The model and every optimizer state segment, averaged by one Allreduce of ``[x | segments]``."""
         state, d = self._state, self.flat.numel
         if self._pack is None:
@@ -65,7 +76,7 @@ class LocalSGD(PeriodicStrategy):
         pack = self._pack
         pack[:d].copy_(self.flat.flat)
         pack[d:].copy_(state.gather().reshape(-1))
-        coll.allreduce_mean_(pack)
+        self._mean_(pack, weights, coll)
         self.flat.flat.copy_(pack[:d])
         state.scatter(pack[d:].view(-1, d))
 

@@ -18,7 +18,9 @@ class RPS(LossyLinks, PeriodicStrategy):
     masks), counted as bytes but not as rounds of their own. With ``overlap_rounds`` the
     exchange runs behind the next step and the blocks whose average arrived are updated one
     step late (ALGORITHMS.md, "Overlapped rounds"). At drop 0 a round is an Allreduce, and
-    its 1/L rides in the optimizer step, as local SGD's.
+    its 1/L rides in the optimizer step, as local SGD's. With ``average_weights = "samples"``
+    each block's average over the arrived set ``N_j`` weighs rank i by ``w_i / sum_{k in N_j} w_k``,
+    ``w_i`` the samples it drew since the last round.
 
     Args:
         tau: steps between rounds, >= 1.
@@ -28,6 +30,8 @@ class RPS(LossyLinks, PeriodicStrategy):
         average_optimizer_state: exchange every per-parameter optimizer state tensor through the
             model's blocks and masks (SGD momentum, Adam moments, ...).
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
+        average_weights: ``"equal"`` or ``"samples"``: each block's average weighs the ranks whose
+            block arrived by the samples they drew since the last round (pass ``step(samples=n)``).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
 
@@ -68,16 +72,17 @@ class RPS(LossyLinks, PeriodicStrategy):
     def averaged_spans(self, step: int) -> list[tuple[int, int]]:
         return self.exchange.received_spans(step)
 
-    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False) -> None:
+    def average_(self, x: torch.Tensor, step: int, coll, prescaled: bool = False, weights=None) -> None:
         if self._state is not None:
-            self._average_state(step)  # first: a refused state leaves the model as it was on every rank
-        self.exchange.average(x, step, prescaled=prescaled)
+            self._average_state(step, weights)  # first: a refused state leaves the model as it was on every rank
+        # A prescaled model already carries each rank's share: its round is a plain sum.
+        self.exchange.average(x, step, prescaled=prescaled, weights=None if prescaled else weights)
 
-    def _average_state(self, step: int) -> None:
-        """Each state segment through the model's exchange at ``step``: its blocks, its masks."""
+    def _average_state(self, step: int, weights=None) -> None:
+        """Each state segment through the model's exchange at ``step``: its blocks, its masks, its weights."""
         segments = self._state.gather()
         for row in segments:
-            self.exchange.average(row, step, count_round=False)
+            self.exchange.average(row, step, count_round=False, weights=weights)
         self._state.scatter(segments)
 
 

@@ -91,7 +91,7 @@ class BlockExchange:
 
     def average(
         self, tensor: torch.Tensor, step: int, contributors: np.ndarray | None = None, count_round: bool = True,
-        prescaled: bool = False,
+        prescaled: bool = False, weights: np.ndarray | None = None,
     ) -> CommCounters:
         """Replace ``tensor`` in place by its block-wise average over the messages that arrived.
 
@@ -106,11 +106,14 @@ class BlockExchange:
                 the model's round is not).
             prescaled: every rank already multiplied its vector by ``1/L`` (only where
                 nothing can be dropped, so the round is one Allreduce of the sum).
+            weights: ``w_i`` per live rank (``average_weights = "samples"``), None for equal:
+                block j's average over its arrived set ``N_j`` weighs rank i by
+                ``w_i / sum_{k in N_j} w_k`` (ALGORITHMS.md, "Fractional and per-rank redundancy").
         """
         if tensor.numel() != self.numel or tensor.dtype != torch.float32:
             raise ValueError(f"exchange expects a float32 vector of {self.numel} elements")
-        if prescaled and (self.path != "allreduce" or contributors is not None):
-            raise ValueError("a prescaled exchange must be lossless, with every rank contributing")
+        if prescaled and (self.path != "allreduce" or contributors is not None or weights is not None):
+            raise ValueError("a prescaled exchange must be lossless, with every rank contributing, its weights applied")
         if self.coll.size == 1:
             report = CommCounters(rounds=int(count_round))
             self.coll.counters += report
@@ -121,11 +124,11 @@ class BlockExchange:
         arrived1, arrived2 = self._round_masks(step, contributors)
         count = 1
         if self._lossless:
-            count = self._sum_lossless(buf, contributors)
+            count = self._sum_lossless(buf, contributors, weights)
         elif self._window is not None:
-            self._average_shared(buf, arrived1, arrived2, contributors)
+            self._average_shared(buf, arrived1, arrived2, contributors, weights)
         else:
-            self._average_alltoallv(buf, arrived1, arrived2, contributors)
+            self._average_alltoallv(buf, arrived1, arrived2, contributors, weights)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         if count > 1 and not prescaled:
@@ -153,7 +156,7 @@ class BlockExchange:
         off = self.offsets
         return [(int(off[j]), int(off[j + 1])) for j in np.flatnonzero(arrived2[:, self.coll.rank])]
 
-    def _sum_lossless(self, buf, contributors) -> int:
+    def _sum_lossless(self, buf, contributors, weights=None) -> int:
         """Nothing can be dropped: both phases together are the mean of the live ranks' vectors.
 
         The MPI library's tuned Allreduce computes the sum faster than two Alltoallv's; the
@@ -161,22 +164,35 @@ class BlockExchange:
         summation order (the Allreduce may add in another order: 1-2 ulp apart for P=4, see
         the tests). Traffic is counted as the exchange's, message for message.
         """
+        if weights is not None:
+            weights = weights if contributors is None else weights * contributors
+            weights = weights if weights.sum() > 0 else None
         if contributors is not None and not contributors[self.coll.rank]:
             buf[...] = 0  # everything arrives, so its own values are replaced anyway
+        elif weights is not None:  # each rank scales by its share: the sum is the weighted mean
+            np.multiply(buf, np.float32(_share(weights, self.coll.rank)), out=buf)
         timing = self.coll.ring_timing(self.numel * 4)
         with WATCHDOG.guard("Allreduce [block exchange, lossless]", self.coll.comm):
             self.coll.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         if timing is not None:
             timing.hold()
+        if weights is not None:
+            return 1
         return self.coll.size if contributors is None else int(contributors.sum())
 
-    def _block_average(self, rows: np.ndarray, block) -> None:
+    def _block_average(self, rows: np.ndarray, block, weights=None) -> None:
         """``self._avg <- mean of block(i) over rows``, summed row by row in rank order.
 
         Row by row: faster than np.sum over axis 0, which the profile showed among the round's
         largest costs (README, "Benchmarks"). Both paths add in this order, so they agree bit for bit.
+        With ``weights`` row i counts ``w_i / sum_{k in rows} w_k`` instead of ``1/|rows|``.
         """
         avg = self._avg[:self._my_size]
+        if weights is not None and weights[rows].sum() > 0:
+            np.multiply(block(rows[0]), np.float32(_share(weights[rows], 0)), out=avg)
+            for k, i in enumerate(rows[1:], start=1):
+                avg += np.float32(_share(weights[rows], k)) * block(i)
+            return
         np.copyto(avg, block(rows[0]))
         for i in rows[1:]:
             np.add(avg, block(i), out=avg)
@@ -186,7 +202,7 @@ class BlockExchange:
         from_rows = arrived1[:, self.coll.rank]
         return np.flatnonzero(from_rows if contributors is None else from_rows & contributors)
 
-    def _average_alltoallv(self, buf, arrived1, arrived2, contributors) -> None:
+    def _average_alltoallv(self, buf, arrived1, arrived2, contributors, weights=None) -> None:
         """Both phases as one ``Ialltoallv`` each, a dropped message with count 0 (never sent)."""
         comm, size, me = self.coll.comm, self.coll.size, self.coll.rank
         offsets, sizes, stride, my_size = self.offsets[:-1], self.sizes, self._stride, self._my_size
@@ -203,7 +219,7 @@ class BlockExchange:
         self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
         rows = self._contributing_rows(arrived1, contributors)
         if len(rows):  # else no average of this block is sent (see arrived2)
-            self._block_average(rows, lambda i: self._recv[i, :my_size])
+            self._block_average(rows, lambda i: self._recv[i, :my_size], weights)
         # Phase 2: w_j -> every rank i, received in place into v_i[B_j] where it arrived.
         send_counts2 = np.where(arrived2[me], my_size, 0)
         zero_displs = np.zeros(size, dtype=np.int64)  # every destination reads the same w_j
@@ -216,7 +232,7 @@ class BlockExchange:
         self.coll.wait(request, "Ialltoallv [block exchange, phase 2]", can_sleep=False)
         self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
 
-    def _average_shared(self, buf, arrived1, arrived2, contributors) -> None:
+    def _average_shared(self, buf, arrived1, arrived2, contributors, weights=None) -> None:
         """Both phases through the node's shared window (see hpcsgd/comm/shm.py).
 
         A rank copies into its region only the blocks whose phase-1 message arrives; block
@@ -237,7 +253,7 @@ class BlockExchange:
         lo, hi = off[me], off[me + 1]
         starts = self._phase_starts()
         if len(rows):
-            self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi])
+            self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi], weights)
             win.result(me, my_size)[...] = self._avg[:my_size]
         win.fence("phase 2 sent", self.coll.wait_mode)
         self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
@@ -295,3 +311,8 @@ class BlockExchange:
         )
         self.coll.counters += report
         return report
+
+
+def _share(weights: np.ndarray, i: int) -> float:
+    """``w_i / sum w``, in float64 (the caller rounds it once to the vector's float32)."""
+    return float(weights[i] / weights.sum())

@@ -177,7 +177,7 @@ def strategy_options(cfg: TrainConfig, rates: LinkRates, network: LinkNetwork | 
         options.update(overlap=cfg.overlap and not cfg.grad_diversity, bucket_mb=cfg.bucket_mb)
     if spec.uses_tau:
         options.update(tau=cfg.tau, average_optimizer_state=cfg.average_optimizer_state,
-                       overlap_rounds=cfg.overlap_rounds)
+                       overlap_rounds=cfg.overlap_rounds, average_weights=cfg.effective_average_weights)
     if spec.lossy:
         options.update(rates=rates, seed=cfg.seed)
     return options

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pace import Pace
 from ..redundant import RedundantSampler
+from .schedule import Schedule
 
 
 class Batches:
@@ -21,6 +23,8 @@ class Batches:
             object a user's loop draws from (here through ``next_chunk_batch``).
         weight_vector: one loss weight per sample of a batch, in the model's dtype, or None
             when the plain batch mean is exactly right (every sample weighs ``1/B``).
+        pace: the :class:`~hpcsgd.train.pace.Pace` that emulates ``slowdown`` and, under
+            ``balance = "speed"``, sets per-rank batch sizes (checkpointed with the sampler).
     """
 
     def __init__(self, cfg, chunk_sizes: list[int], world, membership, chunks: dict, dtype: torch.dtype, device):
@@ -31,6 +35,8 @@ class Batches:
                                                     redundancy=cfg.redundancy_per_rank or cfg.redundancy,
                                                     redundancy_spread=cfg.redundancy_spread)
         self.replan(membership)
+        schedule = Schedule.from_config(cfg, sum(chunk_sizes), membership.P)  # the trainer's
+        self.pace = Pace(cfg, self, membership.rank, membership.P, schedule, min(chunk_sizes))
 
     def replan(self, membership) -> None:
         """Draws per held chunk and per-sample loss weights for the live ranks (see sample_plan).
@@ -39,8 +45,16 @@ class Batches:
         so equal chunks give exactly the trajectory of an unweighted loss. The weights are
         built from the exact fractions in the model's dtype (not cast from float32).
         """
+        self.sampler.set_live(membership.live, reweight=self.cfg.reweight)
+        self._weight_vector()
+
+    def set_batch_sizes(self, sizes) -> None:
+        """Per-rank batch sizes from the next batch on (RedundantSampler.set_batch_sizes)."""
+        self.sampler.set_batch_sizes(sizes)
+        self._weight_vector()
+
+    def _weight_vector(self) -> None:
         sampler = self.sampler
-        sampler.set_live(membership.live, reweight=self.cfg.reweight)
         if sampler.loss_weights is None:
             self.weight_vector = None
         else:  # one weight per sample, in the sampler's batch order
@@ -69,10 +83,12 @@ class Batches:
         return torch.dot(losses, self.weight_vector), float(losses.detach().mean())
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        state, balance = self.sampler.state_dict(), self.pace.state_dict()
+        return state if balance is None else {**state, "balance": balance}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+        self.pace.load_state_dict(state.get("balance"))
 
 
 def gather_on_device(batch, chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,11 +177,12 @@ class Trainer:
             self.diversity = {"grad_diversity_inter": inter, "grad_diversity_intra": intra}
         t2 = time.perf_counter()
         marks: list[float] = []
-        api.step(marks)  # the user's strategy.step(): exchange, optimizer step, averaging round
+        api.step(marks, samples=len(y))  # the user's strategy.step(): exchange, optimizer step, averaging round
         t3, t4, t5 = marks
         timers.data_s += t1 - t0
         timers.compute_s += (t2 - t1) + (t4 - t3)
         timers.comm_s += (t3 - t2) + (t5 - t4)
+        self.batches.pace.after_step(step, len(y), (t2 - t1) + (t4 - t3), timers, api)  # slowdown, balance
 
     # -- metrics and the end ---------------------------------------------------------------
     def log(self, step: int, evaluate: bool) -> None:
@@ -200,7 +201,7 @@ class Trainer:
             **api.network_stats(),
             "live_ranks": len(m.live),
             "coverage": m.coverage(),
-            "consensus_distance": distance,
+            "consensus_distance": distance, **self.batches.pace.metrics(),
         }
         if self.cfg.nan_policy == "skip":
             record["skipped_steps"] = self.totals.skipped_steps
@@ -235,7 +236,7 @@ class Trainer:
         result = None
         if self.api.live_rank == 0:
             result = summary(self.job, totals, avg_train, avg_test, distance, wall)
-            result["failure_records"] = self.recovery.failure_records()
+            result.update(self.batches.pace.summary(), failure_records=self.recovery.failure_records())
         return write_summary(self.api.comm, self.job.run_dir, result)
 
 

@@ -81,6 +81,8 @@ def pointless_settings(cfg: TrainConfig, total_steps: int) -> list[str]:
             found.append(f"tau={cfg.tau} is ignored: {cfg.algorithm} communicates every step")
         if cfg.average_optimizer_state:
             found.append(f"average_optimizer_state does nothing under {cfg.algorithm} (replicas share every step)")
+        if cfg.average_weights != "equal":
+            found.append(f"average_weights applies to local and rps only; {cfg.algorithm} averages gradients")
         if cfg.overlap_rounds:
             found.append(f"overlap_rounds applies to local and rps only; {cfg.algorithm} averages gradients every step "
                          f"(sync overlaps its buckets with backward: see overlap)")
