@@ -69,10 +69,15 @@ class Worker:
 def rank_sampler(cfg: TrainConfig, P: int, rank: int, index, b: int | None = None):
     """Rank ``rank``'s stratified sampler (its held chunks, per-chunk draws) and per-sample weights.
 
-    ``b``: this rank's own batch size per chunk (heterogeneous mini-batches), default ``cfg.batch_size``.
+    ``b``: this rank's own batch size per chunk (heterogeneous mini-batches), default
+    ``cfg.batch_size``. Per-rank sizes draw ``b`` from every held chunk and take the plain mean
+    over the rank's batch (ALGORITHMS.md, "Fractional and per-rank redundancy": the authors' rule).
     """
-    plan = chunk_plan(index.chunk_sizes, cfg.q, cfg.batch_size if b is None else b, cfg.chunk_weighting)
     held = chunks_for_rank(P, cfg.q, rank)
+    if b is None:
+        plan = chunk_plan(index.chunk_sizes, cfg.q, cfg.batch_size, cfg.chunk_weighting)
+    else:
+        plan = {c: (b, Fraction(1, b * len(held))) for c in held}
     sampler = StratifiedSampler({c: index.chunk_sizes[c] for c in held}, {c: plan[c][0] for c in held},
                                 cfg.seed, rank)
     weights = [plan[c][1] for c in held for _ in range(plan[c][0])]

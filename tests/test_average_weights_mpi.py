@@ -28,7 +28,8 @@ def unequal_sizes(P: int) -> list[int]:
 
 class SizedTrainer(Trainer):
     """``hpcsgd train`` with per-rank batch sizes set through the sampler after setup, and
-    changed to ``later`` from step ``change_at`` on (None: never)."""
+    set to ``later`` at step ``change_at`` (None: never; the sampler applies them from the
+    next epoch on)."""
 
     sizes: list[int] | None = None
     later: list[int] | None = None
@@ -99,7 +100,7 @@ def test_samples_weights_equal_the_weighted_reference(shared_tmp, flags):
         pytest.skip("q > P")
     sizes = unequal_sizes(P)
     x, trainer = run(shared_tmp, "samples", sizes, average_weights="samples", **flags)
-    assert all_ranks(trainer.batches.sampler.rank_batch_size == sizes[MPI.COMM_WORLD.rank])
+    assert all_ranks(trainer.batches.sampler.batch_size == sizes[MPI.COMM_WORLD.rank])
     assert all_ranks(close(x, reference(trainer, sizes)))
     if P > 1:
         equal_cfg = config(shared_tmp, "eq-ref", average_weights="equal", **flags)
@@ -126,9 +127,10 @@ def _lines(trainer):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_resume_keeps_the_samples_since_the_last_round(shared_tmp, overlap):
-    """tau 3, a checkpoint after step 16 (one step into a period), batch sizes changed at step
-    16: the round after step 17 weighs step 15's draws with steps 16-17's, so a resume that lost
-    the count since the last round would leave another model. It continues bit for bit."""
+    """tau 3, a checkpoint after step 16 (one step into a period), new batch sizes set at step
+    16 (pending until the next epoch: the checkpoint holds them): the round after step 17
+    weighs step 15's draws with steps 16-17's, so a resume that lost the count since the last
+    round would leave another model. It continues bit for bit."""
     from mpi4py import MPI
 
     comm, P = MPI.COMM_WORLD, MPI.COMM_WORLD.size
@@ -142,7 +144,7 @@ def test_resume_keeps_the_samples_since_the_last_round(shared_tmp, overlap):
 
     full = trainer_for()
     full.run()
-    assert all_ranks(full.api.algorithm.samples_since_round == 0)  # the last step ended a round
+    assert all_ranks(full.api.samples_since_round == 0)  # the last step ended a round
     expected_flat, expected = full.api.flat.flat.clone(), _lines(full)
     comm.Barrier()
     if comm.rank == 0:

@@ -51,7 +51,7 @@ def test_a_slowed_rank_gets_a_smaller_batch_the_same_on_every_rank(shared_tmp):
     assert all_ranks(all(other == agreed for other in comm.allgather(agreed)))  # one decision
     assert all_ranks(sizes == balance.sizes and sum(sizes) == P * B)
     assert all_ranks(summary["balance"] == "speed" and summary["average_weights"] == "samples")
-    assert all_ranks(trainer.batches.sampler.rank_batch_size == sizes[trainer.membership.rank])
+    assert all_ranks(trainer.batches.sampler.batch_size == sizes[trainer.membership.rank])
     changes = summary["balance_changes"]
     assert all_ranks(all(c["step"] % spe == 0 and 0 < c["step"] < trainer.schedule.total_steps for c in changes))
     assert all_ranks(len(changes) <= 3)  # at most once per epoch, after epochs 1..3 of 4
@@ -70,7 +70,7 @@ class Recording(Trainer):
     def setup(self):
         super().setup()
         self.sizes_at_start = list(self.batches.pace.balance.sizes)
-        self.rank_batch_at_start = self.batches.sampler.rank_batch_size
+        self.rank_batch_at_start = self.batches.sampler.batch_size
 
 
 def test_a_resume_continues_with_the_sizes_in_effect(shared_tmp):
