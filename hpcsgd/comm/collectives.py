@@ -198,7 +198,7 @@ class Collectives:
         world_ranks: the original (COMM_WORLD) rank of each member of ``comm``, in order;
             drop masks and fault schedules are indexed by these ids.
         cuda_aware: pass CUDA tensors straight to MPI instead of staging through host memory.
-        network: an emulated network (see hpcsgd/comm/netem.py); None: the real one only.
+        network: an emulated network (see hpcsgd/faults/netem.py); None: the real one only.
     """
 
     def __init__(self, comm: MPI.Comm, world_ranks: list[int] | None = None, cuda_aware: bool | None = None,
