@@ -14,6 +14,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..metrics import size_text
 from .output import write_file
 from .runs import (
     SEED_KEYS, Group, Run, aggregate, differing_keys, diversity, format_value, group_runs, number_text, sort_key,
@@ -252,19 +253,11 @@ def build_table(runs: list[Run], target: float | None = None) -> Table:
     )
 
 
-def _bytes(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _cell(value, fmt: str) -> str:
     if value is None:
         return MISSING
     if fmt == "bytes" and _num(value) is not None:
-        return _bytes(float(value))
+        return size_text(float(value))
     if _num(value) is not None and fmt != "{}":
         return number_text(float(value), fmt)
     return format_value(value)
