@@ -251,17 +251,36 @@ class RedundantSampler(torch.utils.data.Sampler):
         chunks again, as the run that wrote the checkpoint cut it, and the draws per chunk
         are planned for the live ranks ``world.roles``; load the state after.
         """
-        if self._cut is None:
-            raise ConfigError("a sampler over chunks (RedundantSampler.over_chunks) is built for its run: "
-                              "build it with the run's world instead of resizing it")
+        self._check_resizable()
         labels, partition = self._cut
-        if self.redundancy is not None:
-            raise ConfigError("resuming on fewer processes through the Python API needs an integer q and one batch "
-                              "size (hpcsgd train resumes fractional and per-rank redundancy on fewer ranks)")
         self.chunks = partition_indices(labels, world.size, partition, self.seed)
         self._start([len(c) for c in self.chunks], world, self.batch_size, self.seed, self.chunk_weighting,
                     adopted, total=self.total)
         self.set_live(list(world.roles or range(world.size)))  # draws as the CLI's: only the roles train
+
+    def for_run(self, P: int) -> tuple[int, list[int], Redundancy | None]:
+        """``(q, chunk sizes, redundancy)`` of a run of ``P`` ranks cut as this sampler cuts its data.
+
+        What a resume on fewer processes plans its adoption with (hpcsgd.train.resize), before
+        :meth:`resize` re-forms the sampler for that run; ``redundancy`` is None for integer q.
+        """
+        self._check_resizable()
+        labels, partition = self._cut
+        sizes = [len(c) for c in partition_indices(labels, P, partition, self.seed)]
+        q, per_rank = _resolve_redundancy(P, *self._spec, seed=self.seed)
+        integer = len(set(per_rank)) == 1 and per_rank[0].is_integer()
+        return q, sizes, None if integer else Redundancy(per_rank, tuple(sizes), self.seed, self.placement)
+
+    def _check_resizable(self) -> None:
+        """A resume on fewer processes needs the arguments of the run, which per-rank lists are not."""
+        if self._cut is None:
+            raise ConfigError("a sampler over chunks (RedundantSampler.over_chunks) is built for its run: "
+                              "build it with the run's world instead of resizing it")
+        if len(set(self.batch_sizes)) > 1 or isinstance(self._spec[1], (list, tuple)):
+            raise ConfigError("resuming on fewer processes through the Python API needs one batch size and one "
+                              "redundancy (mu, with redundancy_spread if the run drew per-rank values): per-rank "
+                              "lists name the processes of this job, not the run's ranks (hpcsgd train resumes "
+                              "them on fewer ranks)")
 
     def coverage(self, live_ranks: Sequence[int]) -> float:
         """The share of the training samples that ``live_ranks`` (run ranks) hold, adopted chunks included."""

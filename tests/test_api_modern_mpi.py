@@ -15,6 +15,7 @@ import torch
 from mpi4py import MPI
 
 import hpcsgd
+from hpcsgd.data.fractional import Redundancy, per_rank_redundancy
 from hpcsgd.train.membership import Membership
 from hpcsgd.redundant import RedundantSampler
 
@@ -99,11 +100,12 @@ def _dataset(n=240, classes=6):
     return torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g) + y[:, None], y)
 
 
-def _job(world, q=2, tau=2):
-    """The parts of one rank's job (a fresh script start)."""
-    q = min(q, world.size)
+def _job(world, q=2, tau=2, redundancy=None):
+    """The parts of one rank's job (a fresh script start); ``redundancy`` (mu) instead of q."""
     data = _dataset()
-    sampler = hpcsgd.RedundantSampler(data, world, q=q, batch_size=4, partition="label", labels=data.tensors[1], seed=1)
+    held = {"q": min(q, world.size)} if redundancy is None else {"redundancy": redundancy}
+    sampler = hpcsgd.RedundantSampler(data, world, **held, batch_size=4, partition="label", labels=data.tensors[1],
+                                      seed=1)
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -121,11 +123,14 @@ def _train(data, parts, steps):
         strategy.step()
 
 
-def test_load_checkpoint_on_fewer_ranks_adopts_chunks_as_the_cli_does(shared_tmp, capfd):
+@pytest.mark.parametrize("mu", [None, 0.5], ids=["q2", "mu0.5"])
+def test_load_checkpoint_on_fewer_ranks_adopts_chunks_as_the_cli_does(shared_tmp, capfd, mu):
     comm = MPI.COMM_WORLD
     P = comm.size
+    if mu is not None and P < 3:
+        pytest.skip("fractional redundancy resumed on fewer ranks needs mu <= W - 1 on the W >= 2 processes left")
     world = hpcsgd.init(device="cpu")
-    data, parts = _job(world)
+    data, parts = _job(world, redundancy=mu)
     _train(data, parts, 6)
     hpcsgd.save_checkpoint(shared_tmp, world, parts, step=6)
     spe = len(parts["sampler"])
@@ -134,20 +139,26 @@ def test_load_checkpoint_on_fewer_ranks_adopts_chunks_as_the_cli_does(shared_tmp
     ok = True
     if sub != MPI.COMM_NULL:
         small = hpcsgd.init(sub, device="cpu")
-        data, fresh = _job(small)
+        data, fresh = _job(small, redundancy=mu)
         assert hpcsgd.load_checkpoint(shared_tmp, small, fresh) == 6
         s, sampler = fresh["strategy"], fresh["sampler"]
-        plan = Membership.assign(P, min(2, P), W, sub.rank, {}, {"step": 6, "live_world": list(range(P)), "adopted": {},
-                                                         "dir": str(shared_tmp)})
+        # The CLI's plan, from the fractional module's own pieces (not the sampler's for_run).
+        redundancy = None if mu is None else Redundancy(per_rank_redundancy(P, mu, 0.0, None, 1),
+                                                        tuple(sampler.chunk_sizes), 1, sampler.placement)
+        plan = Membership.assign(P, min(2, P) if mu is None else 1, W, sub.rank, {},
+                                 {"step": 6, "live_world": list(range(P)), "adopted": {}, "dir": str(shared_tmp)},
+                                 chunk_sizes=list(sampler.chunk_sizes), redundancy=redundancy)
         ok &= s.world.size == P and s.world.rank == sub.rank and s.live_ranks == list(range(W))
         ok &= sampler.adopted == plan.adopted and len(sampler) == spe and s.steps == 6
+        ok &= (sampler.redundancy is None) == (mu is None) and (mu is None or bool(plan.adopted))  # a partial chunk adopted whole
         ok &= sampler.coverage(s.live_ranks) == 1.0
         # The CLI's sampler for the same plan, loaded from the same rank file, draws the same batches.
         from hpcsgd.checkpoint import read_part, step_dir
         from hpcsgd.world import world_for_run
 
         run_world = world_for_run(sub, plan.roles, P, torch.device("cpu"))
-        cli = RedundantSampler.over_chunks([len(c) for c in sampler.chunks], run_world, q=min(2, P), batch_size=4, seed=1,
+        held = {"q": min(2, P)} if mu is None else {"redundancy": mu}
+        cli = RedundantSampler.over_chunks([len(c) for c in sampler.chunks], run_world, **held, batch_size=4, seed=1,
                                            adopted=plan.adopted)
         cli.set_live(plan.live)
         cli.load_state_dict(read_part(step_dir(shared_tmp, 6) / f"rank-{plan.rank}.h5", "sampler"))

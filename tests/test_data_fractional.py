@@ -262,3 +262,17 @@ def test_set_batch_sizes_survives_a_resume():
     resumed = hpcsgd.RedundantSampler(dataset(), fake_world(2, 4), redundancy=0.5, batch_size=4, seed=1)
     resumed.load_state_dict(s.state_dict())
     assert _batches(resumed, 20) == _batches(s, 20)
+
+
+def test_a_resume_on_fewer_processes_plans_with_the_runs_redundancy_and_refuses_per_rank_lists():
+    # The job's sampler is built for W = 2 processes; the run it resumes had P = 4 ranks.
+    s = hpcsgd.RedundantSampler(dataset(), fake_world(0, 2), redundancy=0.5, redundancy_spread=0.1, batch_size=4, seed=3)
+    q, sizes, redundancy = s.for_run(4)
+    run = hpcsgd.RedundantSampler(dataset(), fake_world(0, 4), redundancy=0.5, redundancy_spread=0.1, batch_size=4, seed=3)
+    assert (q, sizes) == (1, list(run.chunk_sizes))
+    assert redundancy.per_rank == run.redundancy_per_rank and redundancy.chunk_sizes == tuple(run.chunk_sizes)
+    assert hpcsgd.RedundantSampler(dataset(), fake_world(0, 2), q=2, seed=3).for_run(4)[::2] == (2, None)
+    for per_rank in (dict(batch_size=[2, 6]), dict(redundancy=[0.5, 1.0])):
+        listed = hpcsgd.RedundantSampler(dataset(), fake_world(0, 2), seed=3, **per_rank)
+        with pytest.raises(ConfigError, match="per-rank lists name the processes of this job, not the run's ranks"):
+            listed.for_run(4)

@@ -45,8 +45,9 @@ def plan(meta: dict, world, parts: dict) -> Membership | None:
             f"ranks re-forms the data and the strategy, so parts must hold one hpcsgd.RedundantSampler and one "
             f"strategy (found {len(samplers)} and {len(strategies)})"
         )
-    return Membership.assign(P, samplers[0].q, W, world.comm.rank, {}, meta, str(where),
-                             placement=samplers[0].placement)
+    q, chunk_sizes, redundancy = samplers[0].for_run(P)
+    return Membership.assign(P, q, W, world.comm.rank, {}, meta, str(where), chunk_sizes,
+                             placement=samplers[0].placement, redundancy=redundancy)
 
 
 def apply(membership: Membership, world, parts: dict) -> int:
