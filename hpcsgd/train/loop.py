@@ -92,7 +92,6 @@ class Trainer:
     def run(self) -> dict | None:
         self.setup()
         startup.mark("setup")
-        startup.announce_ready(self.world.rank)
         if self.world.rank == 0 and self.progress.mode != "none":
             print(f"hpcsgd: {startup.line()}", file=sys.stderr, flush=True)
         self.t_start = time.perf_counter() - (self.job.resume or {}).get("wall_s", 0.0)

@@ -26,20 +26,3 @@ def line() -> str:
         last = t
     total = (_marks[-1][1] if _marks else time.perf_counter()) - _START
     return f"ready after {total:.1f}s" + (": " + ", ".join(parts) if parts else "")
-
-
-def announce_ready(rank: int) -> None:
-    """Rank 0, once every rank has joined the job: create the file HPCSGD_READY_FILE names, if any.
-
-    A launcher that watches the nodes during the start-up (tools/cluster run) stops there: a
-    rank silent from then on is the collective watchdog's to name.
-    """
-    import os
-
-    path = os.environ.get("HPCSGD_READY_FILE")
-    if rank == 0 and path:
-        try:
-            with open(path, "a"):
-                pass
-        except OSError:
-            pass  # the launcher keeps watching: nothing lost but its early stop
