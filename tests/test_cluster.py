@@ -157,6 +157,51 @@ def test_node_that_never_answers_at_start_is_named(nodes, shards, tmp_path):
     print(f"\nnode1 frozen before the launch: exit 2 after {seconds:.1f}s: {r.stderr.strip().splitlines()[-1]}")
 
 
+def node_pids(node: str) -> list[int]:
+    """The hpcsgd processes in ``node``'s namespaces now."""
+    out = subprocess.run(["ip", "netns", "pids", f"{NAME}-{node}"], capture_output=True, text=True, timeout=30).stdout
+    pids = []
+    for pid in out.split():
+        try:
+            if b"hpcsgd" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_node_that_freezes_during_start_up_is_named(nodes, shards, tmp_path):
+    """node1 frozen just after the launch, its ranks started (after the launch's probe, before
+    or inside MPI_Init): exit 2 naming it within the collective timeout, every process ended.
+
+    Without the start-up watch of `tools/cluster run` the other node's ranks waited in MPI_Init
+    for good, and MPICH's mpiexec did not even end on SIGTERM (11 min, until node1 was killed)."""
+    timeout = 60
+    job = cluster_popen("run", "--", *PYTHON, "train", CONFIG, "--data", str(shards), "--run-dir",
+                        str(tmp_path / "run"), "--collective-timeout", str(timeout))
+    try:
+        deadline = time.monotonic() + 120
+        while len(node_pids("node1")) < 2 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.poll() is None and len(node_pids("node1")) == 2, job.communicate()[1]
+        frozen = cluster("freeze", "node1")
+        assert frozen.returncode == 0, frozen.stderr
+        t_freeze = time.monotonic()
+        _, stderr = job.communicate(timeout=timeout + 60)
+        waited = time.monotonic() - t_freeze
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        cluster("kill", "node1")  # what is left of it: a node rebooted
+    assert job.returncode == 2, stderr
+    message = stderr.strip().splitlines()[-1]
+    assert "node1" in message and "stopped answering during the job's start-up" in message, stderr
+    assert waited < timeout, waited
+    assert node_pids("node0") == [], "ranks left running on node0"
+    print(f"\nnode1 frozen at the start: exit 2 after {waited:.1f}s: {message}")
+
+
 def test_node_that_stops_answering_ends_the_job(nodes, shards, tmp_path):
     """node1 frozen mid-run (SIGSTOP to its processes): exit 4 within the collective timeout, naming it."""
     timeout = 10

@@ -116,6 +116,8 @@ class Watchdog:
         if comm.size > 1:
             me = (MPI.COMM_WORLD.rank, socket.gethostname(), os.getpid())
             self._peers.update({rank: (host, pid) for rank, host, pid in comm.allgather(me)})
+        if comm.size == MPI.COMM_WORLD.size:
+            _announce_joined(comm.rank)
         self.timeout = float(timeout)
         self.step = None
         if self.timeout > 0 and comm.size > 1 and self._thread is None:
@@ -235,6 +237,21 @@ class Watchdog:
             host, pid = self._peers[rank]
             return f"pid {pid} on {host}"
         return "unknown process"
+
+
+def _announce_joined(rank: int) -> None:
+    """Rank 0, once every rank of the job has met: create the file HPCSGD_READY_FILE names, if any.
+
+    A launcher that watches the nodes through a job's start-up (tools/cluster run) stops there:
+    from then on a silent rank is the watchdog's to name.
+    """
+    path = os.environ.get("HPCSGD_READY_FILE")
+    if rank == 0 and path:
+        try:
+            with open(path, "a"):
+                pass
+        except OSError:
+            pass  # the launcher keeps watching: nothing lost but its early stop
 
 
 # How long a rank that aborts the job waits first, so that its message reaches the terminal.
