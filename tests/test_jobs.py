@@ -417,6 +417,8 @@ def test_scripts_are_strict_bash(script):
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun-pid $$" >> "$FAKE_LOG"
 case "$FAKE_MODE" in
+    exit0) mkdir -p "$FAKE_RUN_DIR" && echo {} > "$FAKE_RUN_DIR/summary.json"; exit 0 ;;  # a finished run
+    lost) exit 0 ;;  # Open MPI's mpirun after a node was lost whole: exit 0, no summary
     exit*) exit "${FAKE_MODE#exit}" ;;
 esac
 trap 'echo "srun got USR1" >> "$FAKE_LOG"; exit 3' USR1
@@ -463,6 +465,7 @@ def _sbatch_args(script: Path, tmp_path: Path) -> list[str]:
         ("wait", ["USR1"], "20", 3, False),        # requeued too often already
         ("exit0", [], "0", 0, False),              # finished
         ("exit1", [], "0", 1, False),              # crashed
+        ("lost", [], "0", 1, False),               # the launcher said 0 but the run never finished
     ],
 )
 def test_sbatch_signal_forwarding_and_requeue(script, tmp_path, mode, signals, restarts, rc, requeued):
@@ -472,7 +475,7 @@ def test_sbatch_signal_forwarding_and_requeue(script, tmp_path, mode, signals, r
     env = _env(
         PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode,
         SLURM_RESTART_COUNT=restarts, SLURM_ARRAY_TASK_ID="0", HPCSGD_RUN_DIR=str(tmp_path / "run"),
-        HPCSGD_SWEEP_DIR=str(tmp_path / "sweep"), **FAKE_SLURM,
+        HPCSGD_SWEEP_DIR=str(tmp_path / "sweep"), FAKE_RUN_DIR=str(_run_dir_of(script, tmp_path)), **FAKE_SLURM,
     )
     proc = subprocess.Popen(["bash", str(script), *_sbatch_args(script, tmp_path)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -491,6 +494,8 @@ def test_sbatch_signal_forwarding_and_requeue(script, tmp_path, mode, signals, r
     text = log.read_text()
     assert proc.returncode == rc, err + text
     assert ("scontrol requeue 4242" in text) == requeued, text
+    if mode == "lost":
+        assert "the launcher exited 0 but the run did not finish" in err, err
     if signals == ["USR1"]:
         assert "srun got USR1" in text, "the warning did not reach srun"
 
