@@ -33,6 +33,8 @@ PLACEMENTS = ("cyclic", "spread")  # hpcsgd/data/placement.py
 FAIL_MODES = ("leave", "kill")
 AVERAGE_WEIGHTS = ("equal", "samples")  # hpcsgd/algorithms/base.py
 BALANCE = ("none", "speed")  # hpcsgd/data/balance.py
+EXCHANGES = ("auto", "alltoallv", "shared-memory", "node-aware")  # hpcsgd/comm/exchange.py
+ALLREDUCES = ("library", "node-aware")  # hpcsgd/comm/nodes.py
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
@@ -86,6 +88,8 @@ class TrainConfig:
     bucket_mb: float = 25.0  # sync: gradient bucket size in MB when overlapping
     overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
     average_weights: str = "equal"  # equal | samples: local/rps rounds weigh each rank by the samples it drew since the last round (unequal batches)
+    exchange: str = "auto"  # auto | alltoallv | shared-memory | node-aware: how rps's block exchange travels (auto: shared-memory on one node, node-aware across nodes; all give the same bits)
+    allreduce: str = "library"  # library | node-aware: the Allreduce of local's rounds and sync's steps (node-aware: reduce in node, across nodes, bcast in node; rounds differently from the library's; sync needs --no-overlap)
     balance: str = "none"  # none | speed: per-rank batch sizes follow measured compute speed, total fixed, decided by all ranks at epoch ends (local/rps; implies average_weights samples)
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP', or 'node:N@STEP' (every rank of node N)
@@ -339,6 +343,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
     _choice("placement", cfg.placement, PLACEMENTS)
     _choice("average_weights", cfg.average_weights, AVERAGE_WEIGHTS)
     _choice("balance", cfg.balance, BALANCE)
+    _choice("exchange", cfg.exchange, EXCHANGES)
+    _choice("allreduce", cfg.allreduce, ALLREDUCES)
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:
@@ -428,6 +434,12 @@ def _validate_combinations(cfg: TrainConfig) -> None:
     if cfg.overlap_rounds and cfg.average_optimizer_state and REGISTRY[cfg.algorithm].uses_tau:
         raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                           "(the spec delays the model's average only): turn one of them off")
+    if cfg.allreduce != "library" and ((cfg.algorithm == "sync" and cfg.overlap) or
+                                       (cfg.algorithm == "local" and cfg.overlap_rounds)):
+        raise ConfigError(f"allreduce = {cfg.allreduce!r} sums blocking rounds; {cfg.algorithm} with "
+                          f"{'overlap' if cfg.algorithm == 'sync' else 'overlap_rounds'} averages by the library's "
+                          f"nonblocking Allreduce: give --no-overlap{'' if cfg.algorithm == 'sync' else '-rounds'}, "
+                          "or leave allreduce at 'library'")
     if cfg.balance == "speed" and not REGISTRY[cfg.algorithm].uses_tau:
         raise ConfigError(f"balance = 'speed' needs algorithm local or rps (it weighs model averaging by the "
                           f"samples each rank drew); {cfg.algorithm} averages gradients with equal weights")

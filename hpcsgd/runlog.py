@@ -150,6 +150,8 @@ class RunLog:
             "bytes_sent": int(totals[0]),
             "bytes_saved": int(totals[1]),
             "arrival_realised": float(totals[2] / messages) if messages else 1.0,
+            "bytes_intra_node": int(totals[4]),
+            "bytes_inter_node": int(totals[5]),
             "live_ranks": len(strategy.live_ranks),
             "live_rank_ids": list(strategy.live_ranks),
             "consensus_distance": strategy.consensus_distance(),

@@ -331,3 +331,25 @@ def averaged_state_run(models, optimizers, batches, steps: int, tau: int, algori
                         opt.state[p][name].copy_(vectors[r][k][offset:offset + n].view_as(p))
                 offset += n
     return models, optimizers
+
+
+def node_bytes(P: int, R: int, seed: int, rates: LinkRates, round_steps, d: int, itemsize: int = 4) -> tuple[int, int]:
+    """RPS rounds' bytes between ranks of one node and between nodes (rank i on node i // R), summed
+    over ranks: every arrived off-diagonal message of both phases times its block's bytes
+    (phase 1 ``i -> j`` and phase 2 ``j -> i`` carry block j). ALGORITHMS.md, "Node-aware exchange"."""
+    offsets = block_offsets(d, P)
+    intra = inter = 0
+    for t in round_steps:
+        a1 = arrival_mask(seed, t, 1, rates.phase1)
+        a2 = arrival_mask(seed, t, 2, rates.phase2)
+        for i in range(P):
+            for j in range(P):
+                if i == j:
+                    continue
+                block = int(offsets[j + 1] - offsets[j]) * itemsize
+                carried = block * (int(a1[i, j]) + int(a2[j, i]))
+                if i // R == j // R:
+                    intra += carried
+                else:
+                    inter += carried
+    return intra, inter

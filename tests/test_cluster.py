@@ -32,13 +32,16 @@ CONFIG = str(ROOT / "jobs" / "configs" / "digits-risgd.toml")
 COMMON = ["--steps", "40", "--log-every", "10", "--eval-every", "0", "--seed", "3"]
 
 # Every strategy; q = 2 makes the rps case RI-SGD's redundancy too. Drops make the exchange
-# lossy, so it takes the shared-memory window on one node and Ialltoallv across nodes.
+# lossy, so it takes the shared-memory window on one node and, across nodes, each node's window
+# for its own pairs and Ialltoallv for the pairs between nodes (node-aware).
 STRATEGIES = {
     "sync": (["--algorithm", "sync"], "allreduce", "allreduce"),
     "local": (["--algorithm", "local", "--tau", "4"], "allreduce", "allreduce"),
-    "rps": (["--algorithm", "rps", "--tau", "4", "--q", "2", "--drop-rate", "0.1"], "shared-memory", "alltoallv"),
-    "lossy-allreduce": (["--algorithm", "lossy-allreduce", "--drop-rate", "0.1"], "shared-memory", "alltoallv"),
+    "rps": (["--algorithm", "rps", "--tau", "4", "--q", "2", "--drop-rate", "0.1"], "shared-memory", "node-aware"),
+    "lossy-allreduce": (["--algorithm", "lossy-allreduce", "--drop-rate", "0.1"], "shared-memory", "node-aware"),
 }
+# Where the bytes went depends on the nodes, not a result.
+NODE_BYTES = {"bytes_intra_node", "bytes_inter_node"}
 # Figures that must agree bit for bit; everything but the timings, the exchange path and
 # the emulated-network clock (off here) is compared.
 TIMINGS = {"wall_s", "compute_s_mean", "comm_s_mean", "data_s_mean"}
@@ -92,6 +95,22 @@ def run_across(*args, timeout: float = 240) -> subprocess.CompletedProcess:
     return cluster("run", "--", *PYTHON, *map(str, args), timeout=timeout)
 
 
+def _check_node_bytes(one: dict, two: dict, moved: int) -> None:
+    """rps across 2 x 2: intra- and inter-node bytes by the closed form (tests/reference.py), and
+    the links carried the inter-node bytes (MPI's headers, control traffic and the start-up on top)."""
+    from hpcsgd.comm import LinkRates
+    from reference import node_bytes
+
+    assert (one["bytes_intra_node"], one["bytes_inter_node"]) == (one["bytes_sent"], 0)
+    d = 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10  # digits-risgd.toml's MLP
+    rounds = [t for t in range(40) if (t + 1) % 4 == 0]
+    expected = node_bytes(4, 2, 3, LinkRates.build(4, 0.1), rounds, d)
+    assert (two["bytes_intra_node"], two["bytes_inter_node"]) == expected
+    assert two["bytes_inter_node"] <= moved <= 2 * two["bytes_inter_node"] + (4 << 20), (moved, expected)
+    print(f"\nrps 2x2: {two['bytes_intra_node']:,d} B intra-node, {two['bytes_inter_node']:,d} B inter-node; "
+          f"{moved:,d} B crossed the links ({moved / two['bytes_inter_node']:.2f} x inter-node)")
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_same_summary_across_nodes(nodes, shards, tmp_path, strategy):
     flags, one_node_path, cross_path = STRATEGIES[strategy]
@@ -109,7 +128,8 @@ def test_same_summary_across_nodes(nodes, shards, tmp_path, strategy):
     assert (one["exchange"], two["exchange"]) == (one_node_path, cross_path)
     # The ranks sharing memory, as each run detected them: the topology, not a result.
     assert (one["ranks_per_node"], two["ranks_per_node"]) == (4, 2)
-    differ = {k: (one.get(k), two.get(k)) for k in (one.keys() | two.keys()) - TIMINGS - {"exchange", "ranks_per_node"}
+    differ = {k: (one.get(k), two.get(k))
+              for k in (one.keys() | two.keys()) - TIMINGS - NODE_BYTES - {"exchange", "ranks_per_node"}
               if one.get(k) != two.get(k)}
     assert not differ, f"2 nodes x 2 ranks differ from one node: {differ}"
     # Each round averages the two nodes' models, so each node must receive at least a model's
@@ -119,6 +139,8 @@ def test_same_summary_across_nodes(nodes, shards, tmp_path, strategy):
     assert two["bytes_sent"] > 0
     moved = crossed(before, after)
     assert moved >= two["bytes_sent"] / 3, (moved, two["bytes_sent"])
+    if strategy == "rps":
+        _check_node_bytes(one, two, moved)
     ready = re.search(r"ready after [0-9.]+s[^\n]*", r.stderr)
     assert ready, r.stderr
     print(f"\n{strategy}: 2x2 {seconds:.1f}s, {ready.group(0)}; {moved:,d} B crossed the links "

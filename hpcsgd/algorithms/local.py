@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+from .allreduce_option import AllreduceOption
 from .periodic import PeriodicStrategy
 
 
-class LocalSGD(PeriodicStrategy):
+class LocalSGD(AllreduceOption, PeriodicStrategy):
     """Local SGD (RI-SGD on a redundant sampler): ``x_i <- mean over live ranks`` every ``tau`` steps.
 
     Where the optimizer is a plain ``torch.optim.SGD``, a round's ``1/L`` rides in the
@@ -29,6 +31,9 @@ class LocalSGD(PeriodicStrategy):
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         average_weights: ``"equal"`` (1/L) or ``"samples"``: a round weighs each rank by the
             samples it drew since the last one (pass ``step(samples=n)``; unequal batches).
+        allreduce: ``"library"`` (the MPI library's Allreduce) or ``"node-aware"`` (reduce in
+            each node, across nodes, bcast in each node; rounding differs from the library's).
+        ranks_per_node: nodes of that many ranks for the node-aware Allreduce (0: as they share memory).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
 
@@ -44,8 +49,13 @@ class LocalSGD(PeriodicStrategy):
 
     name = "local"
 
-    def __init__(self, model, optimizer, world, **options):
+    def __init__(self, model, optimizer, world, *, allreduce: str = "library", ranks_per_node: int = 0, **options):
+        self.take_allreduce(allreduce, ranks_per_node)
+        if allreduce != "library" and options.get("overlap_rounds"):
+            raise ConfigError(f"allreduce {allreduce!r} sums blocking rounds: overlapped rounds (overlap_rounds) "
+                              "go by the library's Allreduce on their own thread")
         super().__init__(model, optimizer, world, **options)
+        self.coll.use_allreduce(self.allreduce, self.ranks_per_node)
         self._pack = None  # [x | state segments], allocated at the first round that needs it
 
     def prescalable(self) -> bool:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..comm import BlockExchange, LinkRates
+from ..comm.exchange import PATHS
+from ..errors import ConfigError
+from .base import check_int
 from .links import LossyLinks
 from .periodic import PeriodicStrategy
 
@@ -32,6 +35,10 @@ class RPS(LossyLinks, PeriodicStrategy):
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         average_weights: ``"equal"`` or ``"samples"``: each block's average weighs the ranks whose
             block arrived by the samples they drew since the last round (pass ``step(samples=n)``).
+        exchange: the block exchange's path (hpcsgd/comm/exchange.py): ``"auto"`` (shared-memory
+            on one node, node-aware across nodes), ``"alltoallv"``, ``"shared-memory"``, ``"node-aware"``.
+        ranks_per_node: nodes of that many ranks for the exchange (simulated nodes on one
+            machine; 0: as the ranks share memory).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
 
@@ -48,8 +55,12 @@ class RPS(LossyLinks, PeriodicStrategy):
     name = "rps"
 
     def __init__(self, model, optimizer, world, *, drop_rate: float = 0.0, rates: LinkRates | None = None,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, exchange: str = "auto", ranks_per_node: int = 0, **kwargs):
         self.take_links(world, drop_rate, rates, seed)
+        if exchange not in PATHS:
+            raise ConfigError(f"exchange must be one of {', '.join(PATHS)}, got {exchange!r}")
+        self.exchange_choice = exchange
+        self.ranks_per_node = check_int("ranks_per_node", ranks_per_node, 0)
         super().__init__(model, optimizer, world, **kwargs)
         self._build_exchange()
 
@@ -58,9 +69,10 @@ class RPS(LossyLinks, PeriodicStrategy):
             # The exchange lives on the round's own layer, used only by its thread; the message
             # path, whose waits can poll (the shared-memory path's fences block and spin).
             self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed,
-                                          path="alltoallv")
+                                          path="alltoallv", ranks_per_node=self.ranks_per_node)
         else:
-            self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed)
+            self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed, path=self.exchange_choice,
+                                          ranks_per_node=self.ranks_per_node)
 
     def set_collectives(self, coll) -> None:
         super().set_collectives(coll)

@@ -25,6 +25,7 @@ import torch
 
 from ..comm.collectives import AverageRequest
 from ..errors import ConfigError
+from .allreduce_option import AllreduceOption
 from .base import Strategy
 
 DEFAULT_BUCKET_MB = 25.0
@@ -34,12 +35,16 @@ DEFAULT_BUCKET_MB = 25.0
 FIRST_BUCKET_MB = 1.048576
 
 
-class SyncSGD(Strategy):
+class SyncSGD(AllreduceOption, Strategy):
     """Synchronous SGD: ``g = (1/P) sum_i g_i`` before every optimizer step; replicas stay identical.
 
     Args:
         overlap: start bucket Allreduces from gradient hooks while backward runs (like DDP).
         bucket_mb: bucket size in megabytes.
+        allreduce: ``"library"`` or ``"node-aware"`` (reduce in each node, across nodes, bcast in
+            each node; rounding differs from the library's): needs ``overlap=False``, whose one
+            blocking Allreduce per step it replaces (buckets go by the library's Iallreduce).
+        ranks_per_node: nodes of that many ranks for the node-aware Allreduce (0: as they share memory).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
 
@@ -57,10 +62,15 @@ class SyncSGD(Strategy):
     flat_grad = True
 
     def __init__(self, model, optimizer, world, *, overlap: bool = True, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 **kwargs):
+                 allreduce: str = "library", ranks_per_node: int = 0, **kwargs):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ConfigError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        self.take_allreduce(allreduce, ranks_per_node)
+        if allreduce != "library" and overlap:
+            raise ConfigError(f"allreduce {allreduce!r} sums sync's one blocking Allreduce per step: give overlap=False "
+                              "(--no-overlap); overlapped buckets go by the library's Iallreduce")
         super().__init__(model, optimizer, world, **kwargs)
+        self.coll.use_allreduce(self.allreduce, self.ranks_per_node)
         self.overlap = bool(overlap)
         self._buckets: list[tuple[int, int]] = []  # [lo, hi) ranges of the flat gradient
         self._pending: list[int] = []  # gradients still to come, per bucket

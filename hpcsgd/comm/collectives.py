@@ -19,6 +19,7 @@ import torch
 from mpi4py import MPI
 
 from ..faults.netem import LinkNetwork, NetworkClock, agreed_offset
+from .nodes import ALLREDUCE, NodeAllreduce
 from .waiting import default_wait_mode, wait_request
 from .watchdog import WATCHDOG
 
@@ -34,6 +35,9 @@ class CommCounters:
 
     An Allreduce of n bytes is counted as ``2 (L-1)/L * n`` (the bandwidth-optimal
     reduce-scatter + allgather volume), so it compares fairly with a two-phase block exchange.
+    ``bytes_intra_node`` and ``bytes_inter_node`` split ``bytes_sent`` by where the bytes go,
+    where the path knows it (the block exchange, the node-aware Allreduce); the library's
+    Allreduce does not say, and leaves both alone.
     """
 
     rounds: int = 0
@@ -41,8 +45,10 @@ class CommCounters:
     bytes_saved: int = 0
     messages_sent: int = 0
     messages_dropped: int = 0
+    bytes_intra_node: int = 0
+    bytes_inter_node: int = 0
 
-    TRAFFIC = ("bytes_sent", "bytes_saved", "messages_sent", "messages_dropped")
+    TRAFFIC = ("bytes_sent", "bytes_saved", "messages_sent", "messages_dropped", "bytes_intra_node", "bytes_inter_node")
 
     @property
     def arrival(self) -> float | None:
@@ -65,6 +71,8 @@ class CommCounters:
             "bytes_saved": self.bytes_saved,
             "messages_sent": self.messages_sent,
             "messages_dropped": self.messages_dropped,
+            "bytes_intra_node": self.bytes_intra_node,
+            "bytes_inter_node": self.bytes_inter_node,
         }
 
     def traffic(self) -> np.ndarray:
@@ -216,6 +224,11 @@ class Collectives:
         # polling and giving the core to ranks or threads that share it.
         self.wait_mode = default_wait_mode()
         self._windows: list = []  # shared-memory windows over comm (hpcsgd/comm/shm.py), freed together
+        # How averaging rounds sum (see hpcsgd/comm/nodes.py): the library's Allreduce, or the
+        # node-aware one, built at its first use over these ranks and R.
+        self.allreduce_kind = "library"
+        self.ranks_per_node = 0
+        self._node_allreduce: NodeAllreduce | None = None
 
     @property
     def size(self) -> int:
@@ -266,6 +279,18 @@ class Collectives:
             timing, self.wait_mode,
         )
 
+    def use_allreduce(self, kind: str, ranks_per_node: int = 0) -> None:
+        """Sum the averaging rounds of :meth:`allreduce_sum_` the ``kind`` way (``library`` or
+        ``node-aware``, see hpcsgd/comm/nodes.py); ``ranks_per_node``: simulated nodes of that many ranks."""
+        if kind not in ALLREDUCE:
+            raise ValueError(f"allreduce must be one of {', '.join(ALLREDUCE)}, not {kind!r}")
+        self.allreduce_kind, self.ranks_per_node = kind, int(ranks_per_node)
+
+    @property
+    def allreduce_path(self) -> str:
+        """How :meth:`allreduce_sum_` sums: ``allreduce`` (the library's) or ``node-aware-allreduce``."""
+        return "allreduce" if self.allreduce_kind == "library" else "node-aware-allreduce"
+
     def allreduce_sum_(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
         """Sum ``tensor`` in place over the live ranks (one blocking Allreduce).
 
@@ -274,17 +299,29 @@ class Collectives:
         """
         buf, host = self.mpi_view(tensor, tag)
         timing = self.ring_timing(tensor.numel() * tensor.element_size())
-        if self.wait_mode == "yield":  # a worker thread beside the training thread (overlapped rounds)
+        if self.allreduce_kind == "node-aware" and self.wait_mode != "yield" and self.size > 1:
+            self._sum_node_aware(buf, tensor, count_round)
+        elif self.wait_mode == "yield":  # a worker thread beside the training thread (overlapped rounds)
             self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
         else:
             with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
                 self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         if timing is not None:
             timing.hold()
-        self._count_allreduce(tensor, count_round)
+        if self.allreduce_kind == "library" or self.wait_mode == "yield" or self.size == 1:
+            self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
         return tensor
+
+    def _sum_node_aware(self, buf, tensor: torch.Tensor, count_round: bool) -> None:
+        """The node-aware sum of ``buf`` (built at first use: collective, as every use is), counted per node."""
+        if self._node_allreduce is None:
+            self._node_allreduce = NodeAllreduce(self.comm, self.world_ranks, self.ranks_per_node)
+        self._node_allreduce.sum_(buf)
+        intra, inter = self._node_allreduce.traffic(tensor.numel() * tensor.element_size())
+        self.counters += CommCounters(rounds=int(count_round), bytes_sent=intra + inter, bytes_intra_node=intra,
+                                      bytes_inter_node=inter)
 
     def allreduce_mean_(
         self, tensor: torch.Tensor, tag: str = "avg", count: int | None = None, count_round: bool = True
@@ -395,6 +432,9 @@ class Collectives:
         windows, self._windows = self._windows, []
         for window in windows:
             window.free()
+        if self._node_allreduce is not None:
+            self._node_allreduce.free()
+            self._node_allreduce = None
 
     def split_live(self, alive: bool) -> "Collectives | None":
         """Collective over the current ranks: a new layer over those still alive (None if not).
@@ -421,4 +461,5 @@ class Collectives:
         live.counters = self.counters
         live.clock = self.clock  # one emulated link per rank, before and after
         live.wait_mode = self.wait_mode
+        live.use_allreduce(self.allreduce_kind, self.ranks_per_node)
         return live

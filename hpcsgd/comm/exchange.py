@@ -1,10 +1,22 @@
 """Two-phase block averaging over a lossy network: RPS's exchange (ALGORITHMS.md, RPS).
 
 Phase 1 scatters block ``B_j`` of every rank's vector to rank ``j``, which averages what
-arrived; phase 2 gathers the averages back. Both phases are one ``Ialltoallv`` each, on
-views of the flat buffer itself: a dropped message gets count 0 (its bytes are never sent),
-phase 1 sends straight from the vector, and phase 2 receives straight into it, so a block
-whose average was lost keeps the rank's own values without any copy.
+arrived; phase 2 gathers the averages back. Three paths, bit-identical (the same arrival
+masks, the same additions in the same order per block):
+
+- ``alltoallv``: both phases are one ``Ialltoallv`` each, on views of the flat buffer itself:
+  a dropped message gets count 0 (its bytes are never sent), phase 1 sends straight from the
+  vector, and phase 2 receives straight into it, so a block whose average was lost keeps the
+  rank's own values without any copy.
+- ``shared-memory``: every live rank on one node; both phases through one shared window
+  (hpcsgd/comm/shm.py).
+- ``node-aware``: the live ranks span several nodes (ALGORITHMS.md, "Node-aware exchange");
+  pairs on one node go through that node's window, pairs across nodes by one ``Ialltoallv``
+  per phase whose counts are zero for same-node pairs and dropped messages, running while
+  the window is filled.
+
+Every path counts the bytes of a pair on one node as ``bytes_intra_node``, across nodes as
+``bytes_inter_node`` (nodes: hpcsgd/comm/nodes.py; ``ranks_per_node`` simulates them).
 """
 
 from __future__ import annotations
@@ -17,12 +29,14 @@ from .blocks import block_offsets
 from .collectives import Collectives, CommCounters
 from ..faults.lossy import LinkRates, arrival_mask
 from . import ulfm
+from .nodes import node_ids
 from .shm import SharedWindow
 from .watchdog import WATCHDOG
 
 # How the two phases travel, when messages can be dropped (lossless exchanges are one Allreduce):
-# auto: shared-memory where every live rank shares one node, else alltoallv.
-PATHS = ("auto", "alltoallv", "shared-memory")
+# auto: shared-memory where every live rank shares one node, node-aware where they span
+# several and some node has two of them, else alltoallv.
+PATHS = ("auto", "alltoallv", "shared-memory", "node-aware")
 
 
 class BlockExchange:
@@ -34,12 +48,14 @@ class BlockExchange:
         rates: per-link drop rates indexed by original (world) rank.
         seed: the run's seed, the key of the drop generator.
         align: block alignment in elements (1: sizes differ by at most one).
-        path: ``auto``, ``alltoallv`` or ``shared-memory`` (see ``PATHS``); ``self.path``
-            says which one runs (``allreduce`` when nothing can be dropped).
+        path: ``auto``, ``alltoallv``, ``shared-memory`` or ``node-aware`` (see ``PATHS``);
+            ``self.path`` says which one runs (``allreduce`` when nothing can be dropped).
+        ranks_per_node: nodes of that many consecutive original ranks (simulated nodes on one
+            machine, hpcsgd/comm/nodes.py); 0: the nodes the ranks share memory on.
     """
 
     def __init__(self, coll: Collectives, numel: int, rates: LinkRates, seed: int, align: int = 1,
-                 path: str = "auto"):
+                 path: str = "auto", ranks_per_node: int = 0):
         self.coll = coll
         self.numel = numel
         self.rates = rates
@@ -57,26 +73,35 @@ class BlockExchange:
         self._rates = {phase: rates.for_phase(phase)[live] for phase in (1, 2)}
         self._lossless = not (self._rates[1].any() or self._rates[2].any())
         self._all = np.ones((size, size), dtype=bool)
-        self._window = self._open_window(path)
-        self.path = "allreduce" if self._lossless else ("shared-memory" if self._window else "alltoallv")
-
-    def _open_window(self, path: str) -> SharedWindow | None:
-        """The shared window of the fast path, when ``path`` allows it and the node has it (collective)."""
         if path not in PATHS:
             raise ValueError(f"exchange path must be one of {', '.join(PATHS)}, not {path!r}")
-        if self._lossless or self.coll.size == 1 or path == "alltoallv":
-            return None
+        # Each live rank's node (collective), and which ranks share this rank's node.
+        self.nodes = node_ids(coll.comm, coll.world_ranks, ranks_per_node) if size > 1 else np.zeros(size, np.int64)
+        self._near = self.nodes == self.nodes[me] if size else np.zeros(0, bool)
+        self.path, self._window = self._open_window(path)
+
+    def _open_window(self, path: str) -> tuple[str, SharedWindow | None]:
+        """The path that runs and its shared window (None: messages only), as ``path`` asks and
+        the nodes allow (collective)."""
+        if self._lossless:
+            return "allreduce", None
+        counts = np.bincount(self.nodes)
+        if self.coll.size == 1 or path == "alltoallv" or (path == "auto" and counts.max() < 2):
+            return "alltoallv", None
         if path == "auto" and ulfm.active():
             # Open MPI's one-sided windows are not fault tolerant: a peer's death surfaces in a
             # fence as MPI_ERR_OTHER, not as a process failure the job could survive.
-            return None
-        window = SharedWindow.create(self.coll.comm, self.numel, max(self._stride, 1))
-        if window is None and path == "shared-memory":
-            raise ValueError("exchange path shared-memory needs every live rank on one node, "
-                             "with room for the window on /dev/shm")
-        if window is not None:
-            self.coll.keep_window(window)  # freed when the live ranks change, and at close
-        return window
+            return "alltoallv", None
+        one_node = path == "shared-memory" or (path == "auto" and len(counts) == 1)
+        window = SharedWindow.create(self.coll.comm, self.numel, max(self._stride, 1),
+                                     None if one_node else self.nodes)
+        if window is None and path != "auto":
+            raise ValueError(f"exchange path {path} needs {'every live rank on one node' if one_node else 'its nodes'}"
+                             ", with room for the window on /dev/shm")
+        if window is None:
+            return "alltoallv", None
+        self.coll.keep_window(window)  # freed when the live ranks change, and at close
+        return ("shared-memory" if one_node else "node-aware"), window
 
     def masks(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Arrival masks (live-rank indexed) of phases 1 and 2 at ``step``."""
@@ -125,6 +150,8 @@ class BlockExchange:
         count = 1
         if self._lossless:
             count = self._sum_lossless(buf, contributors, weights)
+        elif self.path == "node-aware":
+            self._average_node_aware(buf, arrived1, arrived2, contributors, weights)
         elif self._window is not None:
             self._average_shared(buf, arrived1, arrived2, contributors, weights)
         else:
@@ -261,6 +288,48 @@ class BlockExchange:
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
         win.fence("round done", self.coll.wait_mode)
 
+    def _average_node_aware(self, buf, arrived1, arrived2, contributors, weights=None) -> None:
+        """Same-node pairs through the node's window (as :meth:`_average_shared`), cross-node
+        pairs by one ``Ialltoallv`` per phase (as :meth:`_average_alltoallv`, counts for them only).
+
+        Each phase's messages are started first and waited for after the window's fence, so
+        the copies into the window overlap the transfers. Block j's owner adds the arrived rows
+        in rank order whichever path each came by, so the result is the flat exchange's, bit for bit.
+        """
+        win, comm, me, wait_mode = self._window, self.coll.comm, self.coll.rank, self.coll.wait_mode
+        off, sizes, my_size, near = self.offsets, self.sizes, self._my_size, self._near
+        far = ~near
+        mine = win.views[me]
+        starts = self._phase_starts()
+        request = comm.Ialltoallv(
+            [buf, (np.where(arrived1[me] & far, sizes, 0), off[:-1]), MPI.FLOAT],
+            [self._recv, (np.where(arrived1[:, me] & far, my_size, 0), np.arange(self.coll.size) * self._stride),
+             MPI.FLOAT],
+        )
+        for j in np.flatnonzero(arrived1[me] & near):
+            if j != me:
+                mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
+        win.fence("phase 1 sent", wait_mode)
+        self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 1]", can_sleep=False)
+        self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
+        rows = self._contributing_rows(arrived1, contributors)
+        lo, hi = off[me], off[me + 1]
+        starts = self._phase_starts()
+        if len(rows):
+            self._block_average(rows, lambda i: buf[lo:hi] if i == me else (
+                win.views[i][lo:hi] if near[i] else self._recv[i, :my_size]), weights)
+            win.result(me, my_size)[...] = self._avg[:my_size]
+        request = comm.Ialltoallv(
+            [self._avg, (np.where(arrived2[me] & far, my_size, 0), np.zeros(self.coll.size, dtype=np.int64)), MPI.FLOAT],
+            [buf, (np.where(arrived2[:, me] & far, sizes, 0), off[:-1]), MPI.FLOAT],
+        )
+        win.fence("phase 2 sent", wait_mode)
+        self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 2]", can_sleep=False)
+        self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
+        for j in np.flatnonzero(arrived2[:, me] & near):
+            buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
+        win.fence("round done", wait_mode)
+
     def _phase_starts(self) -> np.ndarray | None:
         """On an emulated network, every live rank's port-ready time for the phase it starts
         now (one Allgather; collective), None otherwise."""
@@ -297,14 +366,22 @@ class BlockExchange:
         clock.hold(clock.phase_deadline(float(starts[me]), float(seconds[me].sum()), incoming))
 
     def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> CommCounters:
-        """Count this rank's sends: off-diagonal messages only (its own block stays home)."""
+        """Count this rank's sends: off-diagonal messages only (its own block stays home), and
+        apart the bytes to ranks on its node and on other nodes."""
         others = np.ones(self.coll.size, dtype=bool)
         others[me] = False
         sent1, sent2 = arrived1[me] & others, arrived2[me] & others
         lost1, lost2 = ~arrived1[me] & others, ~arrived2[me] & others
+        near = self._near
+
+        def sent_bytes(to) -> int:
+            return int((sizes[sent1 & to].sum() + my_size * (sent2 & to).sum()) * itemsize)
+
         report = CommCounters(
             rounds=int(count_round),
             bytes_sent=int((sizes[sent1].sum() + my_size * sent2.sum()) * itemsize),
+            bytes_intra_node=sent_bytes(near),
+            bytes_inter_node=sent_bytes(~near),
             bytes_saved=int((sizes[lost1].sum() + my_size * lost2.sum()) * itemsize),
             messages_sent=int(sent1.sum() + sent2.sum()),
             messages_dropped=int(lost1.sum() + lost2.sum()),

@@ -1,6 +1,7 @@
 """An MPI-3 shared-memory window over the ranks of one node: the block exchange's fast path.
 
-When every live rank shares one node, RPS's two phases need no messages at all: each rank
+When every live rank shares one node, RPS's two phases need no messages at all (across
+nodes, the node-aware exchange opens one such window per node for the pairs inside it): each rank
 puts the blocks it sends into its region of one shared window, each block's owner reads
 the blocks that arrived straight from its peers' regions and writes their average into its
 own region, and each rank copies the averages that reached it. Against MPICH's tuned
@@ -43,34 +44,44 @@ class SharedWindow:
     """Each rank's float32 region of one shared window: ``numel`` send slots + ``stride`` result slots.
 
     Build it with :meth:`create` (collective over ``comm``), which returns None when the
-    ranks of ``comm`` do not all share one node or the node lacks the memory.
+    ranks of ``comm`` do not all share one node (or, with ``nodes``, when a node lacks the memory).
     """
 
-    def __init__(self, win: MPI.Win, comm: MPI.Comm, views: list[np.ndarray], numel: int):
+    def __init__(self, win: MPI.Win, comm: MPI.Comm, views: dict[int, np.ndarray], numel: int):
         self._win = win
         self._comm = comm
-        self.views = views  # views[r]: rank r's region, readable and writable by every rank
+        self.views = views  # views[r]: the region of rank r (of the exchange's comm), for every rank of the node
         self.numel = numel
 
     @classmethod
-    def create(cls, comm: MPI.Comm, numel: int, stride: int) -> "SharedWindow | None":
-        """Collective over ``comm``: the window, or None where it cannot be used (every rank agrees)."""
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        one_node = node.size == comm.size
+    def create(cls, comm: MPI.Comm, numel: int, stride: int, nodes: np.ndarray | None = None) -> "SharedWindow | None":
+        """Collective over ``comm``: the window, or None where it cannot be used (every rank agrees).
+
+        ``nodes``: the node of each member of ``comm`` (hpcsgd/comm/nodes.py): one window per
+        node, over its members; None: one window over all of ``comm``, None unless they share a node.
+        """
+        if nodes is None:
+            node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+            wanted = node.size == comm.size
+        else:
+            with WATCHDOG.guard("Split [node-aware exchange: the node's ranks]", comm):
+                node = comm.Split(int(nodes[comm.rank]), key=comm.rank)
+            wanted = True
         nbytes = (numel + stride) * 4
         free = _free_shm_bytes() if node.rank == 0 else None
         fits = free is None or free >= nbytes * node.size + _HEADROOM
         # Every rank must take the same decision, or some would wait in Allocate_shared.
-        usable = comm.allreduce(int(one_node and fits), op=MPI.MIN)
+        usable = comm.allreduce(int(wanted and fits), op=MPI.MIN)
         if not usable:
             node.Free()
             return None
         with WATCHDOG.guard("Win_allocate_shared [shared-memory exchange]", node):
             win = MPI.Win.Allocate_shared(nbytes, 4, comm=node)
-        views = []
-        for r in range(node.size):
+        members = node.allgather(comm.rank)  # the rank in ``comm`` of each member of the node
+        views = {}
+        for r, member in enumerate(members):
             buf, _ = win.Shared_query(r)
-            views.append(np.frombuffer(buf, dtype=np.float32, count=numel + stride))
+            views[member] = np.frombuffer(buf, dtype=np.float32, count=numel + stride)
         return cls(win, node, views, numel)
 
     def fence(self, what: str, wait_mode: str = "spin") -> None:
@@ -98,7 +109,7 @@ class SharedWindow:
         """
         if self._win == MPI.WIN_NULL:
             return
-        self.views = []
+        self.views = []  # indexing it raises IndexError
         self._win.Free()
         self._comm.Free()
 

@@ -180,6 +180,10 @@ def strategy_options(cfg: TrainConfig, rates: LinkRates, network: LinkNetwork | 
                        overlap_rounds=cfg.overlap_rounds, average_weights=cfg.effective_average_weights)
     if spec.lossy:
         options.update(rates=rates, seed=cfg.seed)
+    if cfg.algorithm == "rps":  # the nodes as the run counts them (R may simulate nodes on one machine)
+        options.update(exchange=cfg.exchange, ranks_per_node=cfg.ranks_per_node)
+    if cfg.algorithm in ("local", "sync"):
+        options.update(allreduce=cfg.allreduce, ranks_per_node=cfg.ranks_per_node)
     return options
 
 

@@ -82,7 +82,7 @@ class RunTotals:
         )
         totals = strategy.live_sum(per_rank)
         # Ranks that failed left their traffic with the survivors (each survivor holds the same sum).
-        totals[4:8] += strategy.failed_counters.traffic()
+        totals[4:10] += strategy.failed_counters.traffic()
         return totals
 
 
@@ -123,11 +123,14 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "bytes_sent": int(totals[4]),
         "bytes_saved": int(totals[5]),
         "arrival_realised": float(totals[6] / messages) if messages else 1.0,
+        # bytes_sent split by where they went, where the path knows it (0 and 0 when it does not).
+        "bytes_intra_node": int(totals[8]),
+        "bytes_inter_node": int(totals[9]),
         # How the rounds travelled: the block exchange's path (shared-memory, alltoallv,
         # allreduce when lossless), or allreduce for sync and local.
         "exchange": run.strategy.exchange_path,
         **{key: round(value, 3) for key, value in run.strategy.network_stats().items()},
-        "skipped_steps": int(totals[11]),
+        "skipped_steps": int(totals[13]),
         "live_ranks": L,
         **_membership_summary(m),
         "reweight": cfg.reweight,
@@ -142,10 +145,10 @@ def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: 
         "train_accuracy_rank_mean": totals[2] / L,
         "test_loss_rank_mean": totals[3] / L,
         "consensus_distance": distance,
-        **_diversity_summary(cfg, totals[12:15]),
-        "compute_s_mean": totals[8] / L,
-        "comm_s_mean": totals[9] / L,
-        "data_s_mean": totals[10] / L,
+        **_diversity_summary(cfg, totals[14:17]),
+        "compute_s_mean": totals[10] / L,
+        "comm_s_mean": totals[11] / L,
+        "data_s_mean": totals[12] / L,
         "model": cfg.model,
         "partition": run.index.partition,
         "shards": shard_identity(run.index),  # the data's content digest: `hpcsgd report` groups by it
