@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one bench run may take")
     args = parser.parse_args(argv)
     args.only = args.only or list(SECTIONS)
-    speeds = [float(g) for g in args.gbps.split(",")]
+    try:
+        speeds = [float(g) for g in args.gbps.split(",")]
+    except ValueError:
+        speeds = []
     if not speeds or not all(0 < g < 1e4 for g in speeds) or args.reps < 1:
         parser.error("--gbps needs positive link speeds and --reps a count >= 1")
     os.environ.setdefault("HPCSGD_CLUSTER", "xnode-bench")  # never another helper's or the tests' cluster
