@@ -12,7 +12,8 @@ OUT/NAME/report. Finished runs are kept and skipped when the command is run agai
 emulation: a namespace cluster of 2 nodes x 2 ranks with tbf-shaped G Gbit/s links
 (tools/cluster, under HPCSGD_CLUSTER, default `xnode-bench`), brought up for it and torn down
 after; the grid's runs at `--link-gbps G` without their emulation flags, launched through
-`tools/cluster run`, into OUT/network-xnode-Ggbps.
+`tools/cluster run`, into OUT/network-xnode-Ggbps. Where the 4 ranks outnumber this machine's
+cores, HPCSGD_WAIT=sleep (unless set): the nodes share the cores, which no node can see.
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiment != "network" or args.ranks != 4 or not args.cluster_gbps > 0:
             parser.error("--cluster-gbps G (> 0) runs the network experiment on 2 x 2 ranks only")
         os.environ.setdefault("HPCSGD_CLUSTER", "xnode-bench")
+        if (os.cpu_count() or 1) < 4:  # the nodes share this machine's cores (tools/xnode_bench.py: shared_cores_wait)
+            os.environ.setdefault("HPCSGD_WAIT", "sleep")
         cluster("up", "2", "2", "--gbps", f"{args.cluster_gbps:g}")
         try:
             run_experiment("network", args.out, args.ranks, args.extra, args.record, args.cluster_gbps)
