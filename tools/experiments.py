@@ -7,6 +7,13 @@ Each experiment is a grid file in jobs/sweeps/ (the same file the Slurm array jo
 embedded digits data set, label-skewed over 4 ranks: its runs go through mpiexec one after the
 other, a table of final figures is printed, and `hpcsgd report` writes tables and PNG figures to
 OUT/NAME/report. Finished runs are kept and skipped when the command is run again.
+
+`network --cluster-gbps G` (root) runs experiment (e) on real links instead of hpcsgd's network
+emulation: a namespace cluster of 2 nodes x 2 ranks with tbf-shaped G Gbit/s links
+(tools/cluster, under HPCSGD_CLUSTER, default `xnode-bench`), brought up for it and torn down
+after; the grid's runs at `--link-gbps G` without their emulation flags, launched through
+`tools/cluster run`, into OUT/network-xnode-Ggbps. Where the 4 ranks outnumber this machine's
+cores, HPCSGD_WAIT=sleep (unless set): the nodes share the cores, which no node can see.
 """
 
 from __future__ import annotations
@@ -95,12 +102,14 @@ def shard(out: Path, ranks: int) -> Path:
     return shards
 
 
-def train(run_dir: Path, config: Path, shards: Path, ranks: int, flags: list[str], extra: list[str]) -> float:
-    """One run under mpiexec; returns wall seconds (0 when it had already finished)."""
+def train(run_dir: Path, config: Path, shards: Path, ranks: int, flags: list[str], extra: list[str],
+          launcher: list[str] | None = None) -> float:
+    """One run under mpiexec (or ``launcher``); returns wall seconds (0 when it had already finished)."""
     if (run_dir / "summary.json").exists():
         return 0.0
     # --resume: an unfinished run (interrupted, crashed) continues from its checkpoint, or starts afresh.
-    cmd = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
+    launch = launcher if launcher is not None else [str(BIN / "mpiexec"), "-n", str(ranks)]
+    cmd = [*launch, sys.executable, "-m", "mpi4py", "-m", "hpcsgd", "train",
            str(config), "--data", str(shards), "--run-dir", str(run_dir), "--progress", "none", "--resume",
            *flags, *extra]
     start = time.perf_counter()
@@ -146,15 +155,51 @@ def _accuracy_on_classes_only_in(chunks: list[int], summary: dict, shards: Path)
     return sum(accs) / len(accs) if accs else None
 
 
-def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str], record: Path | None) -> None:
+CLUSTER = ROOT / "tools" / "cluster"
+EMULATION_FLAGS = ("--link-gbps", "--link-latency-ms")  # each takes one value
+
+
+def on_cluster(runs: list[list[str]], gbps: float) -> list[list[str]]:
+    """The grid's runs at ``--link-gbps gbps``, without hpcsgd's emulation flags (the links are real)."""
+    kept = []
+    for flags in runs:
+        if "--link-gbps" not in flags or float(flags[flags.index("--link-gbps") + 1]) != gbps:
+            continue
+        out, skip = [], False
+        for token in flags:
+            if skip:
+                skip = False
+            elif token in EMULATION_FLAGS:
+                skip = True
+            else:
+                out.append(token)
+        kept.append(out)
+    if not kept:
+        raise SystemExit(f"--cluster-gbps {gbps:g}: the grid has no run at --link-gbps {gbps:g}")
+    return kept
+
+
+def cluster(*args: str) -> None:
+    proc = subprocess.run([sys.executable, str(CLUSTER), *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"tools/cluster {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str], record: Path | None,
+                   cluster_gbps: float | None = None) -> None:
     grid, columns = EXPERIMENTS[name]
     config, runs = read_grid(SWEEPS / grid)
+    launcher = None
+    if cluster_gbps is not None:  # experiment (e) on a namespace cluster's shaped links
+        runs, name = on_cluster(runs, cluster_gbps), f"{name}-xnode-{cluster_gbps:g}gbps"
+        launcher = [sys.executable, str(CLUSTER), "run", "--"]
+        columns = tuple(c for c in columns if not c.startswith("network_"))
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
     shards = shard(out_root, ranks)
     names = [run_name(flags) for flags in runs]
     for i, (run, flags) in enumerate(zip(names, runs), 1):
-        seconds = train(out / run, config, shards, ranks, flags, extra)
+        seconds = train(out / run, config, shards, ranks, flags, extra, launcher)
         print(f"[{name} {i}/{len(runs)}] {run}: {f'{seconds:.0f}s' if seconds else 'already done'}",
               file=sys.stderr, flush=True)
     cols = COMMON_COLUMNS + columns
@@ -167,13 +212,13 @@ def run_experiment(name: str, out_root: Path, ranks: int, extra: list[str], reco
     print("\n".join(table))
     report = out / "report"
     subprocess.run([sys.executable, "-m", "hpcsgd", "report", *[str(out / n) for n in names], "--out", str(report),
-                    *REPORT_ARGS.get(name, [])],
+                    *REPORT_ARGS.get(name.split("-xnode-")[0], [])],
                    env=_env(), check=True, stdout=subprocess.DEVNULL)
     print(f"\nreport: {report}/report.md", file=sys.stderr)
     if record is not None:
         record.mkdir(parents=True, exist_ok=True)
         (record / f"{name}-table.md").write_text("\n".join(table) + "\n")
-        for figure in FIGURES[name]:
+        for figure in FIGURES[name.split("-xnode-")[0]]:
             shutil.copyfile(report / f"{figure}.png", record / f"{name}-{figure}.png")
 
 
@@ -189,8 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="where runs and reports go")
     parser.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4: the grids assume it)")
     parser.add_argument("--record", type=Path, help="copy the tables and key figures here (tools/results)")
+    parser.add_argument("--cluster-gbps", type=float, metavar="G",
+                        help="network only: run on a 2 x 2 namespace cluster with G Gbit/s shaped links (root)")
     parser.add_argument("extra", nargs="*", help="more train flags for every run, after --")
     args = parser.parse_args(argv)
+    if args.cluster_gbps is not None:
+        if args.experiment != "network" or args.ranks != 4 or not args.cluster_gbps > 0:
+            parser.error("--cluster-gbps G (> 0) runs the network experiment on 2 x 2 ranks only")
+        os.environ.setdefault("HPCSGD_CLUSTER", "xnode-bench")
+        if (os.cpu_count() or 1) < 4:  # the nodes share this machine's cores (tools/xnode_bench.py: shared_cores_wait)
+            os.environ.setdefault("HPCSGD_WAIT", "sleep")
+        cluster("up", "2", "2", "--gbps", f"{args.cluster_gbps:g}")
+        try:
+            run_experiment("network", args.out, args.ranks, args.extra, args.record, args.cluster_gbps)
+        finally:
+            cluster("down")
+        return 0
     for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
         run_experiment(name, args.out, args.ranks, args.extra, args.record)
     return 0

@@ -24,7 +24,8 @@ from ..limits import FLOAT32_MAX, MAX_SECONDS, check_bytes
 from .comm import SCALING_SIZES, exchange_rows, scaling_rows, watchdog_rows
 from .costmodel import TABLE, fit_cost_model, print_projection, project
 from .jobs import run_env
-from .timing import DEFAULT_PARAMS, check_writable, format_rows, time_interleaved, write_json
+from .links import NodeLayout, keyed_by_placement
+from .timing import DEFAULT_PARAMS, check_writable, count_link_bytes, format_rows, time_interleaved, write_json
 from .overlap import overlap_rows
 from .training import accuracy_rows, api_rows, data_rows, ddp_rows, local_rows
 
@@ -76,16 +77,28 @@ def run(args: argparse.Namespace) -> int:
                       f"alltoall {r['alltoall_s'] * 1e3:9.3f} ms", flush=True)
             write_json(args.json, rows)
         return 0
+    placement = NodeLayout(comm)
+    count_link_bytes(placement)  # across nodes: the bytes over the links beside each row
+    rows = _suite(comm, args, reps, warmup, placement)
+    count_link_bytes(None)
+    if comm.rank == 0:
+        write_json(args.json, rows)
+    return 0
+
+
+def _suite(comm, args: argparse.Namespace, reps: int, warmup: int, placement: NodeLayout) -> list[dict]:
+    """The sections ``args`` asks for, printed as they finish; rows keyed by where they ran."""
     sections = args.only or list(SECTIONS)
     rows: list[dict] = []
     start = time.perf_counter()
+    where = f" on {placement.nodes} nodes (rows keyed {placement.prefix}*)" if placement.nodes > 1 else ""
     if comm.rank == 0:
-        print(f"hpcsgd bench: {comm.size} ranks, median of {reps} interleaved rounds after {warmup} warm-up"
+        print(f"hpcsgd bench: {comm.size} ranks{where}, median of {reps} interleaved rounds after {warmup} warm-up"
               f"{' (quick)' if args.quick else ''}", flush=True)
     for section in sections:
         if section == "exchange":
             params = 1_000_000 if args.quick and args.params == DEFAULT_PARAMS else args.params
-            new = exchange_rows(comm, params, reps, warmup) + watchdog_rows(comm, params, reps, warmup)
+            new = exchange_rows(comm, params, reps, warmup, placement.nodes) + watchdog_rows(comm, params, reps, warmup)
         elif section == "ddp":
             new = ddp_rows(comm, reps, warmup, args.quick)
         elif section == "local":
@@ -93,18 +106,18 @@ def run(args: argparse.Namespace) -> int:
         elif section == "api":
             new = api_rows(comm, reps, warmup, args.quick)
         elif section == "overlap":
-            new = overlap_rows(comm, reps, warmup, args.quick)
+            new = overlap_rows(comm, reps, warmup, args.quick, nodes=placement.nodes)
         elif section == "data":
             new = data_rows(comm, reps, args.quick)
         else:
             new = accuracy_rows(comm, args.quick)
+        new = keyed_by_placement(new, placement)
         rows += new
         if comm.rank == 0:
             print(format_rows(new).split("\n", 1)[1] if rows != new else format_rows(new), flush=True)
     if comm.rank == 0:
         print(f"({time.perf_counter() - start:.0f}s)", file=sys.stderr)
-        write_json(args.json, rows)
-    return 0
+    return rows
 
 
 def check_arguments(args: argparse.Namespace) -> list[str]:

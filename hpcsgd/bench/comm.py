@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 
-from .timing import flat_mlp, node_cores, ratio_paired, row, time_interleaved
+from .timing import flat_mlp, link_fields, node_cores, ratio_paired, row, time_interleaved
 
 SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
 
 
-def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
+def exchange_rows(comm, params: int, reps: int, warmup: int, nodes: int = 1) -> list[dict]:
     """Local SGD's averaging round and RPS rounds vs raw Allreduce of the same flat buffer.
 
     The averaging round is measured as training runs it: the round step's optimizer step
@@ -22,6 +22,8 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     The raw Allreduce runs where the average does, on the model buffer right after an
     optimizer step: an Allreduce after the optimizer has streamed the model through memory
     is slower than the same call after a light operation, for raw mpi4py too (README, "Benchmarks").
+    Across ``nodes`` > 1, one more row: rank 0 and rank P/2 (another node) swap the buffer, the
+    links' floor for a node-aware Allreduce's bytes (the cost model's link is fitted to it).
     """
     import torch
     from mpi4py import MPI
@@ -45,9 +47,11 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
     ex1 = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1)  # auto: shared memory on one node
     ex1_msg = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1, path="alltoallv")
     step = iter(range(10**9))
+    pair = _pair_swap(comm, model_buffer) if nodes > 1 else {}
     m = time_interleaved(
         comm,
         {
+            **pair,
             "opt": lambda: optimizer.step(),
             "raw": lambda: comm.Allreduce(MPI.IN_PLACE, model_buffer, op=MPI.SUM),
             "unscale": lambda: flat.flat.mul_(1.0 / comm.size),  # keeps the values bounded; not reported
@@ -62,24 +66,42 @@ def exchange_rows(comm, params: int, reps: int, warmup: int) -> list[dict]:
         reps,
         warmup,
     )
-    return _exchange_report(m, f"{flat.numel / 1e6:.1f}M params", ex1.path)
+    rows = _exchange_report(m, f"{flat.numel / 1e6:.1f}M params", ex1.path, 4 * flat.numel)
+    if pair:
+        rows.insert(1, row("Sendrecv of the buffer between two nodes, one rank each (the links' floor) / raw Allreduce",
+                           m["pair"], m["pair"] / m["raw"], None, key="link_sendrecv", bytes=4 * flat.numel,
+                           **link_fields(m, "pair", ref="raw")))
+    return rows
 
 
-def _exchange_report(m: dict, mb: str, path: str) -> list[dict]:
-    """The exchange section's rows from its medians ``m``."""
+def _pair_swap(comm, buffer) -> dict:
+    """{"pair": a call in which rank 0 and rank P/2 swap ``buffer`` (a copy) and the others wait}."""
+    peer = {0: comm.size // 2, comm.size // 2: 0}.get(comm.rank)
+    send, recv = buffer.copy(), buffer.copy()
+    if peer is None:
+        return {"pair": lambda: None}
+    return {"pair": lambda: comm.Sendrecv(send, dest=peer, recvbuf=recv, source=peer)}
+
+
+def _exchange_report(m: dict, mb: str, path: str, nbytes: int) -> list[dict]:
+    """The exchange section's rows from its medians ``m`` (``nbytes``: the model buffer's size)."""
     whole = (m["opt_round"] + m["avg"]) / (m["opt"] + m["raw"])
     return [
-        row(f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None, key="allreduce_raw"),
-        row("averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.03, key="avg_vs_allreduce"),
+        row(f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None, key="allreduce_raw", bytes=nbytes,
+             **link_fields(m, "raw")),
+        row("averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.03, key="avg_vs_allreduce",
+             bytes=nbytes, **link_fields(m, "avg", ref="raw")),
         row("round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05,
              key="round_opt_vs_plain_opt"),
         row("round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10,
              key="round_step_vs_opt_allreduce"),
-        row("RPS round, drop 0 (1/L in the optimizer step) / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.03, key="rps0_vs_allreduce"),
+        row("RPS round, drop 0 (1/L in the optimizer step) / raw Allreduce", m["rps0"], m["rps0"] / m["raw"], 1.03,
+             key="rps0_vs_allreduce", bytes=nbytes, **link_fields(m, "rps0", ref="raw")),
         row(f"RPS round, drop 0.1 ({path}) / raw Allreduce", m["rps1"], m["rps1"] / m["raw"], 1.0,
-             key="rps01_vs_allreduce"),
+             key="rps01_vs_allreduce", bytes=nbytes, path=path, **link_fields(m, "rps1", ref="raw")),
         row("RPS round, drop 0.1, two Ialltoallv (the multi-node path) / raw Allreduce", m["rps1_msg"],
-             m["rps1_msg"] / m["raw"], None, key="rps01_alltoallv_vs_allreduce"),
+             m["rps1_msg"] / m["raw"], None, key="rps01_alltoallv_vs_allreduce", bytes=nbytes,
+             **link_fields(m, "rps1_msg", ref="raw")),
         row("drop masks / RPS round at 0.1 (loss-layer cost)", m["mask1"], m["mask1"] / m["rps1"], 0.02,
              key="drop_masks_vs_rps01"),
     ]

@@ -65,6 +65,71 @@ def project(fabric_gbps: float, latency_us: float) -> list[dict]:
     return out
 
 
+def node_link_bytes(kind: str, nodes: int, ranks_per_node: int, nbytes: float, drop: float = 0.0) -> float:
+    """Bytes one node sends over its link in one round of ``kind`` on ``nodes`` x ``ranks_per_node``.
+
+    ``allreduce``: node-aware (MPICH's default for a multi-node communicator: a reduction
+    inside the node, an Allreduce among one leader per node, a broadcast inside the node), so
+    a node sends 2(n-1)/n of the buffer whatever its rank count. ``rps``: RPS's exchange as
+    two flat Alltoallv (scatter of blocks, gather of block averages): each rank sends its
+    block for every rank on another node, ``1 - drop`` of them kept, in both phases.
+    """
+    P = nodes * ranks_per_node
+    if kind == "allreduce":
+        return 2 * (nodes - 1) / nodes * nbytes
+    return 2 * (1 - drop) * ranks_per_node * nbytes * (P - ranks_per_node) / P
+
+
+def project_across_nodes(rows: list[dict], gbps: float, latency_us: float, fitted: dict | None) -> list[dict]:
+    """The cost model's round times for bench rows measured across nodes, and their errors.
+
+    A round costs its part inside the node, from the model ``fitted`` to this machine's
+    scaling table at the node's rank count (none without a table), plus the time of the
+    bytes a node sends (:func:`node_link_bytes`) over its link, plus one latency per message
+    step. The link's time per byte is taken two ways: the nominal ``gbps`` (``predicted_s``),
+    and fitted to the run's ``xnode_link_sendrecv`` row, one stream of the buffer across the
+    link (``fitted_s``: what TCP achieves on these hosts). For each ``xnode_*`` exchange row:
+    both predictions, their errors relative to the measurement, and predicted vs counted bytes.
+    """
+    kinds = {"xnode_allreduce_raw": ("allreduce", 0.0), "xnode_avg_vs_allreduce": ("allreduce", 0.0),
+             "xnode_rps0_vs_allreduce": ("allreduce", 0.0), "xnode_rps01_alltoallv_vs_allreduce": ("rps", 0.1)}
+    stream = next((r for r in rows if r.get("key") == "xnode_link_sendrecv"), None)
+    fitted_beta = stream["seconds"] / stream["bytes"] if stream else None
+    out = []
+    for r in rows:
+        key = r.get("key")
+        if key == "xnode_rps01_vs_allreduce" and r.get("path") == "alltoallv":
+            kinds[key] = ("rps", 0.1)  # the auto path picked the flat exchange (a node-aware one is not modelled)
+        if key not in kinds or "bytes" not in r:
+            continue
+        kind, drop = kinds[key]
+        n, k = r["nodes"], r["ranks_per_node"]
+        link = node_link_bytes(kind, n, k, r["bytes"], drop)
+        fixed = _inside_node(kind, k, r["bytes"], fitted) + latency_us * 1e-6 * (
+            2 * np.log2(n) if kind == "allreduce" else 2 * (n * k - k))
+        predicted = fixed + link * 8 / (gbps * 1e9)
+        counted = r.get("link_bytes")
+        entry = {"key": key, "measured_s": r["seconds"], "predicted_s": predicted,
+                 "error": (predicted - r["seconds"]) / r["seconds"], "inside_node_s": fixed,
+                 "predicted_link_bytes": link * n, "link_bytes": counted,
+                 "bytes_error": None if not counted else (link * n - counted) / counted}
+        if fitted_beta is not None:
+            entry["fitted_s"] = fixed + link * fitted_beta
+            entry["fitted_error"] = (entry["fitted_s"] - r["seconds"]) / r["seconds"]
+        out.append(entry)
+    return out
+
+
+def _inside_node(kind: str, ranks: int, nbytes: float, fitted: dict | None) -> float:
+    """Seconds of a round's part among one node's ``ranks``, from the one-node fit (0 without one)."""
+    if fitted is None or ranks < 2:
+        return 0.0
+    which = "allreduce" if kind == "allreduce" else "alltoall"
+    shape = _features(which, np.array([ranks], float), np.array([float(nbytes)]))
+    coef = np.array([fitted[which]["alpha_s"], fitted[which]["beta_s_per_byte"]])
+    return (shape @ coef).item() * (1 if kind == "allreduce" else 2)  # RPS: two exchanges
+
+
 _TABLE_KEYS = ("ranks", "bytes", "allreduce_s", "alltoall_s")
 
 
@@ -120,4 +185,4 @@ def print_projection(args) -> int:
     return 0
 
 
-__all__ = ["TABLE", "fit_cost_model", "print_projection", "project", "read_table"]
+__all__ = ["TABLE", "fit_cost_model", "node_link_bytes", "print_projection", "project", "project_across_nodes", "read_table"]

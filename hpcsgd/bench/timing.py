@@ -11,20 +11,61 @@ from typing import Callable
 
 DEFAULT_PARAMS = 5_800_000  # flat model size of the exchange rows (a ResNet-18-like size)
 
-def time_interleaved(comm, fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+class Medians(dict):
+    """Median seconds per name; ``link_bytes``: median bytes per call that crossed the nodes'
+    links, summed over nodes (empty unless :func:`count_link_bytes` is on)."""
+
+    link_bytes: dict[str, float]
+
+
+_LINKS = None  # a links.NodeLayout whose counters time_interleaved reads, or None
+
+
+def count_link_bytes(placement) -> None:
+    """Make :func:`time_interleaved` count each call's bytes over the links (``None``: stop).
+
+    Only where the job spans nodes and the counters are readable; the reads and their sum
+    over nodes happen outside the timed part of each call.
+    """
+    global _LINKS
+    _LINKS = placement if placement is not None and placement.counts_bytes else None
+
+
+def link_fields(m: Medians, name: str, per: int = 1, ref: str | None = None) -> dict:
+    """A row's ``link_bytes`` (bytes over the links per call of ``name``, divided by ``per``
+    calls' worth of rounds) and ``link_bytes_ref`` (the same for the row's reference side
+    ``ref``), when they were counted."""
+    out = {}
+    if name in getattr(m, "link_bytes", {}):
+        out["link_bytes"] = m.link_bytes[name] / per
+    if ref is not None and ref in getattr(m, "link_bytes", {}):
+        out["link_bytes_ref"] = m.link_bytes[ref] / per
+    return out
+
+
+def time_interleaved(comm, fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> Medians:
     """Median seconds per call of each fn, interleaved, each round the slowest rank's time."""
     from mpi4py import MPI
 
     times: dict[str, list[float]] = {name: [] for name in fns}
+    sent: dict[str, list[int]] = {name: [] for name in fns}
+    links = _LINKS
     for i in range(warmup + reps):
         for name, fn in fns.items():
             comm.Barrier()
+            before = links.sent() if links else 0
             t0 = time.perf_counter()
             fn()
             elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            if links:
+                nbytes = links.total(links.sent() - before)
             if i >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                if links:
+                    sent[name].append(nbytes)
+    out = Medians({name: statistics.median(ts) for name, ts in times.items()})
+    out.link_bytes = {name: float(statistics.median(b)) for name, b in sent.items() if b}
+    return out
 
 
 def ratio_paired(comm, a: Callable[[], object], b: Callable[[], object], reps: int, warmup: int) -> tuple[float, float]:
@@ -101,7 +142,8 @@ def format_rows(rows: list[dict]) -> str:
                 "yes" if (r["ratio"] >= r["target"] if r["higher_is_better"] else r["ratio"] <= r["target"]) else "NO")
         seconds = r["seconds"]
         ms = f"{seconds * 1e3:.2f}" if seconds == seconds and r["name"].find("resident") < 0 else f"{seconds:.1f}MB"
-        lines.append(f"{r['name']:<72} {ms:>10} {ratio:>8} {target:>8}  {ok}")
+        links = f"  {r['link_bytes'] / 1e6:.1f} MB over the links" if "link_bytes" in r else ""
+        lines.append(f"{r['name']:<72} {ms:>10} {ratio:>8} {target:>8}  {ok}{links}".rstrip())
     return "\n".join(lines)
 
 
@@ -130,4 +172,4 @@ def write_json(path, rows) -> None:
             raise ConfigError(f"--json {path}: cannot write it: {exc.strerror or exc}") from None
 
 
-__all__ = ["DEFAULT_PARAMS", "check_writable", "flat_mlp", "format_rows", "node_cores", "ratio_paired", "row", "rss_mb", "time_interleaved", "write_json"]
+__all__ = ["DEFAULT_PARAMS", "Medians", "check_writable", "count_link_bytes", "flat_mlp", "format_rows", "link_fields", "node_cores", "ratio_paired", "row", "rss_mb", "time_interleaved", "write_json"]

@@ -8,7 +8,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .timing import DEFAULT_PARAMS, row, rss_mb, time_interleaved
+from .timing import DEFAULT_PARAMS, link_fields, row, rss_mb, time_interleaved
 
 
 def _gloo_group(comm):
@@ -89,7 +89,7 @@ def ddp_rows(comm, reps: int, warmup: int, quick: bool) -> list[dict]:
         m = time_interleaved(comm, {"h": step_h, "d": step_d}, reps, warmup)
         strategy.close()
         rows.append(row(f"sync-SGD step / DDP step, {name}, batch {len(x)}", m["h"], m["h"] / m["d"], 1.0,
-                         ddp_ms=m["d"] * 1e3, key=f"sync_vs_ddp_{kind}"))
+                         ddp_ms=m["d"] * 1e3, key=f"sync_vs_ddp_{kind}", **link_fields(m, "h", ref="d")))
     return rows
 
 
