@@ -32,9 +32,10 @@ def shared_tmp():
 # so starting the long files first leaves short ones to even out the end, instead of one worker
 # still in a long file while the other idles. A file not listed keeps its place after these.
 SLOWEST_FIRST = (
-    "test_claims.py", "test_examples.py", "test_ulfm.py", "test_node_failure.py", "test_bench.py",
+    "test_cluster_ulfm.py", "test_claims.py", "test_examples.py", "test_ulfm.py", "test_node_failure.py", "test_bench.py",
     "test_resume_fewer_ranks.py", "test_checkpoint_safety.py", "test_signals.py", "test_rundir.py",
     "test_api_vs_cli.py", "test_cli_errors.py", "test_api_modern.py", "test_cluster.py", "test_watchdog.py",
+    "test_exchange_nodes_cli.py", "test_bench_xnode.py",
 )
 
 
