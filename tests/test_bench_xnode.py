@@ -37,12 +37,13 @@ def test_link_bytes_of_a_round_in_closed_form():
     assert node_link_bytes("rps", 1, 4, N) == 0  # one node: nothing crosses
 
 
-def test_projection_errors_per_row():
+@pytest.mark.parametrize("path", ["alltoallv", "node-aware"])  # the same bytes cross the links
+def test_projection_errors_per_row(path):
     rows = [{"key": "xnode_link_sendrecv", "seconds": 0.2, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2},
             {"key": "xnode_avg_vs_allreduce", "seconds": 0.4, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2,
              "link_bytes": 2e8},
             {"key": "xnode_rps01_vs_allreduce", "seconds": 0.8, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2,
-             "path": "alltoallv"},
+             "path": path},
             {"key": "avg_vs_allreduce", "seconds": 0.1, "bytes": 10**8}]  # one node: not projected
     out = {p["key"]: p for p in project_across_nodes(rows, gbps=8.0, latency_us=0.0, fitted=None)}
     assert set(out) == {"xnode_avg_vs_allreduce", "xnode_rps01_vs_allreduce"}
