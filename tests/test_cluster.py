@@ -58,6 +58,23 @@ def cluster_popen(*args: str) -> subprocess.Popen:
                             env=e, cwd=ROOT, start_new_session=True)
 
 
+def _freeze_node1_until_the_job_ends(job: subprocess.Popen, timeout: float) -> tuple[str, float]:
+    """SIGSTOP node1's processes; the job's stderr and the seconds from the freeze to its end."""
+    frozen = cluster("freeze", "node1")
+    assert frozen.returncode == 0, frozen.stderr
+    t_freeze = time.monotonic()
+    _, stderr = job.communicate(timeout=timeout + 60)
+    return stderr, time.monotonic() - t_freeze
+
+
+def _end_job_and_node1(job: subprocess.Popen) -> None:
+    """Whatever happened: no launcher left, and what is left of node1 killed (a node rebooted)."""
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    cluster("kill", "node1")
+
+
 @pytest.fixture(scope="module")
 def nodes():
     """2 nodes x 2 ranks, links at 1 Gbit/s; torn down however the tests end."""
@@ -206,16 +223,9 @@ def test_node_that_freezes_during_start_up_is_named(nodes, shards, tmp_path):
         while len(node_pids("node1")) < 2 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert job.poll() is None and len(node_pids("node1")) == 2, job.communicate()[1]
-        frozen = cluster("freeze", "node1")
-        assert frozen.returncode == 0, frozen.stderr
-        t_freeze = time.monotonic()
-        _, stderr = job.communicate(timeout=timeout + 60)
-        waited = time.monotonic() - t_freeze
+        stderr, waited = _freeze_node1_until_the_job_ends(job, timeout)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-        cluster("kill", "node1")  # what is left of it: a node rebooted
+        _end_job_and_node1(job)
     assert job.returncode == 2, stderr
     message = stderr.strip().splitlines()[-1]
     assert "node1" in message and "stopped answering during the job's start-up" in message, stderr
@@ -238,16 +248,9 @@ def test_node_that_stops_answering_ends_the_job(nodes, shards, tmp_path):
         while not (metrics.exists() and metrics.stat().st_size) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert job.poll() is None, job.communicate()[1]
-        frozen = cluster("freeze", "node1")
-        assert frozen.returncode == 0, frozen.stderr
-        t_freeze = time.monotonic()
-        _, stderr = job.communicate(timeout=timeout + 60)
-        waited = time.monotonic() - t_freeze
+        stderr, waited = _freeze_node1_until_the_job_ends(job, timeout)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-        cluster("kill", "node1")  # the frozen ranks: a node rebooted
+        _end_job_and_node1(job)
     assert job.returncode == 4, stderr
     message = next((line for line in stderr.splitlines() if "collective timeout" in line), "")
     assert "on node1" in message and "no answer" in message, stderr
