@@ -23,12 +23,12 @@ from ..comm.agree import agree
 from ..comm.device import apply_threads, select_device
 from ..comm.watchdog import WATCHDOG
 from ..config import TrainConfig
-from ..data import load_chunk, load_chunk_rows, load_test
+from ..data import load_chunk_rows
 from ..errors import ConfigError
 from .models import build_model
 from ..optim import ScalingSGD
 from ..algorithms.registry import algorithm
-from .preflight import Job, agree_on_run, duplicate_chunks, redundancy_of  # noqa: F401 (re-exported)
+from .preflight import Job, agree_on_run, duplicate_chunks, read_rank_arrays  # noqa: F401 (Job, duplicate_chunks: re-exported)
 from .rundir import prepare
 from ..algorithms.registry import build as build_strategy
 from .user_model import build_user_model, is_factory_spec
@@ -64,7 +64,8 @@ def assemble(cfg: TrainConfig, comm, agreed: Job | None = None) -> Job:
     rates = agree(comm, lambda: link_rates(cfg, run.membership.P, nodes), "link drop rates")
     network = agree(comm, lambda: LinkNetwork.build(run.membership.P, cfg.link_latency_ms, cfg.link_gbps,
                                                     cfg.link_latency, cfg.link_bandwidth, nodes), "emulated network")
-    run.data = agree(comm, lambda: load_rank_data(run.index, run.membership.held_chunks, run.device), "shards")
+    held = run.membership.held_chunks
+    run.data = agree(comm, lambda: load_rank_data(run.index, held, run.device, run.arrays), "shards")
     agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
     prepare(comm, run.run_dir, cfg, run.membership.rank)  # --overwrite, folders, config.toml
     torch.manual_seed(cfg.seed)
@@ -135,10 +136,12 @@ def read_matrix(path: str) -> np.ndarray:
         raise ConfigError(f"link_drop_file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
-def load_rank_data(index, held: list[int], device) -> RankData:
-    """Read only the chunks this rank holds (plus the test split), checked."""
-    numpy_chunks = {c: load_chunk(index, c) for c in held}
-    x_test, y_test = load_test(index)
+def load_rank_data(index, held: list[int], device, arrays: tuple | None = None) -> RankData:
+    """Only the chunks this rank holds (plus the test split), checked, on ``device``.
+
+    ``arrays``: :func:`~hpcsgd.train.preflight.read_rank_arrays`'s, where they were read already.
+    """
+    numpy_chunks, (x_test, y_test) = arrays if arrays is not None else read_rank_arrays(index, held)
     chunks = {
         c: (torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device))
         for c, (x, y) in numpy_chunks.items()

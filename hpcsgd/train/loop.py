@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, comm: MPI.Comm | None = None, agreed=None) -> dict |
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Job`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.preflight.Job`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 

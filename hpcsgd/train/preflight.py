@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..comm.agree import agree
 from ..comm.watchdog import WATCHDOG
 from ..config import TrainConfig, validate_for_world
-from ..data import read_index
+from ..data import load_chunk, load_test, read_index
 from ..data.fractional import Redundancy, check_placement_fits, per_rank_redundancy
 from ..faults.schedule import fault_schedule
 from .membership import Membership
@@ -46,6 +46,7 @@ class Job:
     membership: Membership
     resume: dict | None  # the checkpoint record resumed from
     finished: bool = False  # resumed at the end of a run whose summary.json exists: nothing to do
+    arrays: tuple | None = None  # read_rank_arrays: this rank's chunks and the test split, checked
     device: torch.device = None
     data: object = None  # hpcsgd.train.assembly.RankData: tensors, made after torch's import
     model: torch.nn.Module = None
@@ -91,7 +92,14 @@ def agree_on_run(cfg: TrainConfig, comm) -> Job:
     redundancy = agree(comm, lambda: redundancy_of(cfg, P, index.chunk_sizes, placement), "config")
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
                                                        index.chunk_sizes, placement, redundancy), "shards")
-    return Job(cfg, comm, index, schedule, membership, resume, finished)
+    job = Job(cfg, comm, index, schedule, membership, resume, finished)
+    job.arrays = agree(comm, lambda: read_rank_arrays(index, membership.held_chunks), "shards")
+    return job
+
+
+def read_rank_arrays(index, held: list[int]) -> tuple[dict, tuple]:
+    """Only the chunks this rank holds (by chunk) and the test split, read and checked as numpy arrays."""
+    return {c: load_chunk(index, c) for c in held}, load_test(index)
 
 
 def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
@@ -124,4 +132,4 @@ def duplicate_chunks(index) -> list[str]:
             f"as its own chunk; re-run `hpcsgd shard` to restore the partition" for group in index.duplicate_chunks()]
 
 
-__all__ = ["Job", "agree_on_run", "duplicate_chunks", "redundancy_of"]
+__all__ = ["Job", "agree_on_run", "duplicate_chunks", "read_rank_arrays", "redundancy_of"]
