@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from .comm.agree import agree
 from .comm.watchdog import WATCHDOG
@@ -54,14 +53,20 @@ class TorchRNG:
     """torch's global CPU random state as a checkpoint part."""
 
     def state_dict(self) -> dict:
+        import torch
+
         return {"state": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        import torch
+
         torch.set_rng_state(state["state"])
 
 
 def _encode(value, arrays: list):
     """``value`` as JSON-able data; tensors and arrays go to ``arrays`` and leave a reference."""
+    import torch  # here, not at the top: a resume's checks read checkpoints before torch's import
+
     if isinstance(value, torch.Tensor):
         arrays.append(value.detach().cpu().numpy())
         return {"__tensor__": len(arrays) - 1, "device": str(value.device)}
@@ -87,6 +92,8 @@ def _decode(value, arrays):
     if not isinstance(value, dict):
         return value
     if "__tensor__" in value:
+        import torch
+
         return torch.from_numpy(np.asarray(arrays[str(value["__tensor__"])]))
     if "__array__" in value:
         return np.asarray(arrays[str(value["__array__"])])

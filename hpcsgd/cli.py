@@ -90,12 +90,17 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.rundir import claim
 
     claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
+    from .train.preflight import agree_on_run
+
+    # Also before torch: shards, the config's fit to them, failures, the resume point (collective).
+    agreed = agree_on_run(cfg, MPI.COMM_WORLD)
+    startup.mark("checks")
     from .train.resume import EXIT_PREEMPTED, Preempted
     from .train.loop import train
 
     startup.mark("imports")
     try:
-        summary = train(cfg)
+        summary = train(cfg, agreed=agreed)
     except Preempted as stop:
         if MPI.COMM_WORLD.rank == 0:
             print(f"hpcsgd: {stop}; rerun with --resume to continue", file=sys.stderr)

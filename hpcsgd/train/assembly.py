@@ -1,7 +1,7 @@
 """Run assembly: a config and a communicator become everything a rank trains with.
 
-:func:`assemble` reads the shard index, agrees on the schedule, failures and the checkpoint
-to resume from, plays roles (:class:`~hpcsgd.train.membership.Membership`), binds the device, loads
+:func:`assemble` takes the run's plan (:mod:`hpcsgd.train.preflight`: the shard index, the schedule,
+failures, the checkpoint to resume from, the roles), binds the device, loads
 this rank's chunks and a fixed evaluation sample, and builds the model, the optimizer and the
 strategy through the same public classes a user would (``hpcsgd.SyncSGD``, ...). Every step
 that can fail for a reason a user can fix is agreed on by all ranks (``comm.agree``).
@@ -9,9 +9,7 @@ that can fail for a reason a user can fix is agreed on by all ranks (``comm.agre
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,26 +18,19 @@ import torch
 
 from ..comm import LinkRates
 from ..faults.netem import LinkNetwork
-from ..faults.schedule import fault_schedule
 from ..comm import ulfm
 from ..comm.agree import agree
 from ..comm.device import apply_threads, select_device
 from ..comm.watchdog import WATCHDOG
-from ..config import TrainConfig, validate_for_world
-from ..data import load_chunk, load_chunk_rows, load_test, read_index
-from ..data.fractional import Redundancy, check_placement_fits, per_rank_redundancy
+from ..config import TrainConfig
+from ..data import load_chunk_rows
 from ..errors import ConfigError
-from .membership import Membership
 from .models import build_model
 from ..optim import ScalingSGD
-from .recovery import check_launch
-from .resume import find_latest
 from ..algorithms.registry import algorithm
-from .rundir import claim, prepare, resolve_resume
-from .schedule import Schedule, pointless_settings
-from ..algorithms.base import Strategy
+from .preflight import Job, agree_on_run, duplicate_chunks, read_rank_arrays  # noqa: F401 (Job, duplicate_chunks: re-exported)
+from .rundir import prepare
 from ..algorithms.registry import build as build_strategy
-from .topology import detect_ranks_per_node, resolve_placement, warn_if_not_blocks
 from .user_model import build_user_model, is_factory_spec
 from ..world import world_for_run
 
@@ -56,35 +47,16 @@ class RankData:
     numpy_chunks: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-@dataclass
-class Job:
-    """What one rank of ``hpcsgd train`` trains with (built by :func:`assemble`)."""
+def assemble(cfg: TrainConfig, comm, agreed: Job | None = None) -> Job:
+    """Every rank's :class:`Job` for ``cfg`` (collective over ``comm``).
 
-    cfg: TrainConfig
-    comm: object  # the job's communicator (all processes, before any failure)
-    index: object  # the shards' ShardIndex
-    schedule: Schedule
-    membership: Membership
-    resume: dict | None  # the checkpoint record resumed from
-    finished: bool = False  # resumed at the end of a run whose summary.json exists: nothing to do
-    device: torch.device = None
-    data: RankData = None
-    model: torch.nn.Module = None
-    optimizer: torch.optim.Optimizer = None
-    strategy: Strategy = None
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.run_dir)
-
-    @property
-    def start_step(self) -> int:
-        return self.resume["step"] if self.resume else 0
-
-
-def assemble(cfg: TrainConfig, comm) -> Job:
-    """Every rank's :class:`Job` for ``cfg`` (collective over ``comm``)."""
-    run = _agree_on_run(cfg, comm)
+    ``agreed``: :func:`~hpcsgd.train.preflight.agree_on_run`'s plan where the caller ran it already.
+    """
+    if agreed is None:
+        run = agree_on_run(cfg, comm)
+    else:  # agreed before torch's import (the command line): ranks may arrive seconds apart
+        run = agreed
+        WATCHDOG.arm(comm, cfg.collective_timeout)  # an untimed rendezvous again
     cfg = run.cfg  # with the run's R resolved: config.toml records it
     run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
     apply_threads(comm, cfg.threads)
@@ -92,7 +64,8 @@ def assemble(cfg: TrainConfig, comm) -> Job:
     rates = agree(comm, lambda: link_rates(cfg, run.membership.P, nodes), "link drop rates")
     network = agree(comm, lambda: LinkNetwork.build(run.membership.P, cfg.link_latency_ms, cfg.link_gbps,
                                                     cfg.link_latency, cfg.link_bandwidth, nodes), "emulated network")
-    run.data = agree(comm, lambda: load_rank_data(run.index, run.membership.held_chunks, run.device), "shards")
+    held = run.membership.held_chunks
+    run.data = agree(comm, lambda: load_rank_data(run.index, held, run.device, run.arrays), "shards")
     agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
     prepare(comm, run.run_dir, cfg, run.membership.rank)  # --overwrite, folders, config.toml
     torch.manual_seed(cfg.seed)
@@ -107,65 +80,6 @@ def assemble(cfg: TrainConfig, comm) -> Job:
     run.strategy = build_strategy(cfg.algorithm, run.model, run.optimizer, run_world, **strategy_options(cfg, rates, network))
     m.attach(run.strategy)
     return run
-
-
-def _agree_on_run(cfg: TrainConfig, comm) -> Job:
-    """The shards, the config's fit, the schedule, the failures, the resume point and the roles."""
-    WATCHDOG.arm(comm, cfg.collective_timeout)  # an untimed rendezvous; collectives from here on are timed
-    claim(cfg, comm)  # this job's lock; refuses a run directory that holds a run
-    index = agree(comm, lambda: read_index(cfg.data), "shards")
-    P = index.parts
-    agree(comm, lambda: validate_for_world(cfg, P, index.chunk_sizes), "config")
-    agree(comm, lambda: check_launch(cfg), "config")  # fail_mode kill needs ULFM
-    schedule = Schedule.from_config(cfg, index.train_size, P)
-    resume, finished = _resume(cfg, comm, P, index, schedule.total_steps) if cfg.resume else (None, False)
-    detected, blocks = detect_ranks_per_node(comm)
-    placement = agree(comm, lambda: resolve_placement(cfg.placement, cfg.ranks_per_node, detected, resume, P, cfg.q),
-                      "config")
-    warn_if_not_blocks(comm, placement, cfg.ranks_per_node, blocks)
-    R = placement.ranks_per_node
-    cfg = dataclasses.replace(cfg, ranks_per_node=R)
-    agree(comm, lambda: validate_for_world(cfg, P, ranks_per_node=R), "config")  # node:N entries need R
-    faults = fault_schedule(cfg, P, schedule.steps_per_epoch, schedule.total_steps, R)
-    # A failure scheduled at or after the last step never happens (warned about here).
-    faults = {r: s for r, s in faults.items() if s < schedule.total_steps}
-    if comm.rank == 0:
-        for message in pointless_settings(cfg, schedule.total_steps) + duplicate_chunks(index):
-            print(f"hpcsgd: warning: {message}", file=sys.stderr, flush=True)
-    redundancy = agree(comm, lambda: redundancy_of(cfg, P, index.chunk_sizes, placement), "config")
-    membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
-                                                       index.chunk_sizes, placement, redundancy), "shards")
-    return Job(cfg, comm, index, schedule, membership, resume, finished)
-
-
-def _resume(cfg: TrainConfig, comm, P: int, index, total_steps: int) -> tuple[dict | None, bool]:
-    """The checkpoint ``--resume`` continues from, and whether the run had finished; one line says which."""
-    run_dir = Path(cfg.run_dir)
-    resume = agree(comm, lambda: find_latest(run_dir, cfg, P, index, comm), "resume")
-    plan = agree(comm, lambda: resolve_resume(run_dir, resume, total_steps) if comm.rank == 0 else None, "resume")
-    with WATCHDOG.guard("Bcast [resume]", comm):
-        line, finished = comm.bcast(plan, root=0)
-    if comm.rank == 0:
-        print(f"hpcsgd: {line}", file=sys.stderr, flush=True)
-    return resume, finished
-
-
-def redundancy_of(cfg: TrainConfig, P: int, chunk_sizes, placement) -> Redundancy | None:
-    """The per-rank redundancies of a fractional or per-rank run (None: the integer q of every rank)."""
-    if not cfg.fractional:
-        return None
-    mu = cfg.redundancy if cfg.redundancy is not None else float(cfg.q - 1)
-    per_rank = per_rank_redundancy(P, mu, cfg.redundancy_spread, cfg.redundancy_per_rank, cfg.seed)
-    check_placement_fits(per_rank, placement)  # spread: the partial chunk on another node too
-    found = Redundancy(per_rank, tuple(chunk_sizes), cfg.seed, placement)
-    return None if found.integer and len(set(cfg.batch_sizes(P))) == 1 else found
-
-
-def duplicate_chunks(index) -> list[str]:
-    """A warning for each group of identical chunks (see ShardIndex.duplicate_chunks)."""
-    return [f"chunks {', '.join(map(str, group))} of {index.path} hold the same samples in the same order "
-            f"(one SHA-256): was a chunk file copied over another and the index re-signed? Each still counts "
-            f"as its own chunk; re-run `hpcsgd shard` to restore the partition" for group in index.duplicate_chunks()]
 
 
 def strategy_options(cfg: TrainConfig, rates: LinkRates, network: LinkNetwork | None = None) -> dict:
@@ -222,10 +136,12 @@ def read_matrix(path: str) -> np.ndarray:
         raise ConfigError(f"link_drop_file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
-def load_rank_data(index, held: list[int], device) -> RankData:
-    """Read only the chunks this rank holds (plus the test split), checked."""
-    numpy_chunks = {c: load_chunk(index, c) for c in held}
-    x_test, y_test = load_test(index)
+def load_rank_data(index, held: list[int], device, arrays: tuple | None = None) -> RankData:
+    """Only the chunks this rank holds (plus the test split), checked, on ``device``.
+
+    ``arrays``: :func:`~hpcsgd.train.preflight.read_rank_arrays`'s, where they were read already.
+    """
+    numpy_chunks, (x_test, y_test) = arrays if arrays is not None else read_rank_arrays(index, held)
     chunks = {
         c: (torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device))
         for c, (x, y) in numpy_chunks.items()

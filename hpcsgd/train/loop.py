@@ -35,26 +35,29 @@ from .stop import StopSignal
 from .totals import RunTotals, ending_checkpoint, summary, write_summary
 
 
-def train(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
-    """Run one training job on every rank of ``comm``; returns the summary on rank 0."""
+def train(cfg: TrainConfig, comm: MPI.Comm | None = None, agreed=None) -> dict | None:
+    """Run one training job on every rank of ``comm``; returns the summary on rank 0.
+
+    ``agreed``: the plan :func:`~hpcsgd.train.preflight.agree_on_run` gave, where the caller ran it.
+    """
     comm = comm if comm is not None else MPI.COMM_WORLD
-    return Trainer(cfg, comm).run()
+    return Trainer(cfg, comm, agreed).run()
 
 
 class Trainer:
     """One rank's run: assembles the parts (:meth:`setup`) and steps them (:meth:`run`).
 
-    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.assembly.Job`),
+    Attributes (after :meth:`setup`): ``job`` (the assembled :class:`~hpcsgd.train.preflight.Job`),
     ``api`` (its strategy), ``membership``, ``batches``, ``evaluator``, ``totals``, ``metrics``.
     """
 
-    def __init__(self, cfg: TrainConfig, comm: MPI.Comm):
-        self.cfg, self.world = cfg, comm
+    def __init__(self, cfg: TrainConfig, comm: MPI.Comm, agreed=None):
+        self.cfg, self.world, self.agreed = cfg, comm, agreed
         self.diversity: dict = {}  # the last log step's gradient diversities
 
     def setup(self) -> None:
         cfg, comm = self.cfg, self.world
-        job = self.job = assemble(cfg, comm)
+        job = self.job = assemble(cfg, comm, self.agreed)
         m, self.api, self.schedule = job.membership, job.strategy, job.schedule
         self.membership = m
         self.batches = Batches(cfg, job.index.chunk_sizes, self.api.world, m, job.data.chunks, self.api.flat.dtype,

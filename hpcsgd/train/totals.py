@@ -103,7 +103,7 @@ def _membership_summary(m) -> dict:
 def summary(run, totals: np.ndarray, avg_train: dict, avg_test: dict, distance: float, wall: float) -> dict:
     """summary.json's content (DESIGN.md, "Run directory") from the summed per-rank figures.
 
-    ``run`` is the assembled :class:`~hpcsgd.train.assembly.Job`.
+    ``run`` is the assembled :class:`~hpcsgd.train.preflight.Job`.
     """
     from .resume import shard_identity
 
