@@ -81,8 +81,8 @@ class RedundantSampler(torch.utils.data.Sampler):
         redundancy_spread: sigma of the authors' per-rank draw ``N(mu, sigma)`` (seeded by ``seed``).
 
     ``batch_size`` may be one value per rank (heterogeneous mini-batches; :meth:`set_batch_sizes`
-    changes them from the next epoch on, or with ``now=True`` from the next batch). With fractional or per-rank redundancy or batches
-    the loss is the plain batch mean (``loss_weights`` None).
+    changes them from the next epoch on, or with ``now=True`` from the next batch). With
+    fractional or per-rank redundancy or batches the loss is the plain batch mean (``loss_weights`` None).
 
     Example::
 

@@ -162,11 +162,13 @@ def test_a_resume_across_a_mid_epoch_change_is_bit_identical(shared_tmp):
         if comm.rank == 0:  # the finished run's directory with only the checkpoint after step `saved`
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(shared_tmp / "full", run, ignore=shutil.ignore_patterns("step-*"))
-            shutil.copytree(shared_tmp / "kept" / f"step-{saved:08d}", run / "checkpoints" / f"step-{saved:08d}")
+            name = f"step-{saved:08d}"
+            shutil.copytree(shared_tmp / "kept" / name, run / "checkpoints" / name)
         comm.Barrier()
         resumed = Timed(_config(shared_tmp, f"from-{saved}", resume=True, **cfg), comm)
         again = comm.bcast(resumed.run())
         assert all_ranks(resumed.start_step == saved)
         assert all_ranks(torch.equal(resumed.api.flat.flat, expected_flat))
         assert all_ranks(_lines(resumed) == expected_lines)
-        assert all_ranks(again["balance_changes"] == changes and again["batch_per_rank"] == summary["batch_per_rank"])
+        assert all_ranks(again["balance_changes"] == changes)
+        assert all_ranks(again["batch_per_rank"] == summary["batch_per_rank"])

@@ -174,4 +174,5 @@ def test_without_now_the_change_still_waits_for_the_next_epoch():
     sampler = _sampler(0, q=2)
     sampler.next_chunk_batch()
     sampler.set_batch_sizes(NEW)
-    assert [sum(len(i) for _, i in sampler.next_chunk_batch()) for _ in range(10)] == [2 * B] * 9 + [2 * NEW[0]]
+    drawn = [sum(len(i) for _, i in sampler.next_chunk_batch()) for _ in range(10)]
+    assert drawn == [2 * B] * 9 + [2 * NEW[0]]

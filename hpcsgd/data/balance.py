@@ -92,12 +92,12 @@ class SpeedBalance:
         warmup: timed steps before the first decision (0: the default, see :func:`first_decision`).
     """
 
-    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, total_steps: int, maximum: int | None = None,
-                 warmup: int = 0):
+    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, total_steps: int,
+                 maximum: int | None = None, warmup: int = 0):
         self.sizes = [int(b) for b in sizes]
         self.steps_per_epoch, self.total_steps = int(steps_per_epoch), int(total_steps)
         self.maximum = maximum
-        self.first = first_decision(self.steps_per_epoch, warmup)  # the step after which the first decision falls
+        self.first = first_decision(self.steps_per_epoch, warmup)  # the first decision falls after it
         self.changes: list[dict] = []  # {"step": first step drawn with them, "batch_per_rank": [...]}
         self.samples = 0  # this rank's window: samples computed and the seconds they took
         self.seconds = 0.0

@@ -49,7 +49,8 @@ class Batches:
         self._weight_vector()
 
     def set_batch_sizes(self, sizes, now: bool = False) -> None:
-        """Per-rank batch sizes from the next epoch on, or the next batch with ``now`` (RedundantSampler.set_batch_sizes)."""
+        """Per-rank batch sizes from the next epoch on, or from the next batch with ``now``
+        (RedundantSampler.set_batch_sizes)."""
         self.sampler.set_batch_sizes(sizes, now=now)
         self._weight_vector()
 

@@ -25,8 +25,8 @@ class Pace:
     def __init__(self, cfg, batches, rank: int, P: int, schedule, maximum: int):
         self.cfg, self.batches, self.P = cfg, batches, P
         self.factor = cfg.slowdowns.get(rank, 1.0)
-        self.balance = (SpeedBalance(cfg.batch_sizes(P), schedule.steps_per_epoch, schedule.total_steps, maximum,
-                                     warmup=cfg.balance_warmup) if cfg.balance == "speed" else None)
+        self.balance = (SpeedBalance(cfg.batch_sizes(P), schedule.steps_per_epoch, schedule.total_steps,
+                                     maximum, warmup=cfg.balance_warmup) if cfg.balance == "speed" else None)
         self._unlogged = False  # a change not yet in a metrics line
 
     def after_step(self, step: int, samples: int, compute_s: float, timers, strategy) -> None:
