@@ -90,7 +90,8 @@ class TrainConfig:
     average_weights: str = "equal"  # equal | samples: local/rps rounds weigh each rank by the samples it drew since the last round (unequal batches)
     exchange: str = "auto"  # auto | alltoallv | shared-memory | node-aware: how rps's block exchange travels (auto: shared-memory on one node, node-aware across nodes; all give the same bits)
     allreduce: str = "library"  # library | node-aware: the Allreduce of local's rounds and sync's steps (node-aware: reduce in node, across nodes, bcast in node; rounds differently from the library's; sync needs --no-overlap)
-    balance: str = "none"  # none | speed: per-rank batch sizes follow measured compute speed, total fixed, decided by all ranks at epoch ends (local/rps; implies average_weights samples)
+    balance: str = "none"  # none | speed: per-rank batch sizes follow measured compute speed, total fixed, decided by all ranks after a warm-up window in the first epoch, then at epoch ends (local/rps; implies average_weights samples)
+    balance_warmup: int = 0  # balance speed: timed steps (after the first) before the first decision (0: a quarter of an epoch, at least 3; capped at the first epoch's end)
     seed: int = 0  # seed of init, data order and drop masks
     fail: list[str] = field(default_factory=list)  # crash-stop faults 'RANK@STEP', or 'node:N@STEP' (every rank of node N)
     fail_rate: float = 0.0  # random crash-stop: per-rank failure probability per epoch (seeded)
@@ -353,7 +354,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     for b in cfg.batch_sizes(1):
         _at_least("batch_size", b, 1)
     _validate_redundancy(cfg)
-    for name in ("steps", "log_every", "checkpoint_every", "threads", "eval_train_samples", "seed",
+    for name in ("steps", "log_every", "checkpoint_every", "threads", "eval_train_samples", "seed", "balance_warmup",
                  "momentum", "weight_decay", "warmup_epochs", "eval_every", "ranks_per_node"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.steps == 0 and not cfg.epochs > 0:

@@ -81,8 +81,8 @@ class RedundantSampler(torch.utils.data.Sampler):
         redundancy_spread: sigma of the authors' per-rank draw ``N(mu, sigma)`` (seeded by ``seed``).
 
     ``batch_size`` may be one value per rank (heterogeneous mini-batches; :meth:`set_batch_sizes`
-    changes them from the next epoch on). With fractional or per-rank redundancy or batches
-    the loss is the plain batch mean (``loss_weights`` None).
+    changes them from the next epoch on, or with ``now=True`` from the next batch). With
+    fractional or per-rank redundancy or batches the loss is the plain batch mean (``loss_weights`` None).
 
     Example::
 
@@ -201,14 +201,19 @@ class RedundantSampler(torch.utils.data.Sampler):
             return None
         return torch.cat([torch.full((plan[c][0],), float(plan[c][1])) for c in self._stream.chunks])
 
-    def set_batch_sizes(self, sizes: Sequence[int]) -> None:
+    def set_batch_sizes(self, sizes: Sequence[int], now: bool = False) -> None:
         """Every rank's batch size ``b_i`` (one per rank, the same list on every rank), from the next epoch on.
 
+        ``now``: from the next batch on, also in the middle of an epoch. Each held chunk's order
+        then continues where it stands, only the samples a step takes from it change (a partial
+        chunk's ``floor((t+1) b f) - floor(t b f)`` counts afresh from that step), so within one
+        pass of a chunk no sample is drawn twice, and the draws are a function of the steps at
+        which the sizes changed (every rank and a resume from :meth:`state_dict` draw the same).
         ``len(self)`` does not change: steps per epoch stay what the first sizes gave, the same
         on every rank. From then on the loss is the mean over each rank's batch (fractional mode).
         """
         self._pending = batch_sizes_for(list(sizes), self.P)
-        if self.steps % self.steps_per_epoch == 0:
+        if now or self.steps % self.steps_per_epoch == 0:
             self._apply_pending()
 
     def _apply_pending(self, force: bool = False) -> None:

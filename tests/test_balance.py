@@ -73,7 +73,8 @@ class FakeStrategy:
 
 
 def test_a_decision_times_all_but_the_first_step_of_the_epoch_and_logs_its_step():
-    balance = SpeedBalance([16] * 4, steps_per_epoch=5, total_steps=15, maximum=64)
+    # A warm-up window of the whole first epoch (4 timed steps of 5): decisions at epoch ends only.
+    balance = SpeedBalance([16] * 4, steps_per_epoch=5, total_steps=15, maximum=64, warmup=4)
     for step in range(5):
         balance.record(step, 16, 100.0 if step == 0 else 0.01)  # step 0: start-up, not timed
     assert (balance.samples, balance.seconds) == (64, pytest.approx(0.04))
@@ -88,7 +89,7 @@ def test_a_decision_times_all_but_the_first_step_of_the_epoch_and_logs_its_step(
     assert balance.decide(FakeStrategy(0, [(18, 0.01), (10, 0.0111), (18, 0.01), (18, 0.01)]), step=9) is None
     assert len(balance.changes) == 1
     state = balance.state_dict()
-    again = SpeedBalance([16] * 4, 5, 15, 64)
+    again = SpeedBalance([16] * 4, 5, 15, 64, warmup=4)
     again.load_state_dict(state)
     assert again.state_dict() == state
     assert MIN_CHANGE > 0

@@ -84,7 +84,8 @@ ACCEPTED: dict[str, set[str]] = {
     "train --bucket-mb": {"tiny", "huge", "huge-float"},  # one parameter per bucket / one bucket
     **{f"train --{f}": {"zero"} for f in (
         "steps", "log-every", "checkpoint-every", "threads", "eval-train-samples", "seed",
-        "ranks-per-node")},  # ranks_per_node 0: detected from the ranks sharing memory
+        "ranks-per-node", "balance-warmup")},  # ranks_per_node 0: detected from the ranks sharing memory;
+    # balance_warmup 0: the default window (a quarter of an epoch, at least 3 steps)
     "shard --seed": {"zero"},
     # Warned: no message takes the link from a rank to itself.
     **{f"train --{f}": {"2->2=0.5"} for f in ("link-drop", "link-latency", "link-bandwidth")},

@@ -6,7 +6,8 @@ Usage (from the checkout, after tools/setup):
 
 digits over 2 ranks (iid; one core each on a 2-core machine), jobs/configs/speed-balance.toml
 (local SGD, resnet20, q = 2, tau 4, rank 1 computing at half speed by ``slowdown = ["1:2"]``),
-the same epochs both ways. Flags it does not know go to ``hpcsgd train`` (``--q 1``, ``--lr``). The runs alternate (equal,
+the same epochs both ways; ``balance = "speed"`` decides first after its default warm-up window
+inside the first epoch (``--balance-warmup N`` to change it). Flags it does not know go to ``hpcsgd train`` (``--q 1``, ``--lr``). The runs alternate (equal,
 speed, speed, equal, ...) so that the shared machine's noise falls on both alike; the figures
 are medians over the repetitions. Wall time is rank 0's training wall time (``wall_s`` of the
 metrics, set up excluded) at the first evaluation whose averaged model reaches the target.
@@ -78,7 +79,10 @@ def figures(run_dir: Path, target: float) -> dict:
             "steps_to_target": steps_time(run_dir, reached[0]["step"]) if reached else None,
             "wall_s": summary["wall_s"],
             "test_accuracy": summary["test_accuracy"], "batch_per_rank": summary["batch_per_rank"],
-            "changes": len(summary["balance_changes"])}
+            "changes": len(summary["balance_changes"]),
+            # the step the first decision's sizes were drawn from (None: equal batches), and the first change
+            "first_decision": summary.get("balance_first_decision"),
+            "first_change": next((c["step"] for c in summary["balance_changes"]), None)}
 
 
 def _median(values):
@@ -99,7 +103,11 @@ def table(results: dict, target: float) -> str:
     ratios = {key: _ratio(*(_median([r[key] for r in results[k]]) for k in ("equal", "speed")))
               for key in ("wall_to_target", "steps_to_target", "wall_s")}
     pairs = [_ratio(e["wall_to_target"], s["wall_to_target"]) for e, s in zip(results["equal"], results["speed"])]
+    speed = results["speed"]
     rows.append("")
+    rows.append(f"balance = speed: first decision's sizes drawn from step {speed[-1]['first_decision']}; first "
+                f"change at steps {', '.join(str(r['first_change']) for r in speed)}; changes per run "
+                f"{', '.join(str(r['changes']) for r in speed)}.")
     rows.append(f"Ratio of medians, balance = speed / equal: wall time to {target:.0%} {_fmt(ratios['wall_to_target'], 3)}; "
                 f"time in steps to {target:.0%} {_fmt(ratios['steps_to_target'], 3)}; all epochs "
                 f"{_fmt(ratios['wall_s'], 3)}. Per repetition (wall to {target:.0%}): "

@@ -3,13 +3,16 @@
 ALGORITHMS.md, "Fractional and per-rank redundancy": with one slow rank every round waits for
 it; giving each rank a batch in proportion to its speed lets all of them reach the round
 together. :func:`split_by_speed` is the rule (pure). :class:`SpeedBalance` times this rank's
-compute over a window (each epoch but its first step, which carries start-up and re-sizing
-costs) and at the end of every epoch agrees with the other live ranks on new sizes: one
-Allreduce of everyone's (samples, seconds), from which every rank computes the same split,
-so the decision is collective and never one rank's local view. A change smaller than
-:data:`MIN_CHANGE` is not made, so noise in the timings does not move the sizes every epoch.
-``hpcsgd train``'s part (hpcsgd/train/pace.py) also emulates a slower device (``slowdown``),
-logs each change with the step it took effect, and is checkpointed with the sampler.
+compute and decides at most once per epoch: first after a warm-up window inside the first
+epoch (:func:`first_decision`: steps 1..W, the first step carries start-up costs), then at the
+end of every later epoch but the last. Each decision agrees with the other live ranks on new
+sizes: one Allreduce of everyone's (samples, seconds) since the last decision, from which every
+rank computes the same split, so the decision is collective and never one rank's local view.
+The step after a decision is not timed either (it may carry re-sizing costs). A change smaller
+than :data:`MIN_CHANGE` is not made, so noise in the timings does not move the sizes every epoch.
+The schedule is a pure function of (steps per epoch, total steps, W): a resume decides at the
+same steps. ``hpcsgd train``'s part (hpcsgd/train/pace.py) also emulates a slower device
+(``slowdown``), logs each change with the step it took effect, and is checkpointed with the sampler.
 """
 
 from __future__ import annotations
@@ -23,6 +26,21 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 
 MIN_CHANGE = 0.1  # the largest relative change of any rank's size must reach this for a re-split
+MIN_WARMUP = 3  # timed steps before the first decision, at least (fewer are mostly noise)
+
+
+def first_decision(steps_per_epoch: int, warmup: int = 0) -> int:
+    """The step after which the first decision is taken (its sizes are drawn from the next step).
+
+    Steps ``1..W`` are its window (step 0 carries start-up costs): ``W = warmup``, or by default
+    (``warmup = 0``) a quarter of an epoch but at least :data:`MIN_WARMUP` steps; never past the
+    first epoch's last step (a window that long is the whole first epoch, as in the later ones).
+    """
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"balance_warmup must be an integer >= 0 (0: a quarter of an epoch, at least "
+                          f"{MIN_WARMUP} steps), got {warmup!r}")
+    window = warmup or max(MIN_WARMUP, steps_per_epoch // 4)
+    return min(window, steps_per_epoch - 1)
 
 
 def split_by_speed(speeds: Sequence[float], total: int, minimum: int = 1, maximum: int | None = None) -> list[int]:
@@ -68,28 +86,36 @@ class SpeedBalance:
 
     Args:
         sizes: the starting size of every run rank (``batch_size`` each).
-        steps_per_epoch: a decision at the end of each epoch ...
+        steps_per_epoch: decisions after the warm-up window, then at the end of each later epoch ...
         total_steps: ... but the last (its sizes would draw nothing).
         maximum: the largest size a rank may get (the smallest chunk: one pass per step at most).
+        warmup: timed steps before the first decision (0: the default, see :func:`first_decision`).
     """
 
-    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, total_steps: int, maximum: int | None = None):
+    def __init__(self, sizes: Sequence[int], steps_per_epoch: int, total_steps: int,
+                 maximum: int | None = None, warmup: int = 0):
         self.sizes = [int(b) for b in sizes]
         self.steps_per_epoch, self.total_steps = int(steps_per_epoch), int(total_steps)
         self.maximum = maximum
+        self.first = first_decision(self.steps_per_epoch, warmup)  # the first decision falls after it
         self.changes: list[dict] = []  # {"step": first step drawn with them, "batch_per_rank": [...]}
         self.samples = 0  # this rank's window: samples computed and the seconds they took
         self.seconds = 0.0
 
     def record(self, step: int, samples: int, seconds: float) -> None:
-        """Step ``step`` computed ``samples`` samples in ``seconds`` (the epoch's first step is not timed)."""
-        if step % self.steps_per_epoch:
+        """Step ``step`` computed ``samples`` samples in ``seconds`` (step 0 and each step right after a
+        decision are not timed: start-up and re-sizing costs)."""
+        if step > 0 and not self.due(step - 1):
             self.samples += int(samples)
             self.seconds += float(seconds)
 
     def due(self, step: int) -> bool:
-        """Whether step ``step`` ends an epoch before the run's last step (the moment of a decision)."""
-        return (step + 1) % self.steps_per_epoch == 0 and step + 1 < self.total_steps
+        """Whether a decision falls after step ``step``: the warm-up window's last step, then each
+        epoch's last step from the second epoch on, never the run's last step. At most one per epoch."""
+        if step + 1 >= self.total_steps:
+            return False
+        spe = self.steps_per_epoch
+        return step == self.first or (step >= spe and (step + 1) % spe == 0)
 
     def decide(self, strategy, step: int) -> list[int] | None:
         """Collective over ``strategy``'s live ranks after step ``step``: the new sizes, or None (no change).
@@ -130,4 +156,4 @@ class SpeedBalance:
         self.sizes, self.changes, self.samples, self.seconds = sizes, changes, samples, seconds
 
 
-__all__ = ["MIN_CHANGE", "SpeedBalance", "split_by_speed"]
+__all__ = ["MIN_CHANGE", "MIN_WARMUP", "SpeedBalance", "first_decision", "split_by_speed"]

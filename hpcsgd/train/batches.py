@@ -48,9 +48,10 @@ class Batches:
         self.sampler.set_live(membership.live, reweight=self.cfg.reweight)
         self._weight_vector()
 
-    def set_batch_sizes(self, sizes) -> None:
-        """Per-rank batch sizes from the next batch on (RedundantSampler.set_batch_sizes)."""
-        self.sampler.set_batch_sizes(sizes)
+    def set_batch_sizes(self, sizes, now: bool = False) -> None:
+        """Per-rank batch sizes from the next epoch on, or from the next batch with ``now``
+        (RedundantSampler.set_batch_sizes)."""
+        self.sampler.set_batch_sizes(sizes, now=now)
         self._weight_vector()
 
     def _weight_vector(self) -> None:
