@@ -34,7 +34,7 @@ FAIL_MODES = ("leave", "kill")
 AVERAGE_WEIGHTS = ("equal", "samples")  # hpcsgd/algorithms/base.py
 BALANCE = ("none", "speed")  # hpcsgd/data/balance.py
 EXCHANGES = ("auto", "alltoallv", "shared-memory", "node-aware")  # hpcsgd/comm/exchange.py
-ALLREDUCES = ("library", "node-aware")  # hpcsgd/comm/nodes.py
+ALLREDUCES = ("library", "node-aware", "nonblocking")  # hpcsgd/comm/nodes.py
 PROGRESS = ("auto", "bar", "lines", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # A user's model: factory(input_shape, num_classes) -> nn.Module, imported from pkg.module.
@@ -89,7 +89,7 @@ class TrainConfig:
     overlap_rounds: bool = False  # local/rps: run each round behind the next step, applied one step late
     average_weights: str = "equal"  # equal | samples: local/rps rounds weigh each rank by the samples it drew since the last round (unequal batches)
     exchange: str = "auto"  # auto | alltoallv | shared-memory | node-aware: how rps's block exchange travels (auto: shared-memory on one node, node-aware across nodes; all give the same bits)
-    allreduce: str = "library"  # library | node-aware: the Allreduce of local's rounds and sync's steps (node-aware: reduce in node, across nodes, bcast in node; rounds differently from the library's; sync needs --no-overlap)
+    allreduce: str = "library"  # library | node-aware | nonblocking: the Allreduce of local's rounds and sync's steps (node-aware: reduce in node, across nodes, bcast in node; rounds differently from the library's; sync needs --no-overlap; nonblocking: the library's Iallreduce, waited for: may round differently from the blocking call)
     balance: str = "none"  # none | speed: per-rank batch sizes follow measured compute speed, total fixed, decided by all ranks after a warm-up window in the first epoch, then at epoch ends (local/rps; implies average_weights samples)
     balance_warmup: int = 0  # balance speed: timed steps (after the first) before the first decision (0: a quarter of an epoch, at least 3; capped at the first epoch's end)
     seed: int = 0  # seed of init, data order and drop masks
@@ -435,7 +435,7 @@ def _validate_combinations(cfg: TrainConfig) -> None:
     if cfg.overlap_rounds and cfg.average_optimizer_state and REGISTRY[cfg.algorithm].uses_tau:
         raise ConfigError("overlap_rounds does not combine with average_optimizer_state "
                           "(the spec delays the model's average only): turn one of them off")
-    if cfg.allreduce != "library" and ((cfg.algorithm == "sync" and cfg.overlap) or
+    if cfg.allreduce == "node-aware" and ((cfg.algorithm == "sync" and cfg.overlap) or
                                        (cfg.algorithm == "local" and cfg.overlap_rounds)):
         raise ConfigError(f"allreduce = {cfg.allreduce!r} sums blocking rounds; {cfg.algorithm} with "
                           f"{'overlap' if cfg.algorithm == 'sync' else 'overlap_rounds'} averages by the library's "

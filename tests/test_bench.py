@@ -21,7 +21,7 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
     out = tmp_path / "rows.json"
     result = mpi(2, "bench", "--quick", "--json", out, timeout=600)
     assert result.returncode == 0, result.stderr
-    for expected in ("averaging round / raw Allreduce", "round step's optimizer step (1/L folded in)",
+    for expected in ("averaging round / raw Allreduce", "averaging round, allreduce nonblocking (opt-in, not bit-identical)", "round step's optimizer step (1/L folded in)",
                      "round step (optimizer + average) / (optimizer + raw)", "RPS round, drop 0 (", "RPS round, drop 0.1 (",
                      "two Ialltoallv (the multi-node path)", "hidden share of the round", "network emulation off / absent",
                      "drop masks", "sync-SGD step / DDP step, MLP", "sync-SGD step / DDP step, ResNet-20",
@@ -30,12 +30,12 @@ def test_quick_suite_prints_every_row_under_two_ranks(tmp_path):
                      "Iallreduce + Test polling", "user-loop step (hpcsgd.LocalSGD tau 8) / hpcsgd train step"):
         assert expected in result.stdout, expected
     rows = json.loads(out.read_text())
-    assert len(rows) == 21
+    assert len(rows) == 22
     keyed = {r["key"]: r for r in rows}
     assert len(keyed) == len(rows)  # every row has a key, and keys are unique: tools compare runs by key
     assert {"watchdog_overhead", "watchdog_polling_alternative", "api_step_vs_cli_step", "local8_api_vs_pma_mlp",
             "local8_api_vs_pma_resnet20", "sync_vs_ddp_mlp", "rps01_vs_allreduce", "rps0_vs_allreduce",
-            "avg_vs_allreduce", "overlap_hidden_local", "overlap_hidden_rps", "netem_off_overhead"} <= set(keyed)
+            "avg_vs_allreduce", "avg_nonblocking_vs_allreduce", "overlap_hidden_local", "overlap_hidden_rps", "netem_off_overhead"} <= set(keyed)
     assert keyed["watchdog_overhead"]["target"] == 1.01 and keyed["watchdog_overhead"]["guard_us"] > 0
     # A hidden share is a difference of two step times over the round's: negative when overlapping
     # cost more than it hid (a loaded 2-core machine), but always a number.

@@ -23,6 +23,7 @@ from launch import ROOT, env
 
 SKIP = 77
 XNODE_KEYS = ("xnode_allreduce_raw", "xnode_link_sendrecv", "xnode_avg_vs_allreduce", "xnode_rps01_vs_allreduce",
+              "xnode_avg_nonblocking_vs_allreduce",
               "xnode_rps01_alltoallv_vs_allreduce", "xnode_overlap_hidden_local", "xnode_overlap_hidden_rps",
               "xnode_sync_vs_ddp_mlp")
 
@@ -37,22 +38,52 @@ def test_link_bytes_of_a_round_in_closed_form():
     assert node_link_bytes("rps", 1, 4, N) == 0  # one node: nothing crosses
 
 
+def _probe(name: str, seconds: tuple[float, float], sizes=(10**7, 3 * 10**7)) -> dict:
+    return {"key": f"xnode_probe_{name}", "seconds": seconds[1], "bytes": sizes[1], "probe_bytes": list(sizes),
+            "probe_s": list(seconds), "ratio": None, "nodes": 2, "ranks_per_node": 2}
+
+
+def test_probe_fit_is_the_rate_through_the_sizes_and_the_origin():
+    from hpcsgd.bench.costmodel import probe_fit
+
+    fit = probe_fit([_probe("allreduce", (0.02, 0.06)), _probe("one_stream", (0.01, 0.04)),
+                     {"key": "probe_allreduce", "probe_bytes": [1, 2], "probe_s": [1, 2]}])  # one node: not a probe
+    assert set(fit) == {"allreduce", "one_stream"}
+    assert fit["allreduce"] == pytest.approx((0.0, 2e-9))  # on the line through the origin: exact
+    # Least squares through the origin: (1e7 * 0.01 + 3e7 * 0.04) / (1e14 + 9e14)
+    assert fit["one_stream"] == pytest.approx((0.0, 1.3e-9))
+
+
 @pytest.mark.parametrize("path", ["alltoallv", "node-aware"])  # the same bytes cross the links
 def test_projection_errors_per_row(path):
-    rows = [{"key": "xnode_link_sendrecv", "seconds": 0.2, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2},
+    rows = [_probe("allreduce", (0.02, 0.06)), _probe("iallreduce", (0.01, 0.03)), _probe("one_stream", (0.02, 0.06)),
+            _probe("node_streams", (0.02, 0.06)),
+            {"key": "xnode_link_sendrecv", "seconds": 0.2, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2},
             {"key": "xnode_avg_vs_allreduce", "seconds": 0.4, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2,
              "link_bytes": 2e8},
+            {"key": "xnode_avg_nonblocking_vs_allreduce", "seconds": 0.2, "bytes": 10**8, "nodes": 2,
+             "ranks_per_node": 2},
             {"key": "xnode_rps01_vs_allreduce", "seconds": 0.8, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2,
              "path": path},
             {"key": "avg_vs_allreduce", "seconds": 0.1, "bytes": 10**8}]  # one node: not projected
     out = {p["key"]: p for p in project_across_nodes(rows, gbps=8.0, latency_us=0.0, fitted=None)}
-    assert set(out) == {"xnode_avg_vs_allreduce", "xnode_rps01_vs_allreduce"}
+    assert set(out) == {"xnode_link_sendrecv", "xnode_avg_vs_allreduce", "xnode_avg_nonblocking_vs_allreduce",
+                        "xnode_rps01_vs_allreduce"}
     avg = out["xnode_avg_vs_allreduce"]
     assert avg["predicted_s"] == pytest.approx(0.1)  # 1e8 bytes per node at 1e9 bytes/s
     assert avg["error"] == pytest.approx(-0.75)
     assert avg["bytes_error"] == pytest.approx(0.0)  # 2 nodes x 1e8 predicted, 2e8 counted
-    assert avg["fitted_s"] == pytest.approx(0.2) and avg["fitted_error"] == pytest.approx(-0.5)
-    assert out["xnode_rps01_vs_allreduce"]["predicted_s"] == pytest.approx(0.18)
+    # Calibrated: each probe's time per byte at the row's bytes.
+    assert avg["calibrated_s"] == pytest.approx(2e-9 * 1e8) and avg["calibrated_error"] == pytest.approx(-0.5)
+    assert out["xnode_avg_nonblocking_vs_allreduce"]["calibrated_s"] == pytest.approx(1e-9 * 1e8)
+    assert out["xnode_link_sendrecv"]["calibrated_s"] == pytest.approx(2e-9 * 1e8)
+    rps = out["xnode_rps01_vs_allreduce"]
+    assert rps["predicted_s"] == pytest.approx(0.18)
+    # A node's 1.8e8 link bytes at the probe's rate per node (2 ranks sent 2e-9 s/byte each at
+    # once: 1e-9 s per node byte), and the probe's latency (0) once per phase.
+    assert rps["calibrated_s"] == pytest.approx(1.8e8 * 1e-9)
+    no_probe = project_across_nodes(rows[4:], gbps=8.0, latency_us=0.0, fitted=None)
+    assert no_probe and not any("calibrated_s" in p for p in no_probe)
 
 
 def test_rows_keyed_by_where_they_ran():
@@ -97,6 +128,11 @@ def test_xnode_bench_runs_across_a_namespace_cluster(tmp_path):
         assert keyed[key]["link_bytes"] > 0, key  # the links carried the round
     assert keyed["xnode_rps01_vs_allreduce"]["model"]["predicted_s"] > 0
     assert math.isfinite(keyed["xnode_avg_vs_allreduce"]["model"]["error"])
+    for name in ("one_stream", "node_streams", "allreduce", "iallreduce"):  # the link probe, at two sizes
+        probe = keyed[f"xnode_probe_{name}"]
+        assert len(probe["probe_s"]) == 2 and all(s > 0 for s in probe["probe_s"]), probe
+    for key in ("xnode_avg_vs_allreduce", "xnode_avg_nonblocking_vs_allreduce", "xnode_rps01_vs_allreduce"):
+        assert math.isfinite(keyed[key]["model"]["calibrated_error"]), key
     assert "| `xnode_avg_vs_allreduce` |" in proc.stdout
     down = subprocess.run([str(ROOT / "tools" / "cluster"), "status"], capture_output=True, text=True, env=e)
     assert "down" in down.stdout  # the tool tore its cluster down

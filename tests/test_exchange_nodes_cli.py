@@ -76,7 +76,7 @@ def test_local_sgd_node_aware_allreduce(shards, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (("--algorithm", "sync", "--allreduce", "node-aware"), "give --no-overlap"),
     (("--algorithm", "local", "--allreduce", "node-aware", "--overlap-rounds"), "give --no-overlap-rounds"),
-    (("--allreduce", "tree"), "allreduce must be one of library, node-aware, got 'tree'"),
+    (("--allreduce", "tree"), "allreduce must be one of library, node-aware, nonblocking, got 'tree'"),
     (("--algorithm", "rps", "--exchange", "rdma"), "exchange must be one of auto, alltoallv, shared-memory, node-aware"),
 ])
 def test_bad_node_aware_settings_exit_2(shards, tmp_path, extra, message):

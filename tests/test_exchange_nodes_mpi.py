@@ -190,7 +190,36 @@ def test_node_aware_allreduce_is_exact_where_the_sum_is_and_the_same_on_every_ra
     hier.free()
 
 
-@pytest.mark.parametrize("kind", ["library", "node-aware"])
+def test_nonblocking_allreduce_sums_exactly_where_the_sum_is_and_the_same_on_every_rank(coll):
+    """use_allreduce("nonblocking"): the library's Iallreduce, waited for; exact on integers,
+    one result on every rank, rounding within the bound of the blocking call, counted as it."""
+    import torch
+    from mpi4py import MPI
+
+    P, r = coll.size, coll.rank
+    coll.use_allreduce("nonblocking")
+    assert all_ranks(coll.allreduce_path == "nonblocking-allreduce")
+    before = coll.counters.bytes_sent
+    ints = torch.full((1000,), float(r + 1))
+    coll.allreduce_sum_(ints)
+    assert all_ranks(bool(torch.all(ints == P * (P + 1) / 2)))
+    assert all_ranks(coll.counters.bytes_sent - before == 2 * (P - 1) * 4000 // P)
+    data = np.random.default_rng(r).standard_normal(100_003).astype(np.float32)
+    mine, blocking = torch.from_numpy(data.copy()), data.copy()
+    coll.allreduce_mean_(mine)
+    coll.comm.Allreduce(MPI.IN_PLACE, blocking, op=MPI.SUM)
+    gathered = coll.comm.allgather(mine.numpy().tobytes())
+    assert all_ranks(all(g == gathered[0] for g in gathered))
+    magnitude = np.abs(data)
+    coll.comm.Allreduce(MPI.IN_PLACE, magnitude, op=MPI.SUM)
+    eps = np.finfo(np.float32).eps
+    mean = (blocking * np.float32(1.0 / P)).astype(np.float64)  # the blocking call's mean, as torch's mul_ makes it
+    # Either order's sum is within (P-1) eps sum_i |x_i| of the exact one; the scaling rounds once more.
+    bound = 2 * max(P - 1, 1) * eps * magnitude.astype(np.float64) / P + 2 * eps * np.abs(mean)
+    assert all_ranks(bool(np.all(np.abs(mine.numpy().astype(np.float64) - mean) <= bound)))
+
+
+@pytest.mark.parametrize("kind", ["library", "node-aware", "nonblocking"])
 def test_local_sgd_rounds_go_by_the_chosen_allreduce(coll, kind):
     """LocalSGD(allreduce=...) averages through it, says so, and keeps it after the live ranks change."""
     import hpcsgd
@@ -208,10 +237,10 @@ def test_local_sgd_rounds_go_by_the_chosen_allreduce(coll, kind):
     gathered = coll.comm.allgather(flat.tobytes())
     c = strategy.counters
     split = c.bytes_intra_node + c.bytes_inter_node
-    expected_path = "allreduce" if kind == "library" else "node-aware-allreduce"
+    expected_path = {"library": "allreduce", "node-aware": "node-aware-allreduce"}.get(kind, "nonblocking-allreduce")
     assert all_ranks(strategy.exchange_path == expected_path)
     assert all_ranks(all(g == gathered[0] for g in gathered))  # one model on every rank
-    assert all_ranks(split == (0 if kind == "library" or world.size == 1 else c.bytes_sent))
+    assert all_ranks(split == (0 if kind != "node-aware" or world.size == 1 else c.bytes_sent))
     strategy.set_collectives(strategy.coll.over(strategy.coll.comm, list(strategy.coll.world_ranks)))
     assert all_ranks(strategy.exchange_path == expected_path)
     strategy.close()

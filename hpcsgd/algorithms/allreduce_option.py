@@ -1,8 +1,10 @@
 """The ``allreduce`` option of the averaging strategies (local SGD, sync SGD): which Allreduce sums their rounds.
 
 ``"library"`` (default) is the MPI library's Allreduce; ``"node-aware"`` reduces inside each
-node, across nodes and broadcasts inside each node (hpcsgd/comm/nodes.py). The two add in
-different orders, so they differ by rounding; each is deterministic.
+node, across nodes and broadcasts inside each node (hpcsgd/comm/nodes.py); ``"nonblocking"``
+is the library's Iallreduce, waited for (across nodes MPICH's blocking call runs its per-node
+stages one after the other). They may add in different orders, so they may differ by
+rounding; each is deterministic.
 """
 
 from __future__ import annotations

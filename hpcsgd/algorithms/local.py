@@ -31,8 +31,9 @@ class LocalSGD(AllreduceOption, PeriodicStrategy):
         overlap_rounds: run each round behind the next step (applied one step late; see flush()).
         average_weights: ``"equal"`` (1/L) or ``"samples"``: a round weighs each rank by the
             samples it drew since the last one (pass ``step(samples=n)``; unequal batches).
-        allreduce: ``"library"`` (the MPI library's Allreduce) or ``"node-aware"`` (reduce in
-            each node, across nodes, bcast in each node; rounding differs from the library's).
+        allreduce: ``"library"`` (the MPI library's Allreduce), ``"node-aware"`` (reduce in
+            each node, across nodes, bcast in each node; rounding differs from the library's) or
+            ``"nonblocking"`` (the library's Iallreduce; may round differently from its Allreduce).
         ranks_per_node: nodes of that many ranks for the node-aware Allreduce (0: as they share memory).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
@@ -51,7 +52,7 @@ class LocalSGD(AllreduceOption, PeriodicStrategy):
 
     def __init__(self, model, optimizer, world, *, allreduce: str = "library", ranks_per_node: int = 0, **options):
         self.take_allreduce(allreduce, ranks_per_node)
-        if allreduce != "library" and options.get("overlap_rounds"):
+        if allreduce == "node-aware" and options.get("overlap_rounds"):
             raise ConfigError(f"allreduce {allreduce!r} sums blocking rounds: overlapped rounds (overlap_rounds) "
                               "go by the library's Allreduce on their own thread")
         super().__init__(model, optimizer, world, **options)

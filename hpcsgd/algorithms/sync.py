@@ -43,7 +43,9 @@ class SyncSGD(AllreduceOption, Strategy):
         bucket_mb: bucket size in megabytes.
         allreduce: ``"library"`` or ``"node-aware"`` (reduce in each node, across nodes, bcast in
             each node; rounding differs from the library's): needs ``overlap=False``, whose one
-            blocking Allreduce per step it replaces (buckets go by the library's Iallreduce).
+            blocking Allreduce per step it replaces (buckets go by the library's Iallreduce);
+            or ``"nonblocking"``: that one Allreduce by the library's Iallreduce (may round
+            differently from the blocking call; overlapped buckets use it anyway).
         ranks_per_node: nodes of that many ranks for the node-aware Allreduce (0: as they share memory).
         collectives: the comm layer (default: built from ``world``).
         network: an emulated network from :func:`hpcsgd.link_network`.
@@ -66,7 +68,7 @@ class SyncSGD(AllreduceOption, Strategy):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ConfigError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
         self.take_allreduce(allreduce, ranks_per_node)
-        if allreduce != "library" and overlap:
+        if allreduce == "node-aware" and overlap:
             raise ConfigError(f"allreduce {allreduce!r} sums sync's one blocking Allreduce per step: give overlap=False "
                               "(--no-overlap); overlapped buckets go by the library's Iallreduce")
         super().__init__(model, optimizer, world, **kwargs)

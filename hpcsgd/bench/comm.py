@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .links import probe_rows
 from .timing import flat_mlp, link_fields, node_cores, ratio_paired, row, time_interleaved
 
 SCALING_SIZES = (100_000, 1_000_000, 10_000_000, 50_000_000)
@@ -22,31 +23,30 @@ def exchange_rows(comm, params: int, reps: int, warmup: int, nodes: int = 1) -> 
     The raw Allreduce runs where the average does, on the model buffer right after an
     optimizer step: an Allreduce after the optimizer has streamed the model through memory
     is slower than the same call after a light operation, for raw mpi4py too (README, "Benchmarks").
-    Across ``nodes`` > 1, one more row: rank 0 and rank P/2 (another node) swap the buffer, the
-    links' floor for a node-aware Allreduce's bytes (the cost model's link is fitted to it).
+    ``avg_nonblocking``: the same round with ``allreduce = "nonblocking"`` (the library's
+    Iallreduce; opt-in, since it may round differently from the blocking call).
+    Across ``nodes`` > 1, more rows: rank 0 and rank P/2 (another node) swap the buffer, the
+    links' floor for a node-aware Allreduce's bytes, and the link probe the cost model is
+    calibrated on (hpcsgd/bench/links.py, :func:`~hpcsgd.bench.links.probe_rows`), measured
+    first, at smaller sizes than the rows it predicts.
     """
     import torch
     from mpi4py import MPI
 
-    from ..algorithms import RPS, LocalSGD
     from ..comm import BlockExchange, Collectives, LinkRates
     from ..optim import ScalingSGD
-    from ..world import World
 
     model, flat = flat_mlp(params)
     coll = Collectives(comm)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
     optimizer = ScalingSGD(model.parameters(), lr=1e-3, momentum=0.9)
-    world = World(comm, comm.rank, comm.size, 0, 1, torch.device("cpu"), tuple(range(comm.size)))
-    local = LocalSGD(model, optimizer, world, tau=1, collectives=coll)
-    # RPS at drop 0 as training runs it: a lossless round is one Allreduce whose 1/L rides in
-    # the optimizer step, as local SGD's (the optimizer step is timed by opt_round's row).
-    rps0 = RPS(model, optimizer, world, tau=1, rates=LinkRates.build(comm.size, 0.0), seed=1, collectives=coll)
+    local, local_nb, rps0 = _rounds(comm, coll, model, optimizer)
     model_buffer = flat.flat.detach().numpy()
     ex1 = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1)  # auto: shared memory on one node
     ex1_msg = BlockExchange(coll, flat.numel, LinkRates.build(comm.size, 0.1), seed=1, path="alltoallv")
     step = iter(range(10**9))
+    probe = probe_rows(comm, 4 * flat.numel, reps, warmup) if nodes > 1 else []
     pair = _pair_swap(comm, model_buffer) if nodes > 1 else {}
     m = time_interleaved(
         comm,
@@ -57,6 +57,9 @@ def exchange_rows(comm, params: int, reps: int, warmup: int, nodes: int = 1) -> 
             "unscale": lambda: flat.flat.mul_(1.0 / comm.size),  # keeps the values bounded; not reported
             "opt_round": lambda: local.optimizer_step(0),  # tau 1: every step is a round step
             "avg": lambda: local.after_step(0),
+            # As a round step runs it: the 1/L rode in the optimizer step (here: in the next unscale).
+            "avg_nb": lambda: (setattr(local_nb, "_prescaled", True), local_nb.after_step(0)),
+            "unscale_nb": lambda: flat.flat.mul_(1.0 / comm.size),  # not reported
             "rps0_opt": lambda: rps0.optimizer_step(0),  # not reported: the same step as opt_round
             "rps0": lambda: rps0.after_step(0),
             "rps1": lambda: ex1.average(flat.flat, next(step)),
@@ -66,12 +69,26 @@ def exchange_rows(comm, params: int, reps: int, warmup: int, nodes: int = 1) -> 
         reps,
         warmup,
     )
-    rows = _exchange_report(m, f"{flat.numel / 1e6:.1f}M params", ex1.path, 4 * flat.numel)
-    if pair:
-        rows.insert(1, row("Sendrecv of the buffer between two nodes, one rank each (the links' floor) / raw Allreduce",
-                           m["pair"], m["pair"] / m["raw"], None, key="link_sendrecv", bytes=4 * flat.numel,
-                           **link_fields(m, "pair", ref="raw")))
-    return rows
+    return probe + _exchange_report(m, f"{flat.numel / 1e6:.1f}M params", ex1.path, 4 * flat.numel)
+
+
+def _rounds(comm, coll, model, optimizer) -> tuple:
+    """The strategies whose rounds the exchange rows time: local SGD, the same with the
+    nonblocking Allreduce, and RPS at drop 0, all on ``model`` (tau 1: every step a round)."""
+    import torch
+
+    from ..algorithms import RPS, LocalSGD
+    from ..comm import Collectives, LinkRates
+    from ..world import World
+
+    world = World(comm, comm.rank, comm.size, 0, 1, torch.device("cpu"), tuple(range(comm.size)))
+    local = LocalSGD(model, optimizer, world, tau=1, collectives=coll)
+    # Its own comm layer: the strategy sets the layer's Allreduce kind, which the others share.
+    local_nb = LocalSGD(model, optimizer, world, tau=1, collectives=Collectives(comm), allreduce="nonblocking")
+    # RPS at drop 0 as training runs it: a lossless round is one Allreduce whose 1/L rides in
+    # the optimizer step, as local SGD's (the optimizer step is timed by opt_round's row).
+    rps0 = RPS(model, optimizer, world, tau=1, rates=LinkRates.build(comm.size, 0.0), seed=1, collectives=coll)
+    return local, local_nb, rps0
 
 
 def _pair_swap(comm, buffer) -> dict:
@@ -86,11 +103,18 @@ def _pair_swap(comm, buffer) -> dict:
 def _exchange_report(m: dict, mb: str, path: str, nbytes: int) -> list[dict]:
     """The exchange section's rows from its medians ``m`` (``nbytes``: the model buffer's size)."""
     whole = (m["opt_round"] + m["avg"]) / (m["opt"] + m["raw"])
+    pair = [row("Sendrecv of the buffer between two nodes, one rank each (the links' floor) / raw Allreduce",
+                m["pair"], m["pair"] / m["raw"], None, key="link_sendrecv", bytes=nbytes,
+                **link_fields(m, "pair", ref="raw"))] if "pair" in m else []
     return [
         row(f"raw mpi4py Allreduce, {mb} (the floor)", m["raw"], 1.0, None, key="allreduce_raw", bytes=nbytes,
              **link_fields(m, "raw")),
+        *pair,
         row("averaging round / raw Allreduce", m["avg"], m["avg"] / m["raw"], 1.03, key="avg_vs_allreduce",
              bytes=nbytes, **link_fields(m, "avg", ref="raw")),
+        row("averaging round, allreduce nonblocking (opt-in, not bit-identical) / raw",
+             m["avg_nb"], m["avg_nb"] / m["raw"], None, key="avg_nonblocking_vs_allreduce", bytes=nbytes,
+             **link_fields(m, "avg_nb", ref="raw")),
         row("round step's optimizer step (1/L folded in) / plain step", m["opt_round"], m["opt_round"] / m["opt"], 1.05,
              key="round_opt_vs_plain_opt"),
         row("round step (optimizer + average) / (optimizer + raw)", m["opt_round"] + m["avg"], whole, 1.10,

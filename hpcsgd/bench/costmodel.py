@@ -80,21 +80,49 @@ def node_link_bytes(kind: str, nodes: int, ranks_per_node: int, nbytes: float, d
     return 2 * (1 - drop) * ranks_per_node * nbytes * (P - ranks_per_node) / P
 
 
+# The xnode rows the model predicts: (what the round is, drop rate). ``allreduce``: the library's
+# blocking Allreduce; ``nonblocking``: its Iallreduce; ``stream``: one stream each way; ``rps``:
+# RPS's block exchange.
+XNODE_KINDS = {"xnode_allreduce_raw": ("allreduce", 0.0), "xnode_avg_vs_allreduce": ("allreduce", 0.0),
+               "xnode_rps0_vs_allreduce": ("allreduce", 0.0), "xnode_rps01_alltoallv_vs_allreduce": ("rps", 0.1),
+               "xnode_avg_nonblocking_vs_allreduce": ("nonblocking", 0.0), "xnode_link_sendrecv": ("stream", 0.0)}
+# Which probe (hpcsgd/bench/links.py) calibrates each kind's link part.
+_PROBE_OF = {"allreduce": "allreduce", "nonblocking": "iallreduce", "stream": "one_stream", "rps": "node_streams"}
+
+
+def probe_fit(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """{probe name: (seconds, seconds per byte)} of each ``xnode_probe_*`` row: the time per byte
+    by least squares through its sizes and the origin, no latency.
+
+    At the probe's sizes a latency is below the noise, and a line through two noisy points,
+    extrapolated to twice the larger, triples their noise; through the origin it does not.
+    """
+    out = {}
+    for r in rows:
+        key = r.get("key", "")
+        if key.startswith("xnode_probe_") and r.get("probe_bytes"):
+            b, t = np.asarray(r["probe_bytes"], float), np.asarray(r["probe_s"], float)
+            out[key[len("xnode_probe_"):]] = (0.0, float(b @ t / (b @ b)))
+    return out
+
+
 def project_across_nodes(rows: list[dict], gbps: float, latency_us: float, fitted: dict | None) -> list[dict]:
     """The cost model's round times for bench rows measured across nodes, and their errors.
 
-    A round costs its part inside the node, from the model ``fitted`` to this machine's
-    scaling table at the node's rank count (none without a table), plus the time of the
-    bytes a node sends (:func:`node_link_bytes`) over its link, plus one latency per message
-    step. The link's time per byte is taken two ways: the nominal ``gbps`` (``predicted_s``),
-    and fitted to the run's ``xnode_link_sendrecv`` row, one stream of the buffer across the
-    link (``fitted_s``: what TCP achieves on these hosts). For each ``xnode_*`` exchange row:
-    both predictions, their errors relative to the measurement, and predicted vs counted bytes.
+    Two predictions per row of :data:`XNODE_KINDS`. ``predicted_s``, from the nominal link: the
+    part inside the node, from the model ``fitted`` to this machine's one-node scaling table
+    (none without a table), plus the bytes a node sends (:func:`node_link_bytes`) at ``gbps``,
+    plus one ``latency_us`` per message step. ``calibrated_s``, from the run's link probe
+    (``xnode_probe_*`` rows: the same calls at smaller sizes, hpcsgd/bench/links.py): a
+    latency and a time per byte through the probe's two sizes, extrapolated to the row's bytes.
+    The Allreduce rows take the library's Allreduce (its composition across nodes, which the
+    byte count alone misses), the nonblocking row its Iallreduce, the stream row one stream;
+    an RPS round takes the part inside the node as above plus its node's link bytes at the rate
+    a node's ranks got sending at once, one probe latency per phase. Each with its error
+    relative to the measurement, and predicted vs counted bytes.
     """
-    kinds = {"xnode_allreduce_raw": ("allreduce", 0.0), "xnode_avg_vs_allreduce": ("allreduce", 0.0),
-             "xnode_rps0_vs_allreduce": ("allreduce", 0.0), "xnode_rps01_alltoallv_vs_allreduce": ("rps", 0.1)}
-    stream = next((r for r in rows if r.get("key") == "xnode_link_sendrecv"), None)
-    fitted_beta = stream["seconds"] / stream["bytes"] if stream else None
+    kinds = dict(XNODE_KINDS)
+    probes = probe_fit(rows)
     out = []
     for r in rows:
         key = r.get("key")
@@ -106,18 +134,22 @@ def project_across_nodes(rows: list[dict], gbps: float, latency_us: float, fitte
             continue
         kind, drop = kinds[key]
         n, k = r["nodes"], r["ranks_per_node"]
-        link = node_link_bytes(kind, n, k, r["bytes"], drop)
-        fixed = _inside_node(kind, k, r["bytes"], fitted) + latency_us * 1e-6 * (
-            2 * np.log2(n) if kind == "allreduce" else 2 * (n * k - k))
-        predicted = fixed + link * 8 / (gbps * 1e9)
+        link = node_link_bytes("rps" if kind == "rps" else "allreduce", n, k, r["bytes"], drop)
+        inside = 0.0 if kind == "stream" else _inside_node("rps" if kind == "rps" else "allreduce", k, r["bytes"], fitted)
+        steps = 2 * (n * k - k) if kind == "rps" else 2 * np.log2(n) if kind != "stream" else 1
+        predicted = inside + latency_us * 1e-6 * steps + link * 8 / (gbps * 1e9)
         counted = r.get("link_bytes")
         entry = {"key": key, "measured_s": r["seconds"], "predicted_s": predicted,
-                 "error": (predicted - r["seconds"]) / r["seconds"], "inside_node_s": fixed,
+                 "error": (predicted - r["seconds"]) / r["seconds"], "inside_node_s": inside,
                  "predicted_link_bytes": link * n, "link_bytes": counted,
-                 "bytes_error": None if not counted else (link * n - counted) / counted}
-        if fitted_beta is not None:
-            entry["fitted_s"] = fixed + link * fitted_beta
-            entry["fitted_error"] = (entry["fitted_s"] - r["seconds"]) / r["seconds"]
+                 "bytes_error": None if not counted or kind == "stream" else (link * n - counted) / counted}
+        probe = probes.get(_PROBE_OF[kind])
+        if probe is not None:
+            seconds, per_byte = probe
+            # The RPS probe: each of a node's k ranks sent the probe's bytes at once.
+            entry["calibrated_s"] = (inside + 2 * seconds + link * per_byte / k if kind == "rps"
+                                     else seconds + per_byte * r["bytes"])
+            entry["calibrated_error"] = (entry["calibrated_s"] - r["seconds"]) / r["seconds"]
         out.append(entry)
     return out
 
@@ -187,4 +219,5 @@ def print_projection(args) -> int:
     return 0
 
 
-__all__ = ["TABLE", "fit_cost_model", "node_link_bytes", "print_projection", "project", "project_across_nodes", "read_table"]
+__all__ = ["TABLE", "XNODE_KINDS", "fit_cost_model", "node_link_bytes", "print_projection", "probe_fit", "project",
+           "project_across_nodes", "read_table"]

@@ -280,35 +280,42 @@ class Collectives:
         )
 
     def use_allreduce(self, kind: str, ranks_per_node: int = 0) -> None:
-        """Sum the averaging rounds of :meth:`allreduce_sum_` the ``kind`` way (``library`` or
-        ``node-aware``, see hpcsgd/comm/nodes.py); ``ranks_per_node``: simulated nodes of that many ranks."""
+        """Sum the averaging rounds of :meth:`allreduce_sum_` the ``kind`` way (``library``,
+        ``node-aware`` or ``nonblocking``, see hpcsgd/comm/nodes.py); ``ranks_per_node``:
+        simulated nodes of that many ranks."""
         if kind not in ALLREDUCE:
             raise ValueError(f"allreduce must be one of {', '.join(ALLREDUCE)}, not {kind!r}")
         self.allreduce_kind, self.ranks_per_node = kind, int(ranks_per_node)
 
     @property
     def allreduce_path(self) -> str:
-        """How :meth:`allreduce_sum_` sums: ``allreduce`` (the library's) or ``node-aware-allreduce``."""
-        return "allreduce" if self.allreduce_kind == "library" else "node-aware-allreduce"
+        """How :meth:`allreduce_sum_` sums: ``allreduce`` (the library's), ``node-aware-allreduce``
+        or ``nonblocking-allreduce`` (the library's Iallreduce)."""
+        return {"library": "allreduce", "node-aware": "node-aware-allreduce"}.get(self.allreduce_kind,
+                                                                                  "nonblocking-allreduce")
 
     def allreduce_sum_(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
-        """Sum ``tensor`` in place over the live ranks (one blocking Allreduce).
+        """Sum ``tensor`` in place over the live ranks (one blocking Allreduce by default).
 
         Blocking, not a request and ``Wait``: with nothing to overlap, MPICH's blocking
-        Allreduce of a large buffer measured about 10% faster than Iallreduce + Wait.
+        Allreduce of a large buffer measured about 10% faster than Iallreduce + Wait on one
+        node. Across nodes MPICH's blocking call runs its per-node stages one after the other
+        and the Iallreduce was faster; ``use_allreduce("nonblocking")`` takes it, opt-in since
+        the two may add in different orders (hpcsgd/comm/nodes.py).
         """
         buf, host = self.mpi_view(tensor, tag)
         timing = self.ring_timing(tensor.numel() * tensor.element_size())
         if self.allreduce_kind == "node-aware" and self.wait_mode != "yield" and self.size > 1:
             self._sum_node_aware(buf, tensor, count_round)
-        elif self.wait_mode == "yield":  # a worker thread beside the training thread (overlapped rounds)
+        elif self.wait_mode == "yield" or self.allreduce_kind == "nonblocking":
+            # A worker thread beside the training thread (overlapped rounds), or asked for.
             self.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), f"Iallreduce [{tag}]")
         else:
             with WATCHDOG.guard(f"Allreduce [{tag}]", self.comm):
                 self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         if timing is not None:
             timing.hold()
-        if self.allreduce_kind == "library" or self.wait_mode == "yield" or self.size == 1:
+        if self.allreduce_kind != "node-aware" or self.wait_mode == "yield" or self.size == 1:
             self._count_allreduce(tensor, count_round)
         if host is not None:
             tensor.copy_(host.view_as(tensor))
