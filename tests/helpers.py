@@ -5,8 +5,10 @@ Imported as ``from helpers import ...`` (tests/ is on the path); conftest.py kee
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import pytest
 from launch import hpcsgd
 
 
@@ -66,3 +68,37 @@ def small_run_config(shared_tmp: Path, run: str, **overrides):
         "log_every": 2, "checkpoint_every": 8, "seed": 5, "tau": 2, **overrides,
     }
     return build_config(values)
+
+
+@contextlib.contextmanager
+def namespace_cluster(cluster, *up_args):
+    """A namespace cluster for the block: ``cluster("up", *up_args)``, and down however it ends.
+
+    ``cluster`` runs tools/cluster under the test file's cluster name; where none can be made
+    (exit 77: no root, no namespaces) the test is skipped with tools/cluster's reason.
+    """
+    try:
+        up = cluster("up", *up_args)
+        if up.returncode == 77:
+            pytest.skip(up.stderr.strip().splitlines()[-1])
+        assert up.returncode == 0, up.stderr
+        yield
+    finally:
+        down = cluster("down")
+        assert down.returncode in (0, 77), down.stderr
+
+
+def step_node_1_died(kill: dict) -> int:
+    """The step at which node 1 of 3 x 2 ranks (ranks 2, 3) died, from the survivors' summary.
+
+    Asserts what a whole node killed at once must leave: ranks 0, 1, 4, 5 live, coverage 100%
+    (spread placement), both ranks recorded as process deaths, and at the same step.
+    """
+    assert kill["live_rank_ids"] == [0, 1, 4, 5] and kill["coverage"] == 1.0
+    records = {r["rank"]: r for r in kill["failure_records"]}
+    assert set(records) == {2, 3} and all(r["kind"] == "process death" for r in records.values())
+    steps = {r["step"] for r in records.values()}
+    assert len(steps) == 1, records  # killed together: gone from the same step
+    (step,) = steps
+    assert 25 <= step < 400
+    return step

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import namespace_cluster
 from launch import ROOT, env, hpcsgd, mpi
 
 CLUSTER = ROOT / "tools" / "cluster"
@@ -78,15 +79,8 @@ def _end_job_and_node1(job: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def nodes():
     """2 nodes x 2 ranks, links at 1 Gbit/s; torn down however the tests end."""
-    try:
-        up = cluster("up", "2", "2", "--gbps", "1")
-        if up.returncode == 77:
-            pytest.skip(up.stderr.strip().splitlines()[-1])
-        assert up.returncode == 0, up.stderr
+    with namespace_cluster(cluster, "2", "2", "--gbps", "1"):
         yield
-    finally:
-        down = cluster("down")
-        assert down.returncode in (0, 77), down.stderr
 
 
 @pytest.fixture(scope="module")

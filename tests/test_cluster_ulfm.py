@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import synthetic_shards
+from helpers import namespace_cluster, step_node_1_died, synthetic_shards
 from launch import ROOT, env
 from test_ulfm import MPIRUN, VENV, _rank_pid, metrics, summary
 
@@ -93,15 +93,8 @@ def train(mpi: str, run_dir: Path, shards: Path, *args, hosts: str | None = None
 @pytest.fixture(scope="module")
 def nodes():
     """3 nodes x 2 ranks, links unshaped; torn down however the tests end."""
-    try:
-        up = cluster("up", "3", "2")
-        if up.returncode == 77:
-            pytest.skip(up.stderr.strip().splitlines()[-1])
-        assert up.returncode == 0, up.stderr
+    with namespace_cluster(cluster, "3", "2"):
         yield
-    finally:
-        down = cluster("down")
-        assert down.returncode in (0, 77), down.stderr
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +196,7 @@ def test_ranks_of_a_node_killed_from_outside_at_a_random_moment(nodes, shards, t
         stderr = finish(job)
     assert job.returncode == 0, stderr[-3000:]
     kill = summary(run_dir)
-    assert kill["live_rank_ids"] == [0, 1, 4, 5] and kill["coverage"] == 1.0
-    records = {r["rank"]: r for r in kill["failure_records"]}
-    assert set(records) == {2, 3} and all(r["kind"] == "process death" for r in records.values())
-    steps = {r["step"] for r in records.values()}
-    assert len(steps) == 1, records  # killed together: gone from the same step
-    (step,) = steps
-    assert 25 <= step < 400
+    step = step_node_1_died(kill)
     train("openmpi", tmp_path / "leave", shards, *args, "--fail", f"node:1@{step}")
     sim = summary(tmp_path / "leave")
     assert sim["coverage"] == 1.0
