@@ -87,12 +87,11 @@ def run_train(args: argparse.Namespace) -> int:
     from mpi4py import MPI  # MPI_Init
 
     startup.mark("MPI")
-    from .train.rundir import claim
-
-    claim(cfg, MPI.COMM_WORLD)  # before torch's import: a second job on this run directory fails in seconds
     from .train.preflight import agree_on_run
 
-    # Also before torch: shards, the config's fit to them, failures, the resume point (collective).
+    # Before torch's import, so that bad input costs a second, not ten (collective): the run
+    # directory's lock (a second job on it fails at once), the shards and the config's fit to
+    # them, failures, the resume point.
     agreed = agree_on_run(cfg, MPI.COMM_WORLD)
     startup.mark("checks")
     from .train.resume import EXIT_PREEMPTED, Preempted

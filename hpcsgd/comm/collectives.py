@@ -291,8 +291,8 @@ class Collectives:
     def allreduce_path(self) -> str:
         """How :meth:`allreduce_sum_` sums: ``allreduce`` (the library's), ``node-aware-allreduce``
         or ``nonblocking-allreduce`` (the library's Iallreduce)."""
-        return {"library": "allreduce", "node-aware": "node-aware-allreduce"}.get(self.allreduce_kind,
-                                                                                  "nonblocking-allreduce")
+        return {"library": "allreduce", "node-aware": "node-aware-allreduce",
+                "nonblocking": "nonblocking-allreduce"}[self.allreduce_kind]
 
     def allreduce_sum_(self, tensor: torch.Tensor, tag: str = "avg", count_round: bool = True) -> torch.Tensor:
         """Sum ``tensor`` in place over the live ranks (one blocking Allreduce by default).
