@@ -333,23 +333,59 @@ def averaged_state_run(models, optimizers, batches, steps: int, tau: int, algori
     return models, optimizers
 
 
-def node_bytes(P: int, R: int, seed: int, rates: LinkRates, round_steps, d: int, itemsize: int = 4) -> tuple[int, int]:
-    """RPS rounds' bytes between ranks of one node and between nodes (rank i on node i // R), summed
-    over ranks: every arrived off-diagonal message of both phases times its block's bytes
-    (phase 1 ``i -> j`` and phase 2 ``j -> i`` carry block j). ALGORITHMS.md, "Node-aware exchange"."""
+def node_bytes(P: int, R: int, seed: int, rates: LinkRates, round_steps, d: int, itemsize: int = 4,
+               contributors=None) -> tuple[int, int]:
+    """RPS rounds' bytes between ranks of one node and between nodes (rank i on node i // R; R = 0:
+    one node), summed over ranks, as the node-aware exchange sends them (ALGORITHMS.md,
+    "Node-aware exchange"; the flat exchange's where every node holds one rank).
+
+    A pair on one node: each arrived message ``i -> j`` (phase 1, block j) and ``j -> i`` (phase 2,
+    block j), through the node's window. Across nodes, phase 1: a node's ranks are cut into the
+    largest ranges of the summation tree inside it; a range of one rank sends its arrived row, a
+    wider range sends one sum per block j that any of its rows counts in, from its member
+    ``lo + j % width``, to which every other member whose row counts copies it (one node). Phase
+    2: block j's average goes once to each other node where some rank gets it, to its member
+    ``j % size``, which copies it to the others there that get it. ``contributors(t)``: who
+    counts at step t (None: everyone).
+    """
+    node = [i // R if R else 0 for i in range(P)]
+    groups = sorted(set(node))
+    members = {n: [i for i in range(P) if node[i] == n] for n in groups}
     offsets = block_offsets(d, P)
+    size = [int(offsets[j + 1] - offsets[j]) for j in range(P)]
+
+    def ranges(lo: int, hi: int, n: int) -> list[tuple[int, int]]:
+        if all(node[i] == n for i in range(lo, hi)):
+            return [(lo, hi)]
+        if hi - lo == 1:
+            return []
+        mid = lo + 2 ** ((hi - lo - 1).bit_length() - 1)
+        return ranges(lo, mid, n) + ranges(mid, hi, n)
+
     intra = inter = 0
     for t in round_steps:
         a1 = arrival_mask(seed, t, 1, rates.phase1)
         a2 = arrival_mask(seed, t, 2, rates.phase2)
-        for i in range(P):
-            for j in range(P):
-                if i == j:
+        counts = [True] * P if contributors is None or contributors(t) is None else list(contributors(t))
+        has_average = [any(a1[i, j] and counts[i] for i in range(P)) for j in range(P)]
+        for j in range(P):
+            for i in range(P):
+                if i != j and node[i] == node[j]:
+                    intra += size[j] * itemsize * (int(a1[i, j]) + int(a2[j, i] and has_average[j]))
+            for n in groups:
+                if n == node[j]:
                     continue
-                block = int(offsets[j + 1] - offsets[j]) * itemsize
-                carried = block * (int(a1[i, j]) + int(a2[j, i]))
-                if i // R == j // R:
-                    intra += carried
-                else:
-                    inter += carried
+                for lo, hi in ranges(0, P, n):
+                    rows = [i for i in range(lo, hi) if a1[i, j] and counts[i]]
+                    if hi - lo == 1:
+                        inter += size[j] * itemsize * int(a1[lo, j])
+                    elif rows:
+                        combiner = lo + j % (hi - lo)
+                        inter += size[j] * itemsize
+                        intra += size[j] * itemsize * len([i for i in rows if i != combiner])
+                getting = [i for i in members[n] if a2[j, i] and has_average[j]]
+                if getting:
+                    relay = members[n][j % len(members[n])]
+                    inter += size[j] * itemsize
+                    intra += size[j] * itemsize * len([i for i in getting if i != relay])
     return intra, inter

@@ -54,8 +54,12 @@ def test_probe_fit_is_the_rate_through_the_sizes_and_the_origin():
     assert fit["one_stream"] == pytest.approx((0.0, 1.3e-9))
 
 
-@pytest.mark.parametrize("path", ["alltoallv", "node-aware"])  # the same bytes cross the links
-def test_projection_errors_per_row(path):
+# A node's link bytes for RPS at drop 0.1 on 2 x 2, 1e8-byte buffer: the flat path sends each rank's
+# row for both ranks of the other node in both phases, 90% kept (2 x 0.9 x 2 x 1e8 x 2/4); the
+# node-aware path one node sum per block there and each average once, kept unless both of a
+# node's two messages were dropped (2 x 0.99 x 1e8 x 2/4).
+@pytest.mark.parametrize("path,link", [("alltoallv", 1.8e8), ("node-aware", 0.99e8)])
+def test_projection_errors_per_row(path, link):
     rows = [_probe("allreduce", (0.02, 0.06)), _probe("iallreduce", (0.01, 0.03)), _probe("one_stream", (0.02, 0.06)),
             _probe("node_streams", (0.02, 0.06)),
             {"key": "xnode_link_sendrecv", "seconds": 0.2, "bytes": 10**8, "nodes": 2, "ranks_per_node": 2},
@@ -78,10 +82,11 @@ def test_projection_errors_per_row(path):
     assert out["xnode_avg_nonblocking_vs_allreduce"]["calibrated_s"] == pytest.approx(1e-9 * 1e8)
     assert out["xnode_link_sendrecv"]["calibrated_s"] == pytest.approx(2e-9 * 1e8)
     rps = out["xnode_rps01_vs_allreduce"]
-    assert rps["predicted_s"] == pytest.approx(0.18)
-    # A node's 1.8e8 link bytes at the probe's rate per node (2 ranks sent 2e-9 s/byte each at
+    assert rps["predicted_s"] == pytest.approx(link * 8 / 8e9)
+    assert rps["predicted_link_bytes"] == pytest.approx(2 * link)
+    # A node's link bytes at the probe's rate per node (2 ranks sent 2e-9 s/byte each at
     # once: 1e-9 s per node byte), and the probe's latency (0) once per phase.
-    assert rps["calibrated_s"] == pytest.approx(1.8e8 * 1e-9)
+    assert rps["calibrated_s"] == pytest.approx(link * 1e-9)
     no_probe = project_across_nodes(rows[4:], gbps=8.0, latency_us=0.0, fitted=None)
     assert no_probe and not any("calibrated_s" in p for p in no_probe)
 

@@ -41,8 +41,9 @@ STRATEGIES = {
     "rps": (["--algorithm", "rps", "--tau", "4", "--q", "2", "--drop-rate", "0.1"], "shared-memory", "node-aware"),
     "lossy-allreduce": (["--algorithm", "lossy-allreduce", "--drop-rate", "0.1"], "shared-memory", "node-aware"),
 }
-# Where the bytes went depends on the nodes, not a result.
-NODE_BYTES = {"bytes_intra_node", "bytes_inter_node"}
+# Where the bytes went, and how many travelled (a node adds its rows before they cross), depend
+# on the nodes, not a result: _check_node_bytes checks them against the closed form.
+NODE_BYTES = {"bytes_sent", "bytes_intra_node", "bytes_inter_node"}
 # Figures that must agree bit for bit; everything but the timings, the exchange path and
 # the emulated-network clock (off here) is compared.
 TIMINGS = {"wall_s", "compute_s_mean", "comm_s_mean", "data_s_mean"}
@@ -117,6 +118,8 @@ def _check_node_bytes(one: dict, two: dict, moved: int) -> None:
     rounds = [t for t in range(40) if (t + 1) % 4 == 0]
     expected = node_bytes(4, 2, 3, LinkRates.build(4, 0.1), rounds, d)
     assert (two["bytes_intra_node"], two["bytes_inter_node"]) == expected
+    assert two["bytes_intra_node"] + two["bytes_inter_node"] == two["bytes_sent"]
+    assert one["bytes_sent"] == sum(node_bytes(4, 1, 3, LinkRates.build(4, 0.1), rounds, d))  # every message alone
     assert two["bytes_inter_node"] <= moved <= 2 * two["bytes_inter_node"] + (4 << 20), (moved, expected)
     print(f"\nrps 2x2: {two['bytes_intra_node']:,d} B intra-node, {two['bytes_inter_node']:,d} B inter-node; "
           f"{moved:,d} B crossed the links ({moved / two['bytes_inter_node']:.2f} x inter-node)")

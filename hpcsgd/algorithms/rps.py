@@ -66,10 +66,13 @@ class RPS(LossyLinks, PeriodicStrategy):
 
     def _build_exchange(self) -> None:
         if self._in_flight is not None:
-            # The exchange lives on the round's own layer, used only by its thread; the message
-            # path, whose waits can poll (the shared-memory path's fences block and spin).
+            # The exchange lives on the round's own layer, used only by its thread. On one node
+            # it takes messages: a shared window's copies are CPU work on the cores the step
+            # needs, where a message leaves them free while it travels. Across nodes the
+            # node-aware path, whose node sums halve what crosses the network.
+            path = "alltoallv" if self.exchange_choice == "shared-memory" else self.exchange_choice
             self.exchange = BlockExchange(self._in_flight.coll, self.flat.numel, self.rates, self.seed,
-                                          path="alltoallv", ranks_per_node=self.ranks_per_node)
+                                          path=path, ranks_per_node=self.ranks_per_node, one_node_window=False)
         else:
             self.exchange = BlockExchange(self.coll, self.flat.numel, self.rates, self.seed, path=self.exchange_choice,
                                           ranks_per_node=self.ranks_per_node)

@@ -73,10 +73,16 @@ def node_link_bytes(kind: str, nodes: int, ranks_per_node: int, nbytes: float, d
     a node sends 2(n-1)/n of the buffer whatever its rank count. ``rps``: RPS's exchange as
     two flat Alltoallv (scatter of blocks, gather of block averages): each rank sends its
     block for every rank on another node, ``1 - drop`` of them kept, in both phases.
+    ``rps-node``: the node-aware exchange, whose node adds its ranks' rows of a block before
+    they cross (one message per block on another node, sent unless all ``ranks_per_node`` rows
+    were dropped) and sends each of its averages once per other node (unless no rank there gets
+    it); a node of ``2^m`` ranks is one subtree of the summation tree, as assumed here.
     """
     P = nodes * ranks_per_node
     if kind == "allreduce":
         return 2 * (nodes - 1) / nodes * nbytes
+    if kind == "rps-node":
+        return 2 * (1 - drop ** ranks_per_node) * nbytes * (P - ranks_per_node) / P
     return 2 * (1 - drop) * ranks_per_node * nbytes * (P - ranks_per_node) / P
 
 
@@ -87,7 +93,8 @@ XNODE_KINDS = {"xnode_allreduce_raw": ("allreduce", 0.0), "xnode_avg_vs_allreduc
                "xnode_rps0_vs_allreduce": ("allreduce", 0.0), "xnode_rps01_alltoallv_vs_allreduce": ("rps", 0.1),
                "xnode_avg_nonblocking_vs_allreduce": ("nonblocking", 0.0), "xnode_link_sendrecv": ("stream", 0.0)}
 # Which probe (hpcsgd/bench/links.py) calibrates each kind's link part.
-_PROBE_OF = {"allreduce": "allreduce", "nonblocking": "iallreduce", "stream": "one_stream", "rps": "node_streams"}
+_PROBE_OF = {"allreduce": "allreduce", "nonblocking": "iallreduce", "stream": "one_stream", "rps": "node_streams",
+             "rps-node": "node_streams"}
 
 
 def probe_fit(rows: list[dict]) -> dict[str, tuple[float, float]]:
@@ -127,16 +134,16 @@ def project_across_nodes(rows: list[dict], gbps: float, latency_us: float, fitte
     for r in rows:
         key = r.get("key")
         if key == "xnode_rps01_vs_allreduce" and r.get("path") in ("alltoallv", "node-aware"):
-            # Both cross the links with the same bytes (same-node pairs stay inside the node
-            # either way: MPICH's shared memory or the node's window), which the model counts.
-            kinds[key] = ("rps", 0.1)
+            # The flat path sends every row across; the node-aware one a node's sum per block.
+            kinds[key] = ("rps-node" if r["path"] == "node-aware" else "rps", 0.1)
         if key not in kinds or "bytes" not in r:
             continue
         kind, drop = kinds[key]
         n, k = r["nodes"], r["ranks_per_node"]
-        link = node_link_bytes("rps" if kind == "rps" else "allreduce", n, k, r["bytes"], drop)
-        inside = 0.0 if kind == "stream" else _inside_node("rps" if kind == "rps" else "allreduce", k, r["bytes"], fitted)
-        steps = 2 * (n * k - k) if kind == "rps" else 2 * np.log2(n) if kind != "stream" else 1
+        rps = kind in ("rps", "rps-node")
+        link = node_link_bytes(kind if rps else "allreduce", n, k, r["bytes"], drop)
+        inside = 0.0 if kind == "stream" else _inside_node("rps" if rps else "allreduce", k, r["bytes"], fitted)
+        steps = 2 * (n * k - k) if rps else 2 * np.log2(n) if kind != "stream" else 1
         predicted = inside + latency_us * 1e-6 * steps + link * 8 / (gbps * 1e9)
         counted = r.get("link_bytes")
         entry = {"key": key, "measured_s": r["seconds"], "predicted_s": predicted,
@@ -147,7 +154,7 @@ def project_across_nodes(rows: list[dict], gbps: float, latency_us: float, fitte
         if probe is not None:
             seconds, per_byte = probe
             # The RPS probe: each of a node's k ranks sent the probe's bytes at once.
-            entry["calibrated_s"] = (inside + 2 * seconds + link * per_byte / k if kind == "rps"
+            entry["calibrated_s"] = (inside + 2 * seconds + link * per_byte / k if rps
                                      else seconds + per_byte * r["bytes"])
             entry["calibrated_error"] = (entry["calibrated_s"] - r["seconds"]) / r["seconds"]
         out.append(entry)

@@ -2,7 +2,7 @@
 
 Phase 1 scatters block ``B_j`` of every rank's vector to rank ``j``, which averages what
 arrived; phase 2 gathers the averages back. Three paths, bit-identical (the same arrival
-masks, the same additions in the same order per block):
+masks; every path adds a block's rows in the tree order of hpcsgd/comm/blocks.py):
 
 - ``alltoallv``: both phases are one ``Ialltoallv`` each, on views of the flat buffer itself:
   a dropped message gets count 0 (its bytes are never sent), phase 1 sends straight from the
@@ -11,12 +11,15 @@ masks, the same additions in the same order per block):
 - ``shared-memory``: every live rank on one node; both phases through one shared window
   (hpcsgd/comm/shm.py).
 - ``node-aware``: the live ranks span several nodes (ALGORITHMS.md, "Node-aware exchange");
-  pairs on one node go through that node's window, pairs across nodes by one ``Ialltoallv``
-  per phase whose counts are zero for same-node pairs and dropped messages, running while
-  the window is filled.
+  pairs on one node go through that node's window. Across nodes, phase 1 sends one sum per
+  subtree of a node's ranks and block (the subtree's rows added in the window, where the
+  tree adds them anyway), phase 2 each average once per node, to a relay that hands it on
+  through its node's window: one ``Ialltoallv`` per phase whose counts are zero for same-node
+  pairs and for what was not sent.
 
-Every path counts the bytes of a pair on one node as ``bytes_intra_node``, across nodes as
-``bytes_inter_node`` (nodes: hpcsgd/comm/nodes.py; ``ranks_per_node`` simulates them).
+Every path counts the bytes that travelled, between ranks of one node as ``bytes_intra_node``,
+across nodes as ``bytes_inter_node`` (nodes: hpcsgd/comm/nodes.py; ``ranks_per_node`` simulates
+them); messages, drops and saved bytes are ALGORITHMS.md's ``i -> j`` on every path.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .blocks import block_offsets
+from .blocks import TreeSum, block_offsets, maximal_subtrees
 from .collectives import Collectives, CommCounters
 from ..faults.lossy import LinkRates, arrival_mask
 from . import ulfm
@@ -52,10 +55,13 @@ class BlockExchange:
             ``self.path`` says which one runs (``allreduce`` when nothing can be dropped).
         ranks_per_node: nodes of that many consecutive original ranks (simulated nodes on one
             machine, hpcsgd/comm/nodes.py); 0: the nodes the ranks share memory on.
+        one_node_window: whether ``auto`` may take ``shared-memory`` when every live rank shares
+            one node (an overlapped round does not: there the copies are CPU work that competes
+            with the step it should hide behind, where messages leave the CPU free).
     """
 
     def __init__(self, coll: Collectives, numel: int, rates: LinkRates, seed: int, align: int = 1,
-                 path: str = "auto", ranks_per_node: int = 0):
+                 path: str = "auto", ranks_per_node: int = 0, one_node_window: bool = True):
         self.coll = coll
         self.numel = numel
         self.rates = rates
@@ -78,15 +84,26 @@ class BlockExchange:
         # Each live rank's node (collective), and which ranks share this rank's node.
         self.nodes = node_ids(coll.comm, coll.world_ranks, ranks_per_node) if size > 1 else np.zeros(size, np.int64)
         self._near = self.nodes == self.nodes[me] if size else np.zeros(0, bool)
-        self.path, self._window = self._open_window(path)
+        self._tree = TreeSum()
+        # The node-aware path's plan: each node's ranks cut into the largest subtrees of the
+        # summation tree (hpcsgd/comm/blocks.py); a subtree adds its rows for a block on another
+        # node before they cross, and one member per node relays each average that comes back.
+        self._subtrees = [(lo, hi, n) for n in range(int(self.nodes.max()) + 1 if size else 0)
+                          for lo, hi in maximal_subtrees(self.nodes == n)]
+        self._subtree_of = {i: (lo, hi) for lo, hi, _ in self._subtrees for i in range(lo, hi)}
+        self._members = [np.flatnonzero(self.nodes == n) for n in range(int(self.nodes.max()) + 1 if size else 0)]
+        self._partials: np.ndarray | None = None  # a combiner's sums for other nodes' blocks
+        self.path, self._window = self._open_window(path, one_node_window)
 
-    def _open_window(self, path: str) -> tuple[str, SharedWindow | None]:
+    def _open_window(self, path: str, one_node_window: bool = True) -> tuple[str, SharedWindow | None]:
         """The path that runs and its shared window (None: messages only), as ``path`` asks and
         the nodes allow (collective)."""
         if self._lossless:
             return "allreduce", None
         counts = np.bincount(self.nodes)
         if self.coll.size == 1 or path == "alltoallv" or (path == "auto" and counts.max() < 2):
+            return "alltoallv", None
+        if path == "auto" and len(counts) == 1 and not one_node_window:
             return "alltoallv", None
         if path == "auto" and ulfm.active():
             # Open MPI's one-sided windows are not fault tolerant: a peer's death surfaces in a
@@ -148,10 +165,11 @@ class BlockExchange:
         buf, host = self.coll.mpi_view(tensor, "exchange")
         arrived1, arrived2 = self._round_masks(step, contributors)
         count = 1
+        sent = self._pair_bytes(arrived1, arrived2)  # floats each rank sends each, per phase
         if self._lossless:
             count = self._sum_lossless(buf, contributors, weights)
         elif self.path == "node-aware":
-            self._average_node_aware(buf, arrived1, arrived2, contributors, weights)
+            sent = self._average_node_aware(buf, arrived1, arrived2, contributors, weights)
         elif self._window is not None:
             self._average_shared(buf, arrived1, arrived2, contributors, weights)
         else:
@@ -160,8 +178,7 @@ class BlockExchange:
             tensor.copy_(host.view_as(tensor))
         if count > 1 and not prescaled:
             tensor.mul_(1.0 / count)
-        return self._account(arrived1, arrived2, self.coll.rank, self.sizes, self._my_size, tensor.element_size(),
-                             count_round)
+        return self._account(arrived1, arrived2, sent, tensor.element_size(), count_round)
 
     def _round_masks(self, step: int, contributors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The phases' arrival masks at ``step``, phase 2 restricted to blocks that have an average."""
@@ -207,27 +224,46 @@ class BlockExchange:
             return 1
         return self.coll.size if contributors is None else int(contributors.sum())
 
-    def _block_average(self, rows: np.ndarray, block, weights=None) -> None:
-        """``self._avg <- mean of block(i) over rows``, summed row by row in rank order.
+    def _pair_bytes(self, arrived1, arrived2) -> tuple[np.ndarray, np.ndarray]:
+        """Floats rank i sends rank j in each phase where every arrived message travels on its own
+        (the flat and shared-memory paths): phase 1 ``i -> j`` carries block j, phase 2 ``j -> i`` too."""
+        off_diagonal = ~np.eye(self.coll.size, dtype=bool)
+        return (np.where(arrived1 & off_diagonal, self.sizes[None, :], 0),
+                np.where(arrived2 & off_diagonal, self.sizes[:, None], 0))
 
-        Row by row: faster than np.sum over axis 0, which the profile showed among the round's
-        largest costs (README, "Benchmarks"). Both paths add in this order, so they agree bit for bit.
-        With ``weights`` row i counts ``w_i / sum_{k in rows} w_k`` instead of ``1/|rows|``.
+    def _leaves(self, rows: np.ndarray, row, j: int, contributing: np.ndarray, weights=None) -> dict:
+        """The tree's pieces of block j for ``rows`` (``row(i)``: rank i's values of the block).
+
+        With ``weights`` each row is scaled by ``w_i / sum_{k in N_j} w_k`` (N_j: every rank whose
+        row of block j counts, wherever it is added), so a node's partial sum needs no rescaling.
         """
-        avg = self._avg[:self._my_size]
-        if weights is not None and weights[rows].sum() > 0:
-            np.multiply(block(rows[0]), np.float32(_share(weights[rows], 0)), out=avg)
-            for k, i in enumerate(rows[1:], start=1):
-                avg += np.float32(_share(weights[rows], k)) * block(i)
-            return
-        np.copyto(avg, block(rows[0]))
-        for i in rows[1:]:
-            np.add(avg, block(i), out=avg)
-        np.multiply(avg, np.float32(1.0 / len(rows)), out=avg)
+        if weights is not None:
+            counted = weights[np.flatnonzero(contributing[:, j])]
+            total = counted.sum()
+            if total > 0:
+                return {(i, i + 1): np.float32(weights[i] / total) * row(i) for i in rows}
+        return {(i, i + 1): row(i) for i in rows}
 
-    def _contributing_rows(self, arrived1, contributors) -> np.ndarray:
-        from_rows = arrived1[:, self.coll.rank]
-        return np.flatnonzero(from_rows if contributors is None else from_rows & contributors)
+    def _average_own_block(self, pieces: dict, count: int, weighted: bool) -> None:
+        """``self._avg <- `` the mean of this rank's block: its pieces added in the tree's order
+        (hpcsgd/comm/blocks.py, the same on every path, so the paths agree bit for bit), then
+        times ``1/|N_j|`` unless the pieces carry their weights."""
+        avg = self._avg[:self._my_size]
+        self._tree.into(avg, pieces, 0, self.coll.size)
+        if not weighted:
+            np.multiply(avg, np.float32(1.0 / count), out=avg)
+
+    def _own_average(self, rows, row, contributing, weights=None) -> None:
+        """The mean of this rank's block over ``rows``, each row read by ``row(i)``."""
+        me = self.coll.rank
+        pieces = self._leaves(rows, row, me, contributing, weights)
+        weighted = weights is not None and weights[rows].sum() > 0
+        self._average_own_block(pieces, len(rows), weighted)
+
+    @staticmethod
+    def _contributing(arrived1, contributors) -> np.ndarray:
+        """``[i, j]``: rank i's row of block j arrived and counts in its average."""
+        return arrived1 if contributors is None else arrived1 & contributors[:, None]
 
     def _average_alltoallv(self, buf, arrived1, arrived2, contributors, weights=None) -> None:
         """Both phases as one ``Ialltoallv`` each, a dropped message with count 0 (never sent)."""
@@ -244,9 +280,10 @@ class BlockExchange:
         )
         self.coll.wait(request, "Ialltoallv [block exchange, phase 1]", can_sleep=False)
         self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
-        rows = self._contributing_rows(arrived1, contributors)
+        contributing = self._contributing(arrived1, contributors)
+        rows = np.flatnonzero(contributing[:, me])
         if len(rows):  # else no average of this block is sent (see arrived2)
-            self._block_average(rows, lambda i: self._recv[i, :my_size], weights)
+            self._own_average(rows, lambda i: self._recv[i, :my_size], contributing, weights)
         # Phase 2: w_j -> every rank i, received in place into v_i[B_j] where it arrived.
         send_counts2 = np.where(arrived2[me], my_size, 0)
         zero_displs = np.zeros(size, dtype=np.int64)  # every destination reads the same w_j
@@ -276,11 +313,12 @@ class BlockExchange:
                 mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
         win.fence("phase 1 sent", self.coll.wait_mode)
         self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
-        rows = self._contributing_rows(arrived1, contributors)
+        contributing = self._contributing(arrived1, contributors)
+        rows = np.flatnonzero(contributing[:, me])
         lo, hi = off[me], off[me + 1]
         starts = self._phase_starts()
         if len(rows):
-            self._block_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi], weights)
+            self._own_average(rows, lambda i: buf[lo:hi] if i == me else win.views[i][lo:hi], contributing, weights)
             win.result(me, my_size)[...] = self._avg[:my_size]
         win.fence("phase 2 sent", self.coll.wait_mode)
         self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
@@ -288,47 +326,150 @@ class BlockExchange:
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
         win.fence("round done", self.coll.wait_mode)
 
-    def _average_node_aware(self, buf, arrived1, arrived2, contributors, weights=None) -> None:
-        """Same-node pairs through the node's window (as :meth:`_average_shared`), cross-node
-        pairs by one ``Ialltoallv`` per phase (as :meth:`_average_alltoallv`, counts for them only).
+    def _average_node_aware(self, buf, arrived1, arrived2, contributors, weights=None):
+        """Pairs on one node through the node's window; across nodes, one message per subtree and
+        block in phase 1 and one per node and block in phase 2. Returns the floats each rank
+        sent each in the two phases (see :meth:`_node_aware_plan`).
 
-        Each phase's messages are started first and waited for after the window's fence, so
-        the copies into the window overlap the transfers. Block j's owner adds the arrived rows
-        in rank order whichever path each came by, so the result is the flat exchange's, bit for bit.
+        Phase 1: a rank puts the rows it sends into its region of the window; block j's owner
+        reads those of its node, and for a block on another node the subtree's combiner adds
+        its members' rows (tree order) and sends the sum, which the owner adds where the flat
+        path would have added those rows: the same bits. Phase 2: the owner writes its average
+        into its result slots for its node, and sends it once to the relay of every other node
+        that gets it, which receives it into its region; its node's ranks copy it from there.
         """
         win, comm, me, wait_mode = self._window, self.coll.comm, self.coll.rank, self.coll.wait_mode
-        off, sizes, my_size, near = self.offsets, self.sizes, self._my_size, self._near
-        far = ~near
+        off, sizes, my_size, near, stride = self.offsets, self.sizes, self._my_size, self._near, self._stride
         mine = win.views[me]
+        contributing = self._contributing(arrived1, contributors)
+        lo, hi = self._subtree_of[me]
+        across1, copies1, across2, relays2 = self._node_aware_plan(arrived1, arrived2, contributing)
         starts = self._phase_starts()
-        request = comm.Ialltoallv(
-            [buf, (np.where(arrived1[me] & far, sizes, 0), off[:-1]), MPI.FLOAT],
-            [self._recv, (np.where(arrived1[:, me] & far, my_size, 0), np.arange(self.coll.size) * self._stride),
-             MPI.FLOAT],
-        )
         for j in np.flatnonzero(arrived1[me] & near):
             if j != me:
                 mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
+        for j in np.flatnonzero(copies1[me]):  # rows for the subtree's combiner
+            mine[off[j]:off[j + 1]] = buf[off[j]:off[j + 1]]
         win.fence("phase 1 sent", wait_mode)
+        send = buf
+        if hi - lo > 1:  # this rank's rows cross added with its subtree's: it sends the sums it combines
+            send = self._combine(buf, contributing, across1[me], lo, hi, weights)
+        request = comm.Ialltoallv(
+            [send, (across1[me], off[:-1]), MPI.FLOAT],
+            [self._recv, (across1[:, me], np.arange(self.coll.size) * stride), MPI.FLOAT],
+        )
         self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 1]", can_sleep=False)
-        self._hold_phase(starts, np.where(arrived1, sizes[None, :], 0))
-        rows = self._contributing_rows(arrived1, contributors)
-        lo, hi = off[me], off[me + 1]
+        sent1 = across1 + self._to_combiners(copies1) + np.where(arrived1 & near[:, None] & near[None, :], sizes, 0)
+        np.fill_diagonal(sent1, 0)
+        self._hold_phase(starts, sent1)
+        rows = np.flatnonzero(contributing[:, me])
+        b_lo, b_hi = off[me], off[me + 1]
         starts = self._phase_starts()
         if len(rows):
-            self._block_average(rows, lambda i: buf[lo:hi] if i == me else (
-                win.views[i][lo:hi] if near[i] else self._recv[i, :my_size]), weights)
+            near_rows = rows[near[rows]]
+            pieces = self._leaves(near_rows, lambda i: buf[b_lo:b_hi] if i == me else win.views[i][b_lo:b_hi],
+                                  me, contributing, weights)
+            pieces.update(self._far_pieces(rows, across1[:, me], contributing, weights))
+            self._average_own_block(pieces, len(rows), weights is not None and weights[rows].sum() > 0)
             win.result(me, my_size)[...] = self._avg[:my_size]
+        win.fence("phase 2 sent", wait_mode)  # the averages are visible and nobody reads phase 1's rows
         request = comm.Ialltoallv(
-            [self._avg, (np.where(arrived2[me] & far, my_size, 0), np.zeros(self.coll.size, dtype=np.int64)), MPI.FLOAT],
-            [buf, (np.where(arrived2[:, me] & far, sizes, 0), off[:-1]), MPI.FLOAT],
+            [self._avg, (across2[me], np.zeros(self.coll.size, dtype=np.int64)), MPI.FLOAT],
+            [mine, (across2[:, me], off[:-1]), MPI.FLOAT],
         )
-        win.fence("phase 2 sent", wait_mode)
-        self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 2]", can_sleep=False)
-        self._hold_phase(starts, np.where(arrived2, sizes[:, None], 0))
-        for j in np.flatnonzero(arrived2[:, me] & near):
+        for j in np.flatnonzero(arrived2[:, me] & near):  # its own average too
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
+        self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 2]", can_sleep=False)
+        sent2 = across2 + relays2 + np.where(arrived2 & near[:, None] & near[None, :], sizes[:, None], 0)
+        np.fill_diagonal(sent2, 0)
+        self._hold_phase(starts, sent2)
+        win.fence("phase 2 relayed", wait_mode)
+        node = int(self.nodes[me])
+        for j in np.flatnonzero(arrived2[:, me] & ~near):
+            relay = self._relay(node, j)
+            buf[off[j]:off[j + 1]] = win.views[relay][off[j]:off[j + 1]]
         win.fence("round done", wait_mode)
+        return sent1, sent2
+
+    def _combiner(self, lo: int, hi: int, j: int) -> int:
+        """The member of subtree ``[lo, hi)`` that adds its rows of block j and sends the sum."""
+        return lo + j % (hi - lo)
+
+    def _relay(self, node: int, j: int) -> int:
+        """The rank of ``node`` that receives block j's average for the node's ranks."""
+        members = self._members[node]
+        return int(members[j % len(members)])
+
+    def _node_aware_plan(self, arrived1, arrived2, contributing):
+        """Who sends what in a node-aware round (the same on every rank: the masks are).
+
+        Returns float counts per ``[sender, receiver]``: ``across1`` phase 1's messages across
+        nodes (a one-rank subtree's arrived row as on the flat path; a wider subtree's sum of its
+        contributing rows, from its combiner), ``copies1`` a bool per ``[rank, block]`` for the
+        rows a rank puts in the window for its combiner, ``across2`` phase 2's messages across
+        nodes (owner to relay) and ``relays2`` the copies each relay hands its node's ranks.
+        """
+        size, sizes, nodes = self.coll.size, self.sizes, self.nodes
+        blocks = np.arange(size)
+        across1 = np.zeros((size, size), dtype=np.int64)
+        copies1 = np.zeros((size, size), dtype=bool)
+        for lo, hi, node in self._subtrees:
+            far = nodes != node
+            if hi - lo == 1:
+                across1[lo] = np.where(far & arrived1[lo], sizes, 0)
+                continue
+            some = far & contributing[lo:hi].any(axis=0)
+            combiner = lo + blocks % (hi - lo)
+            across1[combiner[some], blocks[some]] = sizes[some]
+            members = contributing[lo:hi] & far[None, :]
+            members[combiner - lo, blocks] = False  # the combiner reads its own rows from its vector
+            copies1[lo:hi] = members
+        across2 = np.zeros((size, size), dtype=np.int64)
+        relays2 = np.zeros((size, size), dtype=np.int64)
+        for node, members in enumerate(self._members):
+            for j in np.flatnonzero(nodes != node):
+                wanted = arrived2[j, members]
+                if wanted.any():
+                    relay = self._relay(node, j)
+                    across2[j, relay] = sizes[j]
+                    relays2[relay, members[wanted & (members != relay)]] += sizes[j]
+        return across1, copies1, across2, relays2
+
+    def _to_combiners(self, copies1) -> np.ndarray:
+        """Floats per ``[member, combiner]`` of the rows ``copies1`` marks (``[member, block]``)."""
+        floats = np.zeros(copies1.shape, dtype=np.int64)
+        for i, j in zip(*np.nonzero(copies1)):
+            lo, hi = self._subtree_of[int(i)]
+            floats[i, self._combiner(lo, hi, int(j))] += self.sizes[j]
+        return floats
+
+    def _combine(self, buf, contributing, counts, lo: int, hi: int, weights) -> np.ndarray:
+        """The sums this rank sends as its subtree's combiner: for each block j with a count,
+        the subtree's contributing rows of block j added in tree order, at ``off[j]`` of the result."""
+        if self._partials is None:
+            self._partials = np.empty(self.numel, dtype=np.float32)
+        win, off, me = self._window, self.offsets, self.coll.rank
+        for j in np.flatnonzero(counts):
+            a, b = off[j], off[j + 1]
+            rows = lo + np.flatnonzero(contributing[lo:hi, j])
+            pieces = self._leaves(rows, lambda i: buf[a:b] if i == me else win.views[i][a:b], j, contributing, weights)
+            self._tree.into(self._partials[a:b], pieces, lo, hi)
+        return self._partials
+
+    def _far_pieces(self, rows, incoming, contributing, weights) -> dict:
+        """The pieces of this rank's block that came from other nodes, keyed by tree range:
+        a lone rank's row (scaled if weighted) or a subtree's sum (scaled by its combiner)."""
+        me, near, my_size = self.coll.rank, self._near, self._my_size
+        pieces = {}
+        lone = [i for i in rows if not near[i] and self._subtree_of[i][1] - self._subtree_of[i][0] == 1]
+        pieces.update(self._leaves(np.array(lone, dtype=np.int64), lambda i: self._recv[i, :my_size], me,
+                                   contributing, weights))
+        for lo, hi, _ in self._subtrees:
+            if hi - lo > 1 and not near[lo]:
+                sender = self._combiner(lo, hi, me)
+                if incoming[sender]:
+                    pieces[(lo, hi)] = self._recv[sender, :my_size]
+        return pieces
 
     def _phase_starts(self) -> np.ndarray | None:
         """On an emulated network, every live rank's port-ready time for the phase it starts
@@ -365,23 +506,21 @@ class BlockExchange:
             incoming.append((float(starts[i]), queue + float(seconds[i, me]) + float(net.latency[world[i], world[me]])))
         clock.hold(clock.phase_deadline(float(starts[me]), float(seconds[me].sum()), incoming))
 
-    def _account(self, arrived1, arrived2, me, sizes, my_size, itemsize, count_round: bool = True) -> CommCounters:
-        """Count this rank's sends: off-diagonal messages only (its own block stays home), and
-        apart the bytes to ranks on its node and on other nodes."""
+    def _account(self, arrived1, arrived2, sent, itemsize, count_round: bool = True) -> CommCounters:
+        """Count this rank's sends: ``sent`` (floats per ``[sender, receiver]``, per phase) as the
+        bytes that travelled, apart to ranks on its node and on other nodes; messages, drops and
+        saved bytes per message of ALGORITHMS.md (``i -> j`` per phase, its own block excluded)."""
+        me, sizes, my_size = self.coll.rank, self.sizes, self._my_size
         others = np.ones(self.coll.size, dtype=bool)
         others[me] = False
         sent1, sent2 = arrived1[me] & others, arrived2[me] & others
         lost1, lost2 = ~arrived1[me] & others, ~arrived2[me] & others
-        near = self._near
-
-        def sent_bytes(to) -> int:
-            return int((sizes[sent1 & to].sum() + my_size * (sent2 & to).sum()) * itemsize)
-
+        floats = sent[0][me] + sent[1][me]
         report = CommCounters(
             rounds=int(count_round),
-            bytes_sent=int((sizes[sent1].sum() + my_size * sent2.sum()) * itemsize),
-            bytes_intra_node=sent_bytes(near),
-            bytes_inter_node=sent_bytes(~near),
+            bytes_sent=int(floats.sum() * itemsize),
+            bytes_intra_node=int(floats[self._near].sum() * itemsize),
+            bytes_inter_node=int(floats[~self._near].sum() * itemsize),
             bytes_saved=int((sizes[lost1].sum() + my_size * lost2.sum()) * itemsize),
             messages_sent=int(sent1.sum() + sent2.sum()),
             messages_dropped=int(lost1.sum() + lost2.sum()),

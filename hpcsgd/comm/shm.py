@@ -12,7 +12,7 @@ shared cell, out of it), a load from a peer's region once.
 A dropped message is never copied (its owner reads only the blocks that arrived, a rank
 copies only the averages that reached it), so bytes sent and saved mean what they mean
 for the ``Alltoallv`` path; the results are bit-identical to it (same additions in the
-same order).
+same order: the tree of hpcsgd/comm/blocks.py).
 """
 
 from __future__ import annotations
