@@ -364,7 +364,6 @@ class BlockExchange:
         self._hold_phase(starts, sent1)
         rows = np.flatnonzero(contributing[:, me])
         b_lo, b_hi = off[me], off[me + 1]
-        starts = self._phase_starts()
         if len(rows):
             near_rows = rows[near[rows]]
             pieces = self._leaves(near_rows, lambda i: buf[b_lo:b_hi] if i == me else win.views[i][b_lo:b_hi],
@@ -372,6 +371,13 @@ class BlockExchange:
             pieces.update(self._far_pieces(rows, across1[:, me], contributing, weights))
             self._average_own_block(pieces, len(rows), weights is not None and weights[rows].sum() > 0)
             win.result(me, my_size)[...] = self._avg[:my_size]
+        return sent1, self._node_aware_phase2(buf, arrived2, across2, relays2)
+
+    def _node_aware_phase2(self, buf, arrived2, across2, relays2) -> np.ndarray:
+        """Phase 2 of :meth:`_average_node_aware`, after this rank's average is in its result slots."""
+        win, comm, me, wait_mode = self._window, self.coll.comm, self.coll.rank, self.coll.wait_mode
+        off, sizes, near, mine = self.offsets, self.sizes, self._near, win.views[me]
+        starts = self._phase_starts()
         win.fence("phase 2 sent", wait_mode)  # the averages are visible and nobody reads phase 1's rows
         request = comm.Ialltoallv(
             [self._avg, (across2[me], np.zeros(self.coll.size, dtype=np.int64)), MPI.FLOAT],
@@ -389,7 +395,7 @@ class BlockExchange:
             relay = self._relay(node, j)
             buf[off[j]:off[j + 1]] = win.views[relay][off[j]:off[j + 1]]
         win.fence("round done", wait_mode)
-        return sent1, sent2
+        return sent2
 
     def _combiner(self, lo: int, hi: int, j: int) -> int:
         """The member of subtree ``[lo, hi)`` that adds its rows of block j and sends the sum."""
