@@ -444,9 +444,10 @@ class BlockExchange:
     def _to_combiners(self, copies1) -> np.ndarray:
         """Floats per ``[member, combiner]`` of the rows ``copies1`` marks (``[member, block]``)."""
         floats = np.zeros(copies1.shape, dtype=np.int64)
-        for i, j in zip(*np.nonzero(copies1)):
-            lo, hi = self._subtree_of[int(i)]
-            floats[i, self._combiner(lo, hi, int(j))] += self.sizes[j]
+        rows, blocks = np.nonzero(copies1)
+        span = np.array([self._subtree_of[int(i)] for i in rows], dtype=np.int64).reshape(-1, 2)
+        combiners = span[:, 0] + blocks % (span[:, 1] - span[:, 0])  # as _combiner
+        np.add.at(floats, (rows, combiners), self.sizes[blocks])
         return floats
 
     def _combine(self, buf, contributing, counts, lo: int, hi: int, weights) -> np.ndarray:
