@@ -22,6 +22,26 @@ def shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory):
+    """One finished run of ``_train``'s flags (3 steps, lr 0.1, the default), trained once.
+
+    Four tests below need such a run before the second job they refuse; each trained the same
+    run again (a 4-rank launch that imports torch). Each now refuses its second job on its own
+    copy (:func:`_finished_copy`): the same files, and a run directory's path is no part of its
+    checkpoints' config (trajectory.NOT_TRAJECTORY) nor of the check that it already holds a run.
+    """
+    root = tmp_path_factory.mktemp("finished")
+    first = _train(shards, root)
+    assert first.returncode == 0, first.stderr
+    return root / "run"
+
+
+def _finished_copy(finished_run, tmp_path):
+    """A copy of the finished run at ``_train``'s run directory for this test."""
+    return _copy(finished_run, tmp_path / "run")
+
+
 def _train(shards, tmp_path, *extra, n=4):
     return mpi(n, "train", "--data", shards, "--run-dir", tmp_path / "run", "--steps", 3, "--progress", "none", *extra, timeout=90)
 
@@ -184,9 +204,8 @@ def test_model_does_not_fit_the_shards(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--model", "lenet"), "does not fit the shards")
 
 
-def test_checkpoint_from_another_config(shards, tmp_path):
-    first = _train(shards, tmp_path, "--lr", 0.1)
-    assert first.returncode == 0, first.stderr
+def test_checkpoint_from_another_config(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)  # trained with lr 0.1
     _expect(_train(shards, tmp_path, "--lr", 0.05, "--resume"), "written by a run with another config")
 
 
@@ -240,9 +259,8 @@ def test_fail_with_a_negative_rank(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--fail", "-1@5"), "fail entry '-1@5' must look like RANK@STEP with RANK, STEP >= 0")
 
 
-def test_run_directory_that_holds_a_run(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_run_directory_that_holds_a_run(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     _expect(_train(shards, tmp_path, "--lr", 0.05), "already holds a run (config.toml, summary.json, metrics/, checkpoints/)")
 
 
@@ -250,9 +268,8 @@ def test_resume_and_overwrite_together(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--resume", "--overwrite"), "give --resume (continue the run in run_dir) or --overwrite")
 
 
-def test_resume_on_other_shards_names_both(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_resume_on_other_shards_names_both(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     other = tmp_path / "label"
     write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "label", other, seed=0)
     result = _train(other, tmp_path, "--resume")
@@ -260,9 +277,8 @@ def test_resume_on_other_shards_names_both(shards, tmp_path):
     assert f"{shards} (synthetic, iid, seed 0, P=4" in result.stderr and f"this run reads {other} (synthetic, label" in result.stderr
 
 
-def test_resume_on_shards_of_another_input_shape(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_resume_on_shards_of_another_input_shape(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     wide = tmp_path / "wide"
     write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=16), 4, "iid", wide, seed=0)
     _expect(_train(wide, tmp_path, "--resume"), "was written on other shards: ")  # not a parameter-count mismatch
