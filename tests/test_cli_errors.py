@@ -24,15 +24,16 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(shards, tmp_path_factory):
-    """One finished run of ``_train``'s flags (3 steps, lr 0.1, the default), trained once.
+    """One finished run of ``_train``'s flags (3 steps, lr 0.1, the default), checkpointed every step.
 
-    Four tests below need such a run before the second job they refuse; each trained the same
-    run again (a 4-rank launch that imports torch). Each now refuses its second job on its own
-    copy (:func:`_finished_copy`): the same files, and a run directory's path is no part of its
-    checkpoints' config (trajectory.NOT_TRAJECTORY) nor of the check that it already holds a run.
+    Five tests below need such a run before the second job they refuse; each trained it again
+    (a 4-rank launch that imports torch), four of them without ``--checkpoint-every 1``. Each now
+    refuses its second job on its own copy (:func:`_finished_copy`): a run directory's path is no
+    part of its checkpoints' config, nor is checkpoint_every (trajectory.NOT_TRAJECTORY), and the
+    newest checkpoint, the one a resume checks first, is the end-of-run one at step 3 either way.
     """
     root = tmp_path_factory.mktemp("finished")
-    first = _train(shards, root)
+    first = _train(shards, root, "--checkpoint-every", 1)
     assert first.returncode == 0, first.stderr
     return root / "run"
 
@@ -284,9 +285,8 @@ def test_resume_on_shards_of_another_input_shape(shards, finished_run, tmp_path)
     _expect(_train(wide, tmp_path, "--resume"), "was written on other shards: ")  # not a parameter-count mismatch
 
 
-def test_resume_with_no_intact_checkpoint(shards, tmp_path):
-    first = _train(shards, tmp_path, "--checkpoint-every", 1)
-    assert first.returncode == 0, first.stderr
+def test_resume_with_no_intact_checkpoint(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)  # checkpointed every step
     for rank_file in (tmp_path / "run" / "checkpoints").glob("step-*/rank-2.h5"):
         rank_file.write_bytes(rank_file.read_bytes()[:1000])
     result = _train(shards, tmp_path, "--resume")
