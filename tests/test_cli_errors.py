@@ -22,6 +22,27 @@ def shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory):
+    """One finished run of ``_train``'s flags (3 steps, lr 0.1, the default), checkpointed every step.
+
+    Five tests below need such a run before the second job they refuse; each trained it again
+    (a 4-rank launch that imports torch), four of them without ``--checkpoint-every 1``. Each now
+    refuses its second job on its own copy (:func:`_finished_copy`): a run directory's path is no
+    part of its checkpoints' config, nor is checkpoint_every (trajectory.NOT_TRAJECTORY), and the
+    newest checkpoint, the one a resume checks first, is the end-of-run one at step 3 either way.
+    """
+    root = tmp_path_factory.mktemp("finished")
+    first = _train(shards, root, "--checkpoint-every", 1)
+    assert first.returncode == 0, first.stderr
+    return root / "run"
+
+
+def _finished_copy(finished_run, tmp_path):
+    """A copy of the finished run at ``_train``'s run directory for this test."""
+    return _copy(finished_run, tmp_path / "run")
+
+
 def _train(shards, tmp_path, *extra, n=4):
     return mpi(n, "train", "--data", shards, "--run-dir", tmp_path / "run", "--steps", 3, "--progress", "none", *extra, timeout=90)
 
@@ -184,9 +205,8 @@ def test_model_does_not_fit_the_shards(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--model", "lenet"), "does not fit the shards")
 
 
-def test_checkpoint_from_another_config(shards, tmp_path):
-    first = _train(shards, tmp_path, "--lr", 0.1)
-    assert first.returncode == 0, first.stderr
+def test_checkpoint_from_another_config(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)  # trained with lr 0.1
     _expect(_train(shards, tmp_path, "--lr", 0.05, "--resume"), "written by a run with another config")
 
 
@@ -240,9 +260,8 @@ def test_fail_with_a_negative_rank(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--fail", "-1@5"), "fail entry '-1@5' must look like RANK@STEP with RANK, STEP >= 0")
 
 
-def test_run_directory_that_holds_a_run(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_run_directory_that_holds_a_run(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     _expect(_train(shards, tmp_path, "--lr", 0.05), "already holds a run (config.toml, summary.json, metrics/, checkpoints/)")
 
 
@@ -250,9 +269,8 @@ def test_resume_and_overwrite_together(shards, tmp_path):
     _expect(_train(shards, tmp_path, "--resume", "--overwrite"), "give --resume (continue the run in run_dir) or --overwrite")
 
 
-def test_resume_on_other_shards_names_both(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_resume_on_other_shards_names_both(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     other = tmp_path / "label"
     write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=8), 4, "label", other, seed=0)
     result = _train(other, tmp_path, "--resume")
@@ -260,17 +278,15 @@ def test_resume_on_other_shards_names_both(shards, tmp_path):
     assert f"{shards} (synthetic, iid, seed 0, P=4" in result.stderr and f"this run reads {other} (synthetic, label" in result.stderr
 
 
-def test_resume_on_shards_of_another_input_shape(shards, tmp_path):
-    first = _train(shards, tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_resume_on_shards_of_another_input_shape(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)
     wide = tmp_path / "wide"
     write_shards(load_source("synthetic", seed=0, n_train=128, n_test=32, num_classes=4, features=16), 4, "iid", wide, seed=0)
     _expect(_train(wide, tmp_path, "--resume"), "was written on other shards: ")  # not a parameter-count mismatch
 
 
-def test_resume_with_no_intact_checkpoint(shards, tmp_path):
-    first = _train(shards, tmp_path, "--checkpoint-every", 1)
-    assert first.returncode == 0, first.stderr
+def test_resume_with_no_intact_checkpoint(shards, finished_run, tmp_path):
+    _finished_copy(finished_run, tmp_path)  # checkpointed every step
     for rank_file in (tmp_path / "run" / "checkpoints").glob("step-*/rank-2.h5"):
         rank_file.write_bytes(rank_file.read_bytes()[:1000])
     result = _train(shards, tmp_path, "--resume")

@@ -38,6 +38,19 @@ def _stopped_at_60(shards, run, *flags):
     (run / "summary.json").unlink()
 
 
+def _cut_back_to_60(reference, run):
+    """:func:`_stopped_at_60` of a run already trained with the same flags: a copy of it cut back.
+
+    The tests that compare a resumed job with the uninterrupted run trained that same 4-rank
+    job twice (once to keep, once to cut back); the run is a pure function of its flags (what
+    they assert bit for bit), so a copy is that second run without a second launch. A run
+    directory's path is no part of its checkpoints' config (trajectory.NOT_TRAJECTORY).
+    """
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000120")
+    (run / "summary.json").unlink()
+
+
 def _records(run, rank):
     keep = ("step", "loss", "consensus_distance", "live_ranks", "coverage", "rounds")
     lines = (run / "metrics" / f"rank-{rank}.jsonl").read_text().splitlines()
@@ -56,7 +69,7 @@ def test_resume_on_3_of_4_ranks_equals_rank_3_leaving_at_the_checkpoint(shards, 
     reference = tmp_path / "reference"
     _train(4, shards, reference, *flags)
     run = tmp_path / "run"
-    _stopped_at_60(shards, run, *flags)
+    _cut_back_to_60(reference, run)  # the same job as the reference, stopped after step 60
     resumed = _train(3, shards, run, *flags, "--resume")
     assert "departed" not in resumed.stderr  # rank 3 was scheduled to fail there: no re-assignment
     for rank in range(3):
@@ -126,7 +139,7 @@ def test_resume_on_fewer_ranks_when_a_rank_fails_at_the_resume_step(shards, tmp_
     reference = tmp_path / "reference"
     _train(4, shards, reference, *flags)
     run = tmp_path / "run"
-    _stopped_at_60(shards, run, *flags)
+    _cut_back_to_60(reference, run)  # the same job as the reference, stopped after step 60
     resumed = _train(3, shards, run, *flags, "--resume")
     assert "departed" not in resumed.stderr
     s, r = _summary(run), _summary(reference)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,9 @@ from ..errors import ConfigError
 from .models import build_model
 from ..optim import ScalingSGD
 from ..algorithms.registry import algorithm
-from .preflight import Job, agree_on_run, duplicate_chunks, read_rank_arrays  # noqa: F401 (Job, duplicate_chunks: re-exported)
+from .preflight import (  # noqa: F401 (Job, duplicate_chunks, link_rates, read_matrix: re-exported)
+    Job, agree_on_run, duplicate_chunks, link_rates, read_matrix, read_rank_arrays,
+)
 from .rundir import prepare
 from ..algorithms.registry import build as build_strategy
 from .user_model import build_user_model, is_factory_spec
@@ -60,10 +61,7 @@ def assemble(cfg: TrainConfig, comm, agreed: Job | None = None) -> Job:
     cfg = run.cfg  # with the run's R resolved: config.toml records it
     run.device = agree(comm, lambda: select_device(comm, cfg.device), "device")
     apply_threads(comm, cfg.threads)
-    nodes = run.membership.nodes
-    rates = agree(comm, lambda: link_rates(cfg, run.membership.P, nodes), "link drop rates")
-    network = agree(comm, lambda: LinkNetwork.build(run.membership.P, cfg.link_latency_ms, cfg.link_gbps,
-                                                    cfg.link_latency, cfg.link_bandwidth, nodes), "emulated network")
+    rates, network = run.rates, run.network  # agreed in agree_on_run, before torch's import
     held = run.membership.held_chunks
     run.data = agree(comm, lambda: load_rank_data(run.index, held, run.device, run.arrays), "shards")
     agree(comm, lambda: load_train_eval_sample(cfg, run.index, run.data, run.device), "shards")
@@ -110,30 +108,6 @@ def model_for(cfg: TrainConfig, index) -> torch.nn.Module:
         return build_model(cfg.model, shape, index.num_classes, tuple(cfg.mlp_hidden))
     except ConfigError as exc:
         raise ConfigError(f"model {cfg.model!r} does not fit the shards (input shape {shape}): {exc}") from None
-
-
-def link_rates(cfg: TrainConfig, P: int, nodes: list[int] | None = None) -> LinkRates:
-    """Drop rates per link from the config (one rate, per phase, a matrix file, link rules);
-    ``nodes[r]`` is rank r's node, for the rules that name nodes."""
-    matrix = read_matrix(cfg.link_drop_file) if cfg.link_drop_file else None
-    return LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop, matrix, nodes)
-
-
-def read_matrix(path: str) -> np.ndarray:
-    """A P x P drop-rate matrix from .npy or text (comma or whitespace separated)."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"link_drop_file {path} does not exist")
-    if not p.is_file():
-        raise ConfigError(f"link_drop_file {path} is not a file")
-    try:
-        if p.suffix == ".npy":
-            return np.load(p)
-        return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    except (ValueError, UnicodeDecodeError, EOFError) as exc:
-        raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"link_drop_file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def load_rank_data(index, held: list[int], device, arrays: tuple | None = None) -> RankData:

@@ -1,7 +1,8 @@
 """What every rank of ``hpcsgd train`` agrees on before anything heavy: the run's plan.
 
 :func:`agree_on_run` reads the shard index, checks the config's fit to it, agrees on the
-schedule, the failures, the checkpoint to resume from and the roles, each check collective
+schedule, the failures, the checkpoint to resume from, the roles and the links' drop rates and
+emulated network (a rule naming a node needs the roles), each check collective
 (``comm.agree``). It imports no torch: ``hpcsgd train`` runs it before torch's import (seconds
 per rank), so a refused launch ends fast; :func:`~hpcsgd.train.assembly.assemble` builds the
 rest (device, data, model, strategy) on its :class:`Job`.
@@ -15,11 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..comm.agree import agree
 from ..comm.watchdog import WATCHDOG
 from ..config import TrainConfig, validate_for_world
 from ..data import load_chunk, load_test, read_index
 from ..data.fractional import Redundancy, check_placement_fits, per_rank_redundancy
+from ..errors import ConfigError
+from ..faults.lossy import LinkRates
+from ..faults.netem import LinkNetwork
 from ..faults.schedule import fault_schedule
 from .membership import Membership
 from .recovery import check_launch
@@ -47,6 +53,8 @@ class Job:
     resume: dict | None  # the checkpoint record resumed from
     finished: bool = False  # resumed at the end of a run whose summary.json exists: nothing to do
     arrays: tuple | None = None  # read_rank_arrays: this rank's chunks and the test split, checked
+    rates: LinkRates | None = None  # the links' drop rates (link_rates)
+    network: LinkNetwork | None = None  # the emulated network, None without one
     device: torch.device = None
     data: object = None  # hpcsgd.train.assembly.RankData: tensors, made after torch's import
     model: torch.nn.Module = None
@@ -93,8 +101,38 @@ def agree_on_run(cfg: TrainConfig, comm) -> Job:
     membership = agree(comm, lambda: Membership.assign(P, cfg.q, comm.size, comm.rank, faults, resume, cfg.data,
                                                        index.chunk_sizes, placement, redundancy), "shards")
     job = Job(cfg, comm, index, schedule, membership, resume, finished)
+    # Link rules may name nodes (R is known from here on): refused before torch's import too.
+    nodes = membership.nodes
+    job.rates = agree(comm, lambda: link_rates(cfg, membership.P, nodes), "link drop rates")
+    job.network = agree(comm, lambda: LinkNetwork.build(membership.P, cfg.link_latency_ms, cfg.link_gbps,
+                                                        cfg.link_latency, cfg.link_bandwidth, nodes),
+                        "emulated network")
     job.arrays = agree(comm, lambda: read_rank_arrays(index, membership.held_chunks), "shards")
     return job
+
+
+def link_rates(cfg: TrainConfig, P: int, nodes: list[int] | None = None) -> LinkRates:
+    """Drop rates per link from the config (one rate, per phase, a matrix file, link rules);
+    ``nodes[r]`` is rank r's node, for the rules that name nodes."""
+    matrix = read_matrix(cfg.link_drop_file) if cfg.link_drop_file else None
+    return LinkRates.build(P, cfg.drop_rate, cfg.drop_rate_phase1, cfg.drop_rate_phase2, cfg.link_drop, matrix, nodes)
+
+
+def read_matrix(path: str) -> np.ndarray:
+    """A P x P drop-rate matrix from .npy or text (comma or whitespace separated)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"link_drop_file {path} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"link_drop_file {path} is not a file")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p)
+        return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+    except (ValueError, UnicodeDecodeError, EOFError) as exc:
+        raise ConfigError(f"link_drop_file {path} is not a numeric matrix: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"link_drop_file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def read_rank_arrays(index, held: list[int]) -> tuple[dict, tuple]:
@@ -132,4 +170,4 @@ def duplicate_chunks(index) -> list[str]:
             f"as its own chunk; re-run `hpcsgd shard` to restore the partition" for group in index.duplicate_chunks()]
 
 
-__all__ = ["Job", "agree_on_run", "duplicate_chunks", "read_rank_arrays", "redundancy_of"]
+__all__ = ["Job", "agree_on_run", "duplicate_chunks", "link_rates", "read_matrix", "read_rank_arrays", "redundancy_of"]
