@@ -336,7 +336,8 @@ class BlockExchange:
         its members' rows (tree order) and sends the sum, which the owner adds where the flat
         path would have added those rows: the same bits. Phase 2: the owner writes its average
         into its result slots for its node, and sends it once to the relay of every other node
-        that gets it, which receives it into its region; its node's ranks copy it from there.
+        that gets it, which receives it privately and puts it into its region after the
+        fence; its node's ranks copy it from there.
         """
         win, comm, me, wait_mode = self._window, self.coll.comm, self.coll.rank, self.coll.wait_mode
         off, sizes, my_size, near, stride = self.offsets, self.sizes, self._my_size, self._near, self._stride
@@ -378,14 +379,20 @@ class BlockExchange:
         win, comm, me, wait_mode = self._window, self.coll.comm, self.coll.rank, self.coll.wait_mode
         off, sizes, near, mine = self.offsets, self.sizes, self._near, win.views[me]
         starts = self._phase_starts()
-        win.fence("phase 2 sent", wait_mode)  # the averages are visible and nobody reads phase 1's rows
+        # The averages for other nodes leave at once, and the relayed ones arrive in this rank's
+        # private rows (phase 1's, read already): the transfer runs while the node's ranks meet
+        # in the fence; they go into the window only after it (nobody reads phase 1's rows then).
+        stride = self._stride
         request = comm.Ialltoallv(
             [self._avg, (across2[me], np.zeros(self.coll.size, dtype=np.int64)), MPI.FLOAT],
-            [mine, (across2[:, me], off[:-1]), MPI.FLOAT],
+            [self._recv, (across2[:, me], np.arange(self.coll.size) * stride), MPI.FLOAT],
         )
+        win.fence("phase 2 sent", wait_mode)  # the averages are visible and nobody reads phase 1's rows
         for j in np.flatnonzero(arrived2[:, me] & near):  # its own average too
             buf[off[j]:off[j + 1]] = win.result(j, int(sizes[j]))
         self.coll.wait(request, "Ialltoallv [node-aware exchange, phase 2]", can_sleep=False)
+        for j in np.flatnonzero(across2[:, me]):
+            mine[off[j]:off[j + 1]] = self._recv[j, :sizes[j]]
         sent2 = across2 + relays2 + np.where(arrived2 & near[:, None] & near[None, :], sizes[:, None], 0)
         np.fill_diagonal(sent2, 0)
         self._hold_phase(starts, sent2)
