@@ -404,8 +404,10 @@ class BlockExchange:
         win.fence("round done", wait_mode)
         return sent2
 
-    def _combiner(self, lo: int, hi: int, j: int) -> int:
-        """The member of subtree ``[lo, hi)`` that adds its rows of block j and sends the sum."""
+    @staticmethod
+    def _combiner(lo, hi, j):
+        """The member of subtree ``[lo, hi)`` that adds its rows of block j and sends the sum
+        (ints, or arrays elementwise: the one rule for the plan, the counters and the receiver)."""
         return lo + j % (hi - lo)
 
     def _relay(self, node: int, j: int) -> int:
@@ -432,7 +434,7 @@ class BlockExchange:
                 across1[lo] = np.where(far & arrived1[lo], sizes, 0)
                 continue
             some = far & contributing[lo:hi].any(axis=0)
-            combiner = lo + blocks % (hi - lo)
+            combiner = self._combiner(lo, hi, blocks)
             across1[combiner[some], blocks[some]] = sizes[some]
             members = contributing[lo:hi] & far[None, :]
             members[combiner - lo, blocks] = False  # the combiner reads its own rows from its vector
@@ -453,7 +455,7 @@ class BlockExchange:
         floats = np.zeros(copies1.shape, dtype=np.int64)
         rows, blocks = np.nonzero(copies1)
         span = np.array([self._subtree_of[int(i)] for i in rows], dtype=np.int64).reshape(-1, 2)
-        combiners = span[:, 0] + blocks % (span[:, 1] - span[:, 0])  # as _combiner
+        combiners = self._combiner(span[:, 0], span[:, 1], blocks)
         np.add.at(floats, (rows, combiners), self.sizes[blocks])
         return floats
 
